@@ -1,0 +1,1 @@
+"""One-step, 1-bit image generators distilled from pretrained diffusion models through offline teacher data."""

@@ -1,0 +1,55 @@
+"""Training checkpoints: one file of plain tensors and numbers, loaded with ``weights_only=True``."""
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .errors import UserError
+
+LATEST = "checkpoint.pt"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir, state: dict) -> Path:
+    """Atomically replace ``run_dir/checkpoint.pt``: rerunning the same command resumes from it."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path = Path(run_dir) / LATEST
+    atomic.write_bytes(path, buf.getvalue())
+    return path
+
+
+def load(run_dir):
+    """The latest checkpoint in ``run_dir`` as a dict, or None when the run has not saved one yet."""
+    path = Path(run_dir) / LATEST
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to start over "
+                        f"or restore a good copy") from None
+
+
+def check_same_config(saved_json: str, cfg: dict, keys, run_dir) -> None:
+    """Refuse to resume a run whose architecture or recipe keys changed."""
+    saved = json.loads(saved_json)
+    changed = [k for k in keys if saved.get(k) != cfg.get(k)]
+    if changed:
+        k = changed[0]
+        raise UserError(f"{run_dir} was started with {k}={saved.get(k)!r}, not {cfg.get(k)!r}; "
+                        f"use the original value or another run_dir")

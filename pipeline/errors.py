@@ -1,0 +1,5 @@
+"""The one exception type that reaches the user as a single sentence instead of a traceback."""
+
+
+class UserError(Exception):
+    """Bad input the user can fix: the message says what is wrong and what to do."""

@@ -1,0 +1,56 @@
+"""Backend switches in one place: device, threads, autocast precision. Each choice is logged once."""
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are only fast with native instructions; without them autocast is ~20x slower
+    than fp32 (measured on an AVX2-only EPYC: 16 s against 0.85 s per UNet training step)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def select_device(cfg) -> torch.device:
+    name = cfg["device"]
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={cfg['device']} was asked for but torch sees no CUDA device; use device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name} is not a device name; use auto, cpu, cuda or cuda:N") from None
+
+
+def configure(cfg) -> torch.device:
+    """Apply thread count and matmul settings, return the device, and say what was chosen."""
+    if cfg["num_threads"] > 0:
+        torch.set_num_threads(cfg["num_threads"])
+    device = select_device(cfg)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    print(f"[runtime] device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """The autocast dtype for a precision name, or None for plain fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(dtype, device: torch.device):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
