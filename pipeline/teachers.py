@@ -53,7 +53,7 @@ def _unet_folder(path: Path):
 def _load_local(path: Path):
     folder = _unet_folder(path)
     try:
-        unet = UNet2DModel.from_pretrained(folder, local_files_only=True)
+        unet = UNet2DModel.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     except Exception as err:  # diffusers raises many types for a damaged folder
         raise UserError(f"teacher weights in {folder} cannot be loaded ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:200]}); replace the folder with a complete copy") from None
@@ -66,7 +66,7 @@ def _load_hub(hub_id: str):
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     if offline:
         raise OSError("HF_HUB_OFFLINE is set")
-    unet = UNet2DModel.from_pretrained(hub_id)
+    unet = UNet2DModel.from_pretrained(hub_id, low_cpu_mem_usage=False)
     try:
         scheduler = DDPMScheduler.from_pretrained(hub_id)
     except Exception:

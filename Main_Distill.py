@@ -1,0 +1,55 @@
+"""Distil a teacher DDPM into a one-step generator through offline teacher data.
+
+generate writes teacher trajectories as INT8 + zstd shards; verify checks them; export and import
+convert to and from the reference one-file-per-sample layout; repair regenerates damaged shards.
+"""
+import sys
+
+from pipeline import cli
+
+
+def _generate(cfg, dry_run):
+    from pipeline import generate
+    if dry_run:
+        generate.validate(cfg)
+        print(f"[dry-run] would write {cfg['samples_total']} samples of {cfg['steps']}-step DDIM trajectories "
+              f"({cfg['chunks']} chunks) from {cfg['teacher_path'] or cfg['teacher_hub_id']} into "
+              f"{cfg['data_dir'] or 'data/' + cfg['name']}")
+        return
+    generate.generate(cfg)
+
+
+def _verify(cfg, dry_run):
+    from pipeline import verify
+    if not dry_run:
+        verify.verify_command(cfg)
+
+
+def _repair(cfg, dry_run):
+    from pipeline import verify
+    if not dry_run:
+        verify.repair(cfg)
+
+
+def _export(cfg, dry_run):
+    from pipeline import reference_layout
+    if not dry_run:
+        reference_layout.export_command(cfg)
+
+
+def _import(cfg, dry_run):
+    from pipeline import reference_layout
+    if not dry_run:
+        reference_layout.import_command(cfg)
+
+
+MODES = {
+    "generate": ("write offline teacher trajectories (INT8 residual chunks, zstd shards + manifest.json)", _generate),
+    "verify": ("check a teacher-data folder against its manifest; names every bad file and index", _verify),
+    "repair": ("regenerate the shards that verify finds missing or damaged", _repair),
+    "export": ("write a teacher-data folder in the reference layout (sample_XXXXXXXX.zst) to reference_dir", _export),
+    "import": ("read a reference-layout folder (reference_dir) into shards + manifest in data_dir", _import),
+}
+
+if __name__ == "__main__":
+    sys.exit(cli.main("Main_Distill.py", __doc__, MODES, default_mode="generate"))

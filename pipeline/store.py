@@ -1,0 +1,170 @@
+"""The teacher-data files (DESIGN §3): shards of records plus ``manifest.json``.
+
+A shard is the bytes of an uncompressed ``np.savez`` archive compressed as one zstd frame, named
+``shard-NNNNN.npz.zst``; every key has a leading sample axis and ``index`` holds the global sample
+indices. ``manifest.json`` names every shard with its index range, byte size and sha256, the codec
+and the generating config. Both are replaced atomically, the shard first, so a listed shard is
+always complete.
+"""
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from . import atomic
+from .errors import UserError
+
+FORMAT = "one-step-distill-teacher-data"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_PATTERN = "shard-*.npz.zst"
+
+
+def record_spec(image_channels, size, latent_channels, chunks):
+    """dtype and per-sample shape of every key of a record (the reference layout's keys)."""
+    return {
+        "x_T_f16": ("float16", [image_channels, size, size]),
+        "x0_teacher_f16": ("float16", [image_channels, size, size]),
+        "rin0_q": ("int8", [latent_channels, size, size]),
+        "rin0_scale_f16": ("float16", [latent_channels]),
+        "r_chunks_q": ("int8", [chunks, latent_channels, size, size]),
+        "r_chunks_scale_f16": ("float16", [chunks, latent_channels]),
+        "T": ("int16", [1]),
+        "chunk_size": ("int16", [1]),
+    }
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.npz.zst"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_npz(arrays: dict, level: int) -> bytes:
+    """Uncompressed ``np.savez`` bytes as one zstd frame (the frame records its content size)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return zstandard.ZstdCompressor(level=level).compress(buf.getvalue())
+
+
+def decode_npz(data: bytes) -> dict:
+    """The arrays of a zstd-compressed npz; raises ``ValueError`` on any damage."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data)
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (zstandard.ZstdError, zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as err:
+        raise ValueError(f"{type(err).__name__}: {err}") from None
+
+
+def check_arrays(arrays: dict, spec: dict, count: int, with_index: bool = True):
+    """The first way ``arrays`` differs from ``spec`` with ``count`` samples, or None."""
+    expected = dict(spec, **({"index": ("int64", [])} if with_index else {}))
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        return f"key {missing[0]} is missing"
+    for key, (dtype, shape) in expected.items():
+        a = arrays[key]
+        if str(a.dtype) != dtype or list(a.shape) != [count, *shape]:
+            return f"{key} is {a.dtype}{list(a.shape)}, expected {dtype}{[count, *shape]}"
+    return None
+
+
+class Manifest:
+    """The manifest of one data folder, kept in memory and rewritten atomically on every change."""
+
+    def __init__(self, folder, data: dict):
+        self.folder = Path(folder)
+        self.data = data
+
+    @classmethod
+    def create(cls, folder, codec: dict, generator: dict, spec: dict):
+        return cls(folder, {"format": FORMAT, "format_version": FORMAT_VERSION, "codec": codec,
+                            "generator": generator, "record": {k: {"dtype": d, "shape": s} for k, (d, s) in spec.items()},
+                            "shards": [], "totals": {"samples": 0, "bytes": 0, "bytes_per_sample": 0.0}})
+
+    @classmethod
+    def load(cls, folder):
+        """The folder's manifest, or None where there is none; a damaged one is one sentence."""
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            ok = (data.get("format") == FORMAT and isinstance(data.get("shards"), list)
+                  and all({"file", "first_index", "count", "bytes", "sha256"} <= set(s) for s in data["shards"])
+                  and {"codec", "generator", "record"} <= set(data))
+        except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
+            ok = False
+        if not ok:
+            raise UserError(f"{path} is not a readable teacher-data manifest; restore it or regenerate the folder")
+        if data["format_version"] > FORMAT_VERSION:
+            raise UserError(f"{path} has format version {data['format_version']}, newer than this tool "
+                            f"({FORMAT_VERSION}); update the tool")
+        return cls(folder, data)
+
+    @property
+    def shards(self):
+        return self.data["shards"]
+
+    @property
+    def spec(self):
+        return {k: (v["dtype"], v["shape"]) for k, v in self.data["record"].items()}
+
+    def next_index(self) -> int:
+        return max((s["first_index"] + s["count"] for s in self.shards), default=0)
+
+    def add_shard(self, number: int, first_index: int, count: int, payload: bytes) -> None:
+        """Write the shard file, then the manifest that lists it."""
+        name = shard_name(number)
+        atomic.write_bytes(self.folder / name, payload)
+        self.data["shards"] = [s for s in self.shards if s["file"] != name]
+        self.shards.append({"file": name, "first_index": first_index, "count": count,
+                            "bytes": len(payload), "sha256": sha256(payload)})
+        self.shards.sort(key=lambda s: s["first_index"])
+        self.save()
+
+    def save(self) -> None:
+        samples = sum(s["count"] for s in self.shards)
+        total = sum(s["bytes"] for s in self.shards)
+        self.data["totals"] = {"samples": samples, "bytes": total,
+                               "bytes_per_sample": round(total / samples, 1) if samples else 0.0}
+        atomic.write_json(self.folder / MANIFEST, self.data)
+
+    def read_shard(self, entry: dict) -> dict:
+        """A listed shard's arrays after checking size, sha256, decodability, shapes and indices."""
+        path = self.folder / entry["file"]
+        problem = shard_problem(self, entry)
+        if problem:
+            raise UserError(f"{path} {problem}; run '--mode verify' to list every damaged shard and "
+                            f"'--mode repair' to regenerate them")
+        return decode_npz(path.read_bytes())
+
+
+def shard_problem(manifest: Manifest, entry: dict):
+    """What is wrong with one listed shard, or None."""
+    path = manifest.folder / entry["file"]
+    if not path.is_file():
+        return "is missing"
+    data = path.read_bytes()
+    if len(data) != entry["bytes"]:
+        return f"has {len(data)} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+    if sha256(data) != entry["sha256"]:
+        return "does not match its sha256 in the manifest (corrupted)"
+    try:
+        arrays = decode_npz(data)
+    except ValueError as err:
+        return f"cannot be decoded ({err})"
+    problem = check_arrays(arrays, manifest.spec, entry["count"])
+    if problem:
+        return problem
+    expected = np.arange(entry["first_index"], entry["first_index"] + entry["count"])
+    if not np.array_equal(arrays["index"], expected):
+        return f"holds indices other than {entry['first_index']}..{expected[-1]}"
+    return None

@@ -1,0 +1,56 @@
+"""``Main_Diffusion.py --mode sample``: the teacher's own samples, a grid and its FID (DESIGN §5).
+
+FID of ``fid_samples`` DDIM samples against the test split, beside the floor at the same N: the FID
+of N real training images against the same reference set.
+"""
+import json
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import atomic, datasets, fid, images, runtime, teachers
+from .config import output_dir, project_path
+from .generate import draw_x_T
+from .trajectory import ddim_sample
+
+
+def teacher_samples(cfg, unet, scheduler, device, count):
+    """uint8 [count, C, H, W] DDIM samples; sample i starts from x_T of index i of seed ``seed``."""
+    shape = [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]
+    out = []
+    for lo in tqdm(range(0, count, cfg["fid_batch_size"]), desc="teacher samples", unit="batch", dynamic_ncols=True):
+        x_T = draw_x_T(cfg["seed"], range(lo, min(lo + cfg["fid_batch_size"], count)), shape).to(device)
+        out.append(datasets.to_uint8(ddim_sample(unet, scheduler, x_T, cfg["steps"])))
+    return np.concatenate(out)
+
+
+def sample_and_score(cfg):
+    device = runtime.configure(cfg)
+    unet, ddpm, source = teachers.load_teacher(cfg)
+    unet = unet.to(device)
+    out_dir = output_dir(cfg, "samples_dir", "SampledImgs/diffusion")
+    n = cfg["fid_samples"]
+    samples = teacher_samples(cfg, unet, teachers.ddim_scheduler(ddpm), device, n)
+    images.save_grid(samples[:cfg["sample_count"]], out_dir / "grid.png")
+    buf = __import__("io").BytesIO()
+    np.savez(buf, images=samples)
+    atomic.write_bytes(out_dir / "samples.npz", buf.getvalue())
+    features = fid.InceptionFeatures()
+    cache = project_path("data/fid_stats")
+    test = datasets.load_images(cfg, "test")
+    real = fid.cached_features(features, test, cache / f"{cfg['dataset']}-test-{len(test)}.safetensors",
+                               cfg["fid_batch_size"], "inception: test split")
+    train = datasets.load_images(cfg, "train")[:n]
+    floor_feats = fid.cached_features(features, train, cache / f"{cfg['dataset']}-train-first{n}.safetensors",
+                                      cfg["fid_batch_size"], "inception: train (floor)")
+    fake = fid.extract(features, samples, cfg["fid_batch_size"], "inception: samples")
+    report = {"teacher": source, "parameters": teachers.parameter_count(unet), "sampler": f"DDIM eta=0, {cfg['steps']} steps",
+              "fid": fid.frechet_distance(real, fake), "fid_samples": n,
+              "fid_reference": f"{cfg['dataset']} test split, {len(test)} images",
+              "fid_floor_same_n": fid.frechet_distance(real, floor_feats), "seed": cfg["seed"]}
+    atomic.write_json(out_dir / "report.json", report)
+    atomic.write_json(out_dir / "config.json", cfg)
+    print(f"[sample] FID {report['fid']:.2f} (N={n} vs {report['fid_reference']}; floor at same N "
+          f"{report['fid_floor_same_n']:.2f}); grid {out_dir / 'grid.png'}")
+    return report
