@@ -150,6 +150,18 @@ class Generator:
         self.seconds["write"] += time.perf_counter() - start
 
 
+def reopen_partial_last_shard(manifest, cfg) -> None:
+    """When extending, unlist a short last shard so that it is regenerated whole: the records of a
+    folder then do not depend on how many runs made it (a sample's floats can depend on the batch
+    it was computed in). Unlisting comes first, so a crash leaves fewer samples, never a bad shard."""
+    if not manifest.shards:
+        return
+    last = manifest.shards[-1]
+    if last["count"] < cfg["shard_size"] and manifest.next_index() < cfg["samples_total"]:
+        manifest.data["shards"] = manifest.shards[:-1]
+        manifest.save()
+
+
 def plan(manifest, cfg):
     """(shard number, first index, count) of the shards still to write, in order."""
     number, first, todo = len(manifest.shards), manifest.next_index(), []
@@ -172,6 +184,7 @@ def generate(cfg):
             raise UserError(f"{folder / problem[0]} {problem[1]}; run '--mode verify' for the full list and "
                             f"'--mode repair' to regenerate damaged shards before extending")
     atomic.write_json(folder / "config.json", cfg)
+    reopen_partial_last_shard(manifest, cfg)
     todo = plan(manifest, cfg)
     done = manifest.next_index()
     print(f"[generate] {folder}: {done} samples present, {sum(c for _, _, c in todo)} to generate "

@@ -1,0 +1,114 @@
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zstandard
+
+from pipeline import generate, quant, store
+from pipeline.errors import UserError
+
+from conftest import ROOT, assert_one_sentence_error, run_cli
+
+
+def read_folder(folder):
+    """Every record of a data folder, read with nothing but numpy + zstandard, in index order."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    parts = []
+    for shard in manifest["shards"]:
+        raw = zstandard.ZstdDecompressor().decompress((folder / shard["file"]).read_bytes())
+        with np.load(io.BytesIO(raw)) as npz:
+            parts.append({k: npz[k] for k in npz.files})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_generate_writes_shards_and_manifest(tiny_cfg):
+    cfg = tiny_cfg()
+    folder, seconds = generate.generate(cfg)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [(s["first_index"], s["count"]) for s in manifest["shards"]] == [(0, 5), (5, 5), (10, 2)]
+    assert manifest["codec"]["name"] == "int8-p99.5+zstd"
+    assert manifest["generator"]["steps"] == 10 and manifest["generator"]["chunks"] == 5
+    assert manifest["totals"]["samples"] == 12
+    assert json.loads((folder / "config.json").read_text())["samples_total"] == 12
+    data = read_folder(folder)
+    np.testing.assert_array_equal(data["index"], np.arange(12))
+    # telescoping identity survives quantization up to the quantizer's error
+    rin0 = quant.dequantize(data["rin0_q"], data["rin0_scale_f16"])
+    chunks = quant.dequantize(data["r_chunks_q"], data["r_chunks_scale_f16"])
+    z_final = rin0 + chunks.sum(1)
+    x0 = data["x0_teacher_f16"].astype(np.float32)
+    assert np.abs(z_final - x0).mean() < 0.05
+    assert seconds["teacher"] > 0
+
+
+def test_extend_with_larger_samples_total_matches_one_run(tiny_cfg, tmp_path):
+    small = tiny_cfg(samples_total=7)
+    generate.generate(small)
+    generate.generate(tiny_cfg(samples_total=12))
+    one_run = tiny_cfg(data_dir=str(tmp_path / "one"), samples_total=12)
+    generate.generate(one_run)
+    extended, reference = read_folder(tmp_path / "data"), read_folder(tmp_path / "one")
+    np.testing.assert_array_equal(extended["index"], np.arange(12))
+    for key in reference:
+        np.testing.assert_array_equal(extended[key], reference[key], err_msg=key)
+
+
+def test_folder_made_with_another_config_is_refused(tiny_cfg):
+    generate.generate(tiny_cfg(samples_total=3))
+    with pytest.raises(UserError, match="steps=10, not|steps"):
+        generate.generate(tiny_cfg(samples_total=6, steps=20, chunks=5))
+
+
+@pytest.mark.parametrize("override,fragment", [("samples_total=0", "samples_total must be positive"),
+                                               ("samples_total=-3", "samples_total must be positive"),
+                                               ("chunks=3", "does not divide steps"),
+                                               ("stepz=3", "did you mean 'steps'")])
+def test_bad_generate_config_is_one_sentence(override, fragment, small_teacher, tmp_path):
+    result = run_cli("Main_Distill.py", "--mode", "generate", "--config", "tiny", f"teacher_path={small_teacher}",
+                     f"data_dir={tmp_path}", override)
+    assert_one_sentence_error(result, fragment)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_resume_after_sigkill_gives_identical_data(small_teacher, tmp_path, tiny_cfg):
+    args = ["--mode", "generate", "--config", "tiny", f"teacher_path={small_teacher}", "samples_total=24",
+            "shard_size=3", "gen_batch_size=3", f"data_dir={tmp_path / 'killed'}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "Main_Distill.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = tmp_path / "killed" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    listed = len(json.loads(manifest.read_text())["shards"])
+    assert 2 <= listed < 8, "the run was not interrupted midway"
+    finished = run_cli("Main_Distill.py", *args)
+    assert finished.returncode == 0, finished.stderr
+    assert f"{3 * listed} samples present" in finished.stdout
+    generate.generate(tiny_cfg(samples_total=24, shard_size=3, gen_batch_size=3, data_dir=str(tmp_path / "clean")))
+    resumed, clean = read_folder(tmp_path / "killed"), read_folder(tmp_path / "clean")
+    for key in clean:
+        np.testing.assert_array_equal(resumed[key], clean[key], err_msg=key)
+    assert not list((tmp_path / "killed").glob(".*.tmp"))
+
+
+def test_shard_round_trip_with_plain_numpy_and_zstandard(tmp_path):
+    arrays = {"a": np.arange(6, dtype=np.int8).reshape(2, 3), "b": np.ones((2, 1), np.float16)}
+    path = tmp_path / "x.npz.zst"
+    path.write_bytes(store.encode_npz(arrays, level=10))
+    raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
+    with np.load(io.BytesIO(raw)) as npz:
+        assert set(npz.files) == {"a", "b"}
+        np.testing.assert_array_equal(npz["a"], arrays["a"])
+        assert npz["b"].dtype == np.float16
+    assert raw[:2] == b"PK"  # a plain (uncompressed) npz inside one zstd frame

@@ -1,0 +1,48 @@
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline import config, teachers
+from pipeline.pretrain import Trainer, learning_rate
+
+from conftest import assert_one_sentence_error, run_cli
+
+
+def _cfg(tmp_path, **extra):
+    items = {"run_dir": tmp_path / "run", "teacher_path": tmp_path / "teacher", **extra}
+    return config.resolve("tiny", [f"{k}={v}" for k, v in items.items()])
+
+
+def test_pretrain_resumes_and_writes_a_loadable_teacher(tmp_path):
+    Trainer(_cfg(tmp_path, train_steps=2)).run()
+    first = load_file(tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
+    trainer = Trainer(_cfg(tmp_path, train_steps=4, overwrite_teacher="true"))
+    assert trainer.step == 2  # resumed from checkpoint.pt
+    trainer.run()
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert stats and all(r["loss"] > 0 for r in stats)
+    unet, scheduler, _ = teachers.load_teacher(_cfg(tmp_path))
+    assert list(unet.config.block_out_channels) == [16, 32] and scheduler.config.num_train_timesteps == 1000
+    second = unet.state_dict()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_steps"] == 2
+
+
+def test_pretrain_refuses_to_replace_an_existing_teacher(small_teacher, tmp_path):
+    result = run_cli("Main_Diffusion.py", "--mode", "pretrain", "--config", "tiny", f"teacher_path={small_teacher}",
+                     f"run_dir={tmp_path}")
+    assert_one_sentence_error(result, "already exists", "overwrite_teacher=true")
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path):
+    Trainer(_cfg(tmp_path, train_steps=1)).run()
+    result = run_cli("Main_Diffusion.py", "--mode", "pretrain", "--config", "tiny", f"run_dir={tmp_path / 'run'}",
+                     f"teacher_path={tmp_path / 'other'}", "unet_channels=8,16")
+    assert_one_sentence_error(result, "unet_channels")
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = config.resolve("fashion_mnist")
+    assert learning_rate(cfg, 0) < learning_rate(cfg, cfg["lr_warmup_steps"]) == cfg["lr"]
+    assert abs(learning_rate(cfg, cfg["train_steps"]) - 0.1 * cfg["lr"]) < 1e-12
