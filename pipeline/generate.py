@@ -179,7 +179,7 @@ def generate(cfg):
     atomic.remove_stale_temporaries(folder)
     manifest = open_manifest(folder, cfg, codec_info(cfg), gen.generator, gen.spec)
     if manifest.shards:
-        problem = next(((s["file"], p) for s in manifest.shards if (p := store.shard_problem(manifest, s))), None)
+        problem = next(((s["file"], p) for s in manifest.shards if (p := store.shard_problem(manifest, s, deep=False))), None)
         if problem:
             raise UserError(f"{folder / problem[0]} {problem[1]}; run '--mode verify' for the full list and "
                             f"'--mode repair' to regenerate damaged shards before extending")

@@ -9,7 +9,6 @@ command resumes from ``checkpoint.pt``. At the end the EMA weights are written i
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

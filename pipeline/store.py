@@ -76,6 +76,11 @@ def check_arrays(arrays: dict, spec: dict, count: int, with_index: bool = True):
     return None
 
 
+def _is_shard_entry(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
+            and all(isinstance(entry.get(k), int) and entry[k] >= 0 for k in ("first_index", "count", "bytes")))
+
+
 class Manifest:
     """The manifest of one data folder, kept in memory and rewritten atomically on every change."""
 
@@ -97,8 +102,8 @@ class Manifest:
             return None
         try:
             data = json.loads(path.read_text())
-            ok = (data.get("format") == FORMAT and isinstance(data.get("shards"), list)
-                  and all({"file", "first_index", "count", "bytes", "sha256"} <= set(s) for s in data["shards"])
+            ok = (data.get("format") == FORMAT and isinstance(data.get("format_version"), int)
+                  and isinstance(data.get("shards"), list) and all(map(_is_shard_entry, data["shards"]))
                   and {"codec", "generator", "record"} <= set(data))
         except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
             ok = False
@@ -147,8 +152,9 @@ class Manifest:
         return decode_npz(path.read_bytes())
 
 
-def shard_problem(manifest: Manifest, entry: dict):
-    """What is wrong with one listed shard, or None."""
+def shard_problem(manifest: Manifest, entry: dict, deep: bool = True):
+    """What is wrong with one listed shard, or None; ``deep=False`` checks presence, size and
+    sha256 only (enough to trust a shard this tool wrote), ``deep`` also decodes and checks content."""
     path = manifest.folder / entry["file"]
     if not path.is_file():
         return "is missing"
@@ -157,6 +163,8 @@ def shard_problem(manifest: Manifest, entry: dict):
         return f"has {len(data)} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
     if sha256(data) != entry["sha256"]:
         return "does not match its sha256 in the manifest (corrupted)"
+    if not deep:
+        return None
     try:
         arrays = decode_npz(data)
     except ValueError as err:

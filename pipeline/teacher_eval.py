@@ -3,10 +3,9 @@
 FID of ``fid_samples`` DDIM samples against the test split, beside the floor at the same N: the FID
 of N real training images against the same reference set.
 """
-import json
+import io
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from . import atomic, datasets, fid, images, runtime, teachers
@@ -33,7 +32,7 @@ def sample_and_score(cfg):
     n = cfg["fid_samples"]
     samples = teacher_samples(cfg, unet, teachers.ddim_scheduler(ddpm), device, n)
     images.save_grid(samples[:cfg["sample_count"]], out_dir / "grid.png")
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     np.savez(buf, images=samples)
     atomic.write_bytes(out_dir / "samples.npz", buf.getvalue())
     features = fid.InceptionFeatures()
