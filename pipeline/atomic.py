@@ -1,4 +1,6 @@
 """Write files so that a crash never leaves a half-written file under its final name."""
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -16,9 +18,19 @@ def write_bytes(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable, so the manifest is never on disk before the shard it lists."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path, obj) -> None:
@@ -29,3 +41,17 @@ def remove_stale_temporaries(folder) -> None:
     """Delete the leftovers of writes that a crash interrupted."""
     for tmp in Path(folder).glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what: str):
+    """Hold an exclusive lock on ``folder`` so that two runs never write it at once."""
+    from .errors import UserError
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another {what} is writing {folder}; wait for it to finish or use another folder") from None
+        yield

@@ -35,7 +35,7 @@ def main(prog, description, modes, default_mode="generate", argv=None):
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         cfg = config.resolve(args.config, args.overrides)
-        print(f"[config] mode={args.mode} from {cfg['config_source']}\n{config.to_json(cfg)}", flush=True)
+        print(f"[config] mode={args.mode} from {config.source_of(args.config)}\n{config.to_json(cfg)}", flush=True)
         modes[args.mode][1](cfg, args.dry_run)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

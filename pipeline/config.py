@@ -78,6 +78,10 @@ CHOICES = {
 }
 
 
+def source_of(config_name) -> str:
+    return str(_load_preset(config_name)[1])
+
+
 def preset_names():
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
@@ -139,9 +143,12 @@ def _load_preset(name_or_path):
                         f"nor a .toml/.json file; pass one of those to --config")
     try:
         text = path.read_text()
-        return (json.loads(text) if path.suffix == ".json" else tomllib.loads(text)), str(path)
-    except (ValueError, tomllib.TOMLDecodeError) as err:
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"config file {path} cannot be parsed ({err}); fix its syntax") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold an object of key = value pairs")
+    return values, str(path)
 
 
 def parse_overrides(items):
@@ -155,7 +162,9 @@ def parse_overrides(items):
 
 
 def resolve(config_name, overrides=()):
-    """Defaults, then the preset, then ``key=value`` overrides; every value validated."""
+    """Defaults, then the preset, then ``key=value`` overrides; every value validated.
+
+    A saved ``config.json`` is itself a valid ``config_name``, so any run can be repeated."""
     values, where = _load_preset(config_name)
     cfg = dict(DEFAULTS)
     for key, value in values.items():
@@ -167,7 +176,6 @@ def resolve(config_name, overrides=()):
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}, got '{cfg[key]}'")
-    cfg["config_source"] = where
     return cfg
 
 

@@ -17,11 +17,13 @@ from . import atomic, quant, runtime, store, teachers
 from .config import output_dir
 from .errors import UserError
 from .trajectory import pixel_residual_record
+from .verify import layout_problem
 
 # Keys of the generator config that decide the content of a record: a folder made with other
 # values cannot be extended or resumed.
 CONTENT_KEYS = ("teacher_sha256", "space", "steps", "chunks", "T", "chunk_size", "percentile", "seed",
-                "image_shape", "latent_channels", "scheduler")
+                "image_shape", "latent_channels", "scheduler", "gen_precision")
+CODEC_VERSION = 1
 
 
 def validate(cfg):
@@ -44,7 +46,7 @@ def validate(cfg):
 
 
 def codec_info(cfg) -> dict:
-    return {"name": f"int8-p{cfg['percentile']:g}+zstd", "quantizer": "per-channel symmetric int8, zero point 0, "
+    return {"name": f"int8-p{cfg['percentile']:g}+zstd", "version": CODEC_VERSION, "quantizer": "per-channel symmetric int8, zero point 0, "
             "clip at the percentile of |x| per channel, float16 scales", "percentile": cfg["percentile"],
             "container": "uncompressed npz in one zstd frame", "zstd_level": cfg["zstd_level"],
             "zstandard_version": zstandard.__version__}
@@ -94,9 +96,15 @@ def open_manifest(folder, cfg, codec, generator, spec):
         if old.get(key) != generator[key]:
             raise UserError(f"{folder} holds data made with {key}={json.dumps(old.get(key))}, not "
                             f"{json.dumps(generator[key])}; use another data_dir or the original config")
-    if manifest.data["codec"]["name"] != codec["name"]:
-        raise UserError(f"{folder} holds data of codec {manifest.data['codec']['name']}, not {codec['name']}; "
-                        f"use another data_dir")
+    old_codec = manifest.data["codec"]
+    for key in ("name", "version", "zstd_level"):
+        if old_codec.get(key) != codec[key]:
+            raise UserError(f"{folder} holds data written with codec {key}={json.dumps(old_codec.get(key))}, not "
+                            f"{json.dumps(codec[key])}; use another data_dir or the original config")
+    problem = layout_problem(manifest)
+    if problem:
+        raise UserError(f"{folder / store.MANIFEST} {problem}, so it was edited by hand; restore it or use another "
+                        f"data_dir")
     return manifest
 
 
@@ -111,6 +119,9 @@ class Generator:
         self.unet = unet.to(self.device)
         self.scheduler = teachers.ddim_scheduler(ddpm)
         self.amp = runtime.autocast_dtype(cfg["gen_precision"], self.device)
+        if cfg["steps"] > ddpm.config.num_train_timesteps:
+            raise UserError(f"steps={cfg['steps']} is more than the teacher's {ddpm.config.num_train_timesteps} "
+                            f"timesteps; use at most that many")
         self.generator = generator_info(cfg, unet, ddpm, self.source)
         c, size, _ = self.generator["image_shape"]
         self.spec = store.record_spec(c, size, self.generator["latent_channels"], cfg["chunks"])
@@ -122,9 +133,11 @@ class Generator:
         start = time.perf_counter()
         with runtime.autocast(self.amp, self.device):
             rin0, r_chunks, z_final = pixel_residual_record(self.unet, self.scheduler, x_T, g["steps"], g["chunks"])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        finite = bool(torch.isfinite(z_final).all() and torch.isfinite(r_chunks).all())
         middle = time.perf_counter()
+        if not finite:
+            raise UserError(f"the teacher produced NaN or inf for samples {indices[0]}..{indices[-1]} with "
+                            f"gen_precision={self.cfg['gen_precision']}; use gen_precision=fp32")
         record = quantized_record(x_T, rin0, r_chunks, z_final, g["T"], g["chunk_size"], g["percentile"])
         self.seconds["teacher"] += middle - start
         self.seconds["quantize"] += time.perf_counter() - middle
@@ -164,7 +177,7 @@ def reopen_partial_last_shard(manifest, cfg) -> None:
 
 def plan(manifest, cfg):
     """(shard number, first index, count) of the shards still to write, in order."""
-    number, first, todo = len(manifest.shards), manifest.next_index(), []
+    number, first, todo = manifest.next_number(), manifest.next_index(), []
     while first < cfg["samples_total"]:
         count = min(cfg["shard_size"], cfg["samples_total"] - first)
         todo.append((number, first, count))
@@ -175,7 +188,11 @@ def plan(manifest, cfg):
 def generate(cfg):
     folder = output_dir(cfg, "data_dir", "data")
     gen = Generator(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
+    with atomic.folder_lock(folder, "run"):
+        return _generate_locked(cfg, folder, gen)
+
+
+def _generate_locked(cfg, folder, gen):
     atomic.remove_stale_temporaries(folder)
     manifest = open_manifest(folder, cfg, codec_info(cfg), gen.generator, gen.spec)
     if manifest.shards:

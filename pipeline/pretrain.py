@@ -35,6 +35,9 @@ def learning_rate(cfg, step: int) -> float:
 
 class Trainer:
     def __init__(self, cfg):
+        for key in ("train_steps", "batch_size", "checkpoint_every"):
+            if cfg[key] <= 0:
+                raise UserError(f"{key} must be positive, got {cfg[key]}")
         self.cfg = cfg
         self.device = runtime.configure(cfg)
         self.amp = runtime.autocast_dtype(cfg["precision"], self.device)
@@ -57,9 +60,9 @@ class Trainer:
 
     def _resume(self):
         state = checkpoint.load(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(self.run_dir / "config.json", self.cfg)
         if state is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic.write_json(self.run_dir / "config.json", self.cfg)
             return
         checkpoint.check_same_config(state["config"], self.cfg, ARCHITECTURE_KEYS, self.run_dir)
         self.unet.load_state_dict(state["model"])
@@ -143,7 +146,8 @@ class Trainer:
         self.export()
 
     def export(self):
-        teachers.save_teacher(self.ema_unet().cpu(), self.scheduler, self.teacher_dir)
+        teachers.save_teacher(self.ema_unet().cpu(), self.scheduler, self.teacher_dir,
+                              extra_files={"pretrain_config.json": self.cfg})
         print(f"[pretrain] EMA teacher ({teachers.parameter_count(self.unet):,} parameters) written to "
               f"{self.teacher_dir}")
 

@@ -5,6 +5,7 @@ Each sample is ``sample_{i:08d}.zst``: the same keys as a shard without the samp
 with zstd level 10, as the reference writes them.
 """
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +34,29 @@ def reference_dir(cfg, must_exist: bool) -> Path:
 
 
 def export_command(cfg):
+    """Write every sample into ``<reference_dir>.partial`` and rename it when complete, so an
+    interrupted export never looks like a smaller finished one."""
     manifest = load_manifest(cfg)
     target = reference_dir(cfg, must_exist=False)
-    if any(target.glob("sample_*.zst")):
-        raise UserError(f"{target} already holds sample_*.zst files; export into an empty folder")
-    target.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=manifest.data["totals"]["samples"], desc="export", unit="sample", dynamic_ncols=True)
+    if target.exists() and any(target.iterdir()):
+        raise UserError(f"{target} is not empty; export into a new or empty folder")
+    staging = target.with_name(target.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    bar = tqdm(total=sum(s["count"] for s in manifest.shards), desc="export", unit="sample", dynamic_ncols=True)
     for entry in manifest.shards:
         arrays = manifest.read_shard(entry)
         for row, index in enumerate(arrays["index"]):
             sample = {key: arrays[key][row] for key in manifest.spec}
-            atomic.write_bytes(target / sample_name(int(index)), store.encode_npz(sample, REFERENCE_ZSTD_LEVEL))
+            (staging / sample_name(int(index))).write_bytes(store.encode_npz(sample, REFERENCE_ZSTD_LEVEL))
             bar.update(1)
     bar.close()
-    print(f"[export] {manifest.data['totals']['samples']} files written to {target}")
+    atomic.write_json(staging / "config.json", cfg)
+    if target.exists():
+        target.rmdir()
+    staging.rename(target)
+    print(f"[export] {bar.n} files written to {target}")
 
 
 def read_sample(path: Path) -> dict:
@@ -67,8 +77,17 @@ def _spec_of(sample: dict, path: Path) -> dict:
 
 
 def import_command(cfg):
+    """Shards first, the manifest once at the end: an interrupted import leaves no manifest, and
+    rerunning it starts over."""
+    if cfg["shard_size"] <= 0:
+        raise UserError(f"shard_size must be positive, got {cfg['shard_size']}")
     source = reference_dir(cfg, must_exist=True)
     folder = output_dir(cfg, "data_dir", "data")
+    with atomic.folder_lock(folder, "run"):
+        _import_locked(cfg, source, folder)
+
+
+def _import_locked(cfg, source, folder):
     if store.Manifest.load(folder) is not None:
         raise UserError(f"{folder} already holds a manifest; import into an empty data_dir")
     files = sorted((int(m.group(1)), p) for p in source.iterdir() if (m := SAMPLE_NAME.fullmatch(p.name)))
@@ -89,7 +108,7 @@ def import_command(cfg):
                    "chunks": spec["r_chunks_q"][1][0], "image_shape": spec["x_T_f16"][1],
                    "latent_channels": spec["rin0_q"][1][0]},
         spec=spec)
-    folder.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temporaries(folder)
     bar = tqdm(total=len(files), desc="import", unit="sample", dynamic_ncols=True)
     for number, lo in enumerate(range(0, len(files), cfg["shard_size"])):
         batch = files[lo:lo + cfg["shard_size"]]
@@ -103,7 +122,8 @@ def import_command(cfg):
             bar.update(1)
         arrays = {k: np.stack([s[k] for s in samples]) for k in spec}
         arrays["index"] = np.array([i for i, _ in batch], dtype=np.int64)
-        manifest.add_shard(number, batch[0][0], len(batch), store.encode_npz(arrays, cfg["zstd_level"]))
+        manifest.add_shard(number, batch[0][0], len(batch), store.encode_npz(arrays, cfg["zstd_level"]), save=False)
     bar.close()
+    manifest.save()
     atomic.write_json(folder / "config.json", cfg)
     print(f"[import] {len(files)} samples from {source} written as {len(manifest.shards)} shard(s) to {folder}")

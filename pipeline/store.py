@@ -9,6 +9,7 @@ always complete.
 import hashlib
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ FORMAT = "one-step-distill-teacher-data"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-*.npz.zst"
+SHARD_NAME = re.compile(r"shard-(\d{5})\.npz\.zst")
 
 
 def record_spec(image_channels, size, latent_channels, chunks):
@@ -104,7 +106,9 @@ class Manifest:
             data = json.loads(path.read_text())
             ok = (data.get("format") == FORMAT and isinstance(data.get("format_version"), int)
                   and isinstance(data.get("shards"), list) and all(map(_is_shard_entry, data["shards"]))
-                  and {"codec", "generator", "record"} <= set(data))
+                  and all(isinstance(data.get(k), dict) for k in ("codec", "generator", "record"))
+                  and all(isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+                          for v in data["record"].values()))
         except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
             ok = False
         if not ok:
@@ -112,6 +116,7 @@ class Manifest:
         if data["format_version"] > FORMAT_VERSION:
             raise UserError(f"{path} has format version {data['format_version']}, newer than this tool "
                             f"({FORMAT_VERSION}); update the tool")
+        data["shards"].sort(key=lambda s: s["first_index"])
         return cls(folder, data)
 
     @property
@@ -122,18 +127,24 @@ class Manifest:
     def spec(self):
         return {k: (v["dtype"], v["shape"]) for k, v in self.data["record"].items()}
 
+    def next_number(self) -> int:
+        """The number of the next new shard file: after every name in use."""
+        numbers = [int(m.group(1)) for s in self.shards if (m := SHARD_NAME.fullmatch(s["file"]))]
+        return max(numbers, default=-1) + 1
+
     def next_index(self) -> int:
         return max((s["first_index"] + s["count"] for s in self.shards), default=0)
 
-    def add_shard(self, number: int, first_index: int, count: int, payload: bytes) -> None:
-        """Write the shard file, then the manifest that lists it."""
+    def add_shard(self, number: int, first_index: int, count: int, payload: bytes, save: bool = True) -> None:
+        """Write the shard file, then (unless ``save`` is False) the manifest that lists it."""
         name = shard_name(number)
         atomic.write_bytes(self.folder / name, payload)
         self.data["shards"] = [s for s in self.shards if s["file"] != name]
         self.shards.append({"file": name, "first_index": first_index, "count": count,
                             "bytes": len(payload), "sha256": sha256(payload)})
         self.shards.sort(key=lambda s: s["first_index"])
-        self.save()
+        if save:
+            self.save()
 
     def save(self) -> None:
         samples = sum(s["count"] for s in self.shards)

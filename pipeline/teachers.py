@@ -58,7 +58,11 @@ def _load_local(path: Path):
         raise UserError(f"teacher weights in {folder} cannot be loaded ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:200]}); replace the folder with a complete copy") from None
     sched_folder = next((f for f in (path / "scheduler", folder) if (f / "scheduler_config.json").is_file()), None)
-    scheduler = DDPMScheduler.from_pretrained(sched_folder, local_files_only=True) if sched_folder else None
+    try:
+        scheduler = DDPMScheduler.from_pretrained(sched_folder, local_files_only=True) if sched_folder else None
+    except Exception as err:
+        raise UserError(f"{sched_folder}/scheduler_config.json cannot be read ({type(err).__name__}); restore it or "
+                        f"delete it to use the config's beta schedule") from None
     return unet, scheduler
 
 
@@ -119,14 +123,17 @@ def weights_sha256(unet: UNet2DModel) -> str:
     return digest.hexdigest()
 
 
-def save_teacher(unet: UNet2DModel, scheduler: DDPMScheduler, path) -> None:
-    """Diffusers layout with safetensors weights, written beside the target then renamed into place."""
+def save_teacher(unet: UNet2DModel, scheduler: DDPMScheduler, path, extra_files=None) -> None:
+    """Diffusers layout with safetensors weights (plus ``extra_files``: name -> JSON object), written
+    beside the target then renamed into place."""
     path = Path(path)
     staging = path.with_name(path.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     unet.save_pretrained(staging / "unet", safe_serialization=True)
     scheduler.save_pretrained(staging / "scheduler")
+    for name, obj in (extra_files or {}).items():
+        (staging / name).write_text(json.dumps(obj, indent=2) + "\n")
     if path.exists():
         shutil.rmtree(path)
     staging.rename(path)

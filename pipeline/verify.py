@@ -1,11 +1,9 @@
 """``--mode verify`` checks a teacher-data folder against its manifest; ``--mode repair`` regenerates
 the listed shards that are missing or damaged (records are deterministic, so a repaired shard is
 byte-for-byte the shard that was lost)."""
-import re
-
 from tqdm import tqdm
 
-from . import store
+from . import atomic, store
 from .config import output_dir
 from .errors import UserError
 
@@ -34,7 +32,7 @@ def find_problems(manifest):
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append((name, "-", "is listed more than once"))
     for s in tqdm(manifest.shards, desc="verify", unit="shard", dynamic_ncols=True):
-        if not re.fullmatch(r"shard-\d{5}\.npz\.zst", s["file"]):
+        if not store.SHARD_NAME.fullmatch(s["file"]):
             problems.append((s["file"], _index_text(s["first_index"], s["count"]), "is not a shard file name"))
             continue
         problem = store.shard_problem(manifest, s)
@@ -45,6 +43,20 @@ def find_problems(manifest):
     if totals.get("samples") != sum(s["count"] for s in manifest.shards):
         problems.append((store.MANIFEST, "-", "totals.samples does not match the shards listed"))
     return problems
+
+
+def layout_problem(manifest):
+    """The first problem of the shard list itself (names, gaps, overlaps), as text, or None."""
+    bad_name = next((s["file"] for s in manifest.shards if not store.SHARD_NAME.fullmatch(s["file"])), None)
+    if bad_name:
+        return f"lists '{bad_name}', which is not a shard file name"
+    problems = coverage_problems(manifest.shards)
+    if problems:
+        return f"lists shards whose {problems[0][1]} {problems[0][2]}"
+    names = [s["file"] for s in manifest.shards]
+    if len(set(names)) != len(names):
+        return "lists a shard file more than once"
+    return None
 
 
 def stray_files(manifest):
@@ -67,30 +79,31 @@ def verify_command(cfg):
         print(f"[verify] note: {name} is not listed in the manifest (left by an interrupted run; generate replaces it)")
     for file, indices, what in problems:
         print(f"[verify] BAD {file} ({indices}): {what}")
-    totals = manifest.data["totals"]
+    totals = manifest.data.get("totals") or {}
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {manifest.folder}, first: {problems[0][0]} "
                         f"{problems[0][2]}; run '--mode repair' with the generating config to regenerate damaged shards")
     print(f"[verify] OK: {len(manifest.shards)} shard(s), {totals['samples']} samples (indices 0..{totals['samples'] - 1}), "
-          f"{totals['bytes']:,} bytes, codec {manifest.data['codec']['name']}")
+          f"{totals['bytes']:,} bytes, codec {manifest.data['codec'].get('name')}")
 
 
 def repair(cfg):
     from .generate import Generator, open_manifest, codec_info
     manifest = load_manifest(cfg)
-    gaps = coverage_problems(manifest.shards)
-    if gaps:
-        raise UserError(f"{manifest.folder}: {gaps[0][1]} {gaps[0][2]}, so the manifest was edited by hand; "
-                        f"restore it or regenerate the folder")
+    problem = layout_problem(manifest)
+    if problem:
+        raise UserError(f"{manifest.folder / store.MANIFEST} {problem}, so it was edited by hand; restore it or "
+                        f"regenerate the folder")
     damaged = [s for s in manifest.shards if store.shard_problem(manifest, s)]
     if not damaged:
         print(f"[repair] nothing to repair in {manifest.folder}")
         return
     gen = Generator(cfg)
-    manifest = open_manifest(manifest.folder, cfg, codec_info(cfg), gen.generator, gen.spec)
-    bar = tqdm(total=sum(s["count"] for s in damaged), desc="repair", unit="sample", dynamic_ncols=True)
-    for s in damaged:
-        number = int(s["file"][len("shard-"):len("shard-") + 5])
-        gen.write_shard(manifest, number, s["first_index"], s["count"], bar)
-        print(f"[repair] rewrote {s['file']} ({_index_text(s['first_index'], s['count'])})")
-    bar.close()
+    with atomic.folder_lock(manifest.folder, "run"):
+        manifest = open_manifest(manifest.folder, cfg, codec_info(cfg), gen.generator, gen.spec)
+        bar = tqdm(total=sum(s["count"] for s in damaged), desc="repair", unit="sample", dynamic_ncols=True)
+        for s in damaged:
+            number = int(store.SHARD_NAME.fullmatch(s["file"]).group(1))
+            gen.write_shard(manifest, number, s["first_index"], s["count"], bar)
+            print(f"[repair] rewrote {s['file']} ({_index_text(s['first_index'], s['count'])})")
+        bar.close()

@@ -34,6 +34,13 @@ def test_unknown_key_in_a_config_file(tmp_path):
         config.resolve(str(path))
 
 
+def test_a_saved_config_json_runs_again(tiny_cfg, tmp_path):
+    from pipeline import generate
+    folder, _ = generate.generate(tiny_cfg(samples_total=2))
+    again = config.resolve(str(folder / "config.json"))
+    assert again == json.loads((folder / "config.json").read_text())
+
+
 def test_help_lists_every_mode():
     out = run_cli("Main_Distill.py", "--help").stdout
     for mode in ("generate", "verify", "repair", "export", "import"):

@@ -59,10 +59,37 @@ def test_extend_with_larger_samples_total_matches_one_run(tiny_cfg, tmp_path):
         np.testing.assert_array_equal(extended[key], reference[key], err_msg=key)
 
 
-def test_folder_made_with_another_config_is_refused(tiny_cfg):
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name not in ("config.json", ".lock")}
+
+
+def test_folder_made_with_another_config_is_refused(tiny_cfg, small_teacher, tmp_path):
     generate.generate(tiny_cfg(samples_total=3))
-    with pytest.raises(UserError, match="steps=10, not|steps"):
+    before = _snapshot(tmp_path / "data")
+    with pytest.raises(UserError, match="made with steps=10, not 20"):
         generate.generate(tiny_cfg(samples_total=6, steps=20, chunks=5))
+    result = run_cli("Main_Distill.py", "--config", "tiny", f"teacher_path={small_teacher}",
+                     f"data_dir={tmp_path / 'data'}", "samples_total=6", "percentile=99.9")
+    assert_one_sentence_error(result, "percentile=99.5, not 99.9")
+    assert _snapshot(tmp_path / "data") == before
+
+
+def test_hand_edited_manifest_is_refused_before_writing(tiny_cfg, tmp_path):
+    generate.generate(tiny_cfg())
+    path = tmp_path / "data" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["shards"][1]
+    path.write_text(json.dumps(manifest))
+    before = _snapshot(tmp_path / "data")
+    with pytest.raises(UserError, match="indices 5..9 are in no shard"):
+        generate.generate(tiny_cfg(samples_total=20))
+    assert _snapshot(tmp_path / "data") == before
+
+
+def test_more_steps_than_the_teacher_has_is_one_sentence(small_teacher, tmp_path):
+    result = run_cli("Main_Distill.py", "--config", "tiny", f"teacher_path={small_teacher}", f"data_dir={tmp_path}",
+                     "steps=2000", "chunks=10")
+    assert_one_sentence_error(result, "steps=2000", "1000")
 
 
 @pytest.mark.parametrize("override,fragment", [("samples_total=0", "samples_total must be positive"),

@@ -26,7 +26,8 @@ def test_pretrain_resumes_and_writes_a_loadable_teacher(tmp_path):
     assert list(unet.config.block_out_channels) == [16, 32] and scheduler.config.num_train_timesteps == 1000
     second = unet.state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_steps"] == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_steps"] == 4
+    assert json.loads((tmp_path / "teacher" / "pretrain_config.json").read_text())["train_steps"] == 4
 
 
 def test_pretrain_refuses_to_replace_an_existing_teacher(small_teacher, tmp_path):

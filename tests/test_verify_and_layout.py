@@ -79,7 +79,7 @@ def test_reference_layout_round_trip(dataset, tmp_path):
     ref = tmp_path / "reference"
     reference_layout.export_command(dict(cfg, reference_dir=str(ref)))
     names = sorted(p.name for p in ref.iterdir())
-    assert names == [f"sample_{i:08d}.zst" for i in range(12)]
+    assert names == ["config.json"] + [f"sample_{i:08d}.zst" for i in range(12)]
     one = reference_layout.read_sample(ref / "sample_00000007.zst")
     assert one["r_chunks_q"].shape == (5, 1, 32, 32) and one["T"].shape == (1,) and one["T"].dtype == np.int16
     assert "index" not in one
@@ -89,6 +89,18 @@ def test_reference_layout_round_trip(dataset, tmp_path):
     for key in original:
         np.testing.assert_array_equal(imported[key], original[key], err_msg=key)
     assert _verify(back).returncode == 0
+
+
+def test_interrupted_export_is_not_a_dataset_and_rerunning_finishes_it(dataset, tmp_path):
+    cfg, _ = dataset
+    ref = tmp_path / "reference"
+    partial = tmp_path / "reference.partial"
+    partial.mkdir()
+    (partial / "sample_00000000.zst").write_bytes(b"left by a killed export")
+    with pytest.raises(UserError, match="reference_dir .* does not exist"):
+        reference_layout.import_command(dict(cfg, reference_dir=str(ref), data_dir=str(tmp_path / "x")))
+    reference_layout.export_command(dict(cfg, reference_dir=str(ref)))
+    assert len(list(ref.glob("sample_*.zst"))) == 12 and not partial.exists()
 
 
 def test_import_refuses_a_gap_in_numbering(dataset, tmp_path):
