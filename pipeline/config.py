@@ -35,7 +35,7 @@ DEFAULTS = {
     "beta_start": 0.0001,
     "beta_end": 0.02,
     "beta_schedule": "linear",
-    "train_steps": 5000,
+    "train_steps": 4000,
     "batch_size": 64,
     "lr": 0.0005,
     "lr_warmup_steps": 200,

@@ -1,9 +1,10 @@
 """``Main_Distill.py --mode generate``: offline teacher trajectories as INT8 + zstd shards (DESIGN §2-§3).
 
-Sample i starts from x_T drawn by a generator seeded with (seed, i), so every sample is reproducible
-and independent of batch and shard sizes. Shards cover consecutive index ranges and are committed one
-at a time (shard file, then manifest), so rerunning the same command after a crash resumes at the
-first index no shard holds, and a larger ``samples_total`` extends the folder.
+Sample i starts from x_T drawn by a generator seeded with (seed, i), so its x_T never depends on
+batch, shard or process layout (its floats after the chain can, at rounding level, with another
+``gen_batch_size``). Shards cover consecutive index ranges and are committed one at a time (shard
+file, then manifest), so rerunning the same command after a crash resumes at the first index no
+shard holds, and a larger ``samples_total`` extends the folder.
 """
 import json
 import time
@@ -46,10 +47,11 @@ def validate(cfg):
 
 
 def codec_info(cfg) -> dict:
-    return {"name": f"int8-p{cfg['percentile']:g}+zstd", "version": CODEC_VERSION, "quantizer": "per-channel symmetric int8, zero point 0, "
-            "clip at the percentile of |x| per channel, float16 scales", "percentile": cfg["percentile"],
-            "container": "uncompressed npz in one zstd frame", "zstd_level": cfg["zstd_level"],
-            "zstandard_version": zstandard.__version__}
+    """The self-description of the codec that the manifest carries."""
+    return {"name": f"int8-p{cfg['percentile']:g}+zstd", "version": CODEC_VERSION,
+            "quantizer": "per-channel symmetric int8, zero point 0, clip at the percentile of |x|, float16 scales",
+            "percentile": cfg["percentile"], "container": "uncompressed npz in one zstd frame",
+            "zstd_level": cfg["zstd_level"], "zstandard_version": zstandard.__version__}
 
 
 def generator_info(cfg, unet, scheduler, source) -> dict:

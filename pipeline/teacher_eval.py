@@ -4,6 +4,7 @@ FID of ``fid_samples`` DDIM samples against the test split, beside the floor at 
 of N real training images against the same reference set.
 """
 import io
+import json
 
 import numpy as np
 from tqdm import tqdm
@@ -24,17 +25,32 @@ def teacher_samples(cfg, unet, scheduler, device, count):
     return np.concatenate(out)
 
 
+def load_or_draw_samples(cfg, unet, ddpm, device, out_dir):
+    """The teacher's samples, reusing ``samples.npz`` when it was drawn from the same teacher and
+    settings (an interrupted run keeps its samples)."""
+    n = max(cfg["fid_samples"], cfg["sample_count"])
+    meta = json.dumps({"teacher_sha256": teachers.weights_sha256(unet), "steps": cfg["steps"], "seed": cfg["seed"]})
+    path = out_dir / "samples.npz"
+    if path.is_file():
+        with np.load(path) as saved:
+            if str(saved["meta"]) == meta and len(saved["images"]) >= n:
+                print(f"[sample] reusing {n} samples from {path}")
+                return saved["images"][:n]
+    samples = teacher_samples(cfg, unet, teachers.ddim_scheduler(ddpm), device, n)
+    buf = io.BytesIO()
+    np.savez(buf, images=samples, meta=np.array(meta))
+    atomic.write_bytes(path, buf.getvalue())
+    return samples
+
+
 def sample_and_score(cfg):
     device = runtime.configure(cfg)
     unet, ddpm, source = teachers.load_teacher(cfg)
     unet = unet.to(device)
     out_dir = output_dir(cfg, "samples_dir", "SampledImgs/diffusion")
     n = cfg["fid_samples"]
-    samples = teacher_samples(cfg, unet, teachers.ddim_scheduler(ddpm), device, n)
+    samples = load_or_draw_samples(cfg, unet, ddpm, device, out_dir)
     images.save_grid(samples[:cfg["sample_count"]], out_dir / "grid.png")
-    buf = io.BytesIO()
-    np.savez(buf, images=samples)
-    atomic.write_bytes(out_dir / "samples.npz", buf.getvalue())
     features = fid.InceptionFeatures()
     cache = project_path("data/fid_stats")
     test = datasets.load_images(cfg, "test")
@@ -43,7 +59,7 @@ def sample_and_score(cfg):
     train = datasets.load_images(cfg, "train")[:n]
     floor_feats = fid.cached_features(features, train, cache / f"{cfg['dataset']}-train-first{n}.safetensors",
                                       cfg["fid_batch_size"], "inception: train (floor)")
-    fake = fid.extract(features, samples, cfg["fid_batch_size"], "inception: samples")
+    fake = fid.extract(features, samples[:n], cfg["fid_batch_size"], "inception: samples")
     report = {"teacher": source, "parameters": teachers.parameter_count(unet), "sampler": f"DDIM eta=0, {cfg['steps']} steps",
               "fid": fid.frechet_distance(real, fake), "fid_samples": n,
               "fid_reference": f"{cfg['dataset']} test split, {len(test)} images",
