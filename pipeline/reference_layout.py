@@ -14,7 +14,7 @@ from tqdm import tqdm
 from . import atomic, store
 from .config import output_dir, project_path
 from .errors import UserError
-from .verify import load_manifest
+from .verify import layout_problem, load_manifest
 
 REFERENCE_ZSTD_LEVEL = 10
 SAMPLE_NAME = re.compile(r"sample_(\d{8})\.zst")
@@ -37,6 +37,9 @@ def export_command(cfg):
     """Write every sample into ``<reference_dir>.partial`` and rename it when complete, so an
     interrupted export never looks like a smaller finished one."""
     manifest = load_manifest(cfg)
+    problem = layout_problem(manifest)
+    if problem:
+        raise UserError(f"{manifest.folder / store.MANIFEST} {problem}; run '--mode verify' for details")
     target = reference_dir(cfg, must_exist=False)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"{target} is not empty; export into a new or empty folder")

@@ -155,35 +155,39 @@ class Manifest:
 
     def read_shard(self, entry: dict) -> dict:
         """A listed shard's arrays after checking size, sha256, decodability, shapes and indices."""
-        path = self.folder / entry["file"]
-        problem = shard_problem(self, entry)
+        problem, arrays = _inspect_shard(self, entry, deep=True)
         if problem:
-            raise UserError(f"{path} {problem}; run '--mode verify' to list every damaged shard and "
-                            f"'--mode repair' to regenerate them")
-        return decode_npz(path.read_bytes())
+            raise UserError(f"{self.folder / entry['file']} {problem}; run '--mode verify' to list every damaged "
+                            f"shard and '--mode repair' to regenerate them")
+        return arrays
 
 
 def shard_problem(manifest: Manifest, entry: dict, deep: bool = True):
     """What is wrong with one listed shard, or None; ``deep=False`` checks presence, size and
     sha256 only (enough to trust a shard this tool wrote), ``deep`` also decodes and checks content."""
+    return _inspect_shard(manifest, entry, deep)[0]
+
+
+def _inspect_shard(manifest: Manifest, entry: dict, deep: bool):
+    """(problem or None, decoded arrays or None) of one listed shard, reading its file once."""
     path = manifest.folder / entry["file"]
     if not path.is_file():
-        return "is missing"
+        return "is missing", None
     data = path.read_bytes()
     if len(data) != entry["bytes"]:
-        return f"has {len(data)} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+        return f"has {len(data)} bytes, the manifest says {entry['bytes']} (truncated or replaced)", None
     if sha256(data) != entry["sha256"]:
-        return "does not match its sha256 in the manifest (corrupted)"
+        return "does not match its sha256 in the manifest (corrupted)", None
     if not deep:
-        return None
+        return None, None
     try:
         arrays = decode_npz(data)
     except ValueError as err:
-        return f"cannot be decoded ({err})"
+        return f"cannot be decoded ({err})", None
     problem = check_arrays(arrays, manifest.spec, entry["count"])
     if problem:
-        return problem
+        return problem, None
     expected = np.arange(entry["first_index"], entry["first_index"] + entry["count"])
     if not np.array_equal(arrays["index"], expected):
-        return f"holds indices other than {entry['first_index']}..{expected[-1]}"
-    return None
+        return f"holds indices other than {entry['first_index']}..{expected[-1]}", None
+    return None, arrays

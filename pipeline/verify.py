@@ -1,6 +1,6 @@
 """``--mode verify`` checks a teacher-data folder against its manifest; ``--mode repair`` regenerates
-the listed shards that are missing or damaged (records are deterministic, so a repaired shard is
-byte-for-byte the shard that was lost)."""
+the listed shards that are missing or damaged (records are a function of the generating config and
+the sample index, so a repaired shard holds the records that were lost)."""
 from tqdm import tqdm
 
 from . import atomic, store
@@ -39,8 +39,8 @@ def find_problems(manifest):
         if problem:
             problems.append((s["file"], _index_text(s["first_index"], s["count"]), problem))
     problems += coverage_problems(manifest.shards)
-    totals = manifest.data.get("totals", {})
-    if totals.get("samples") != sum(s["count"] for s in manifest.shards):
+    totals = manifest.data.get("totals")
+    if not isinstance(totals, dict) or totals.get("samples") != sum(s["count"] for s in manifest.shards):
         problems.append((store.MANIFEST, "-", "totals.samples does not match the shards listed"))
     return problems
 
@@ -79,7 +79,7 @@ def verify_command(cfg):
         print(f"[verify] note: {name} is not listed in the manifest (left by an interrupted run; generate replaces it)")
     for file, indices, what in problems:
         print(f"[verify] BAD {file} ({indices}): {what}")
-    totals = manifest.data.get("totals") or {}
+    totals = manifest.data["totals"]
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {manifest.folder}, first: {problems[0][0]} "
                         f"{problems[0][2]}; run '--mode repair' with the generating config to regenerate damaged shards")
