@@ -3,6 +3,7 @@
 generate writes teacher trajectories as INT8 + zstd shards; verify checks them; export and import
 convert to and from the reference one-file-per-sample layout; repair regenerates damaged shards.
 """
+import importlib
 import sys
 
 from pipeline import cli
@@ -19,36 +20,23 @@ def _generate(cfg, dry_run):
     generate.generate(cfg)
 
 
-def _verify(cfg, dry_run):
-    from pipeline import verify
-    if not dry_run:
-        verify.verify_command(cfg)
-
-
-def _repair(cfg, dry_run):
-    from pipeline import verify
-    if not dry_run:
-        verify.repair(cfg)
-
-
-def _export(cfg, dry_run):
-    from pipeline import reference_layout
-    if not dry_run:
-        reference_layout.export_command(cfg)
-
-
-def _import(cfg, dry_run):
-    from pipeline import reference_layout
-    if not dry_run:
-        reference_layout.import_command(cfg)
+def _stage(module, function):
+    """A mode whose module is imported only when it runs; --dry-run stops after printing the config."""
+    def run(cfg, dry_run):
+        if not dry_run:
+            getattr(importlib.import_module(f"pipeline.{module}"), function)(cfg)
+    return run
 
 
 MODES = {
     "generate": ("write offline teacher trajectories (INT8 residual chunks, zstd shards + manifest.json)", _generate),
-    "verify": ("check a teacher-data folder against its manifest; names every bad file and index", _verify),
-    "repair": ("regenerate the shards that verify finds missing or damaged", _repair),
-    "export": ("write a teacher-data folder in the reference layout (sample_XXXXXXXX.zst) to reference_dir", _export),
-    "import": ("read a reference-layout folder (reference_dir) into shards + manifest in data_dir", _import),
+    "verify": ("check a teacher-data folder against its manifest; names every bad file and index",
+               _stage("verify", "verify_command")),
+    "repair": ("regenerate the shards that verify finds missing or damaged", _stage("verify", "repair")),
+    "export": ("write a teacher-data folder in the reference layout (sample_XXXXXXXX.zst) to reference_dir",
+               _stage("reference_layout", "export_command")),
+    "import": ("read a reference-layout folder (reference_dir) into shards + manifest in data_dir",
+               _stage("reference_layout", "import_command")),
 }
 
 if __name__ == "__main__":
