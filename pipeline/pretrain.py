@@ -60,11 +60,12 @@ class Trainer:
 
     def _resume(self):
         state = checkpoint.load(self.run_dir)
+        if state is not None:
+            checkpoint.check_same_config(state["config"], self.cfg, ARCHITECTURE_KEYS, self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(self.run_dir / "config.json", self.cfg)
+        atomic.write_json(self.run_dir / "config.json", self.cfg)  # after the check: a refused resume leaves the record alone
         if state is None:
             return
-        checkpoint.check_same_config(state["config"], self.cfg, ARCHITECTURE_KEYS, self.run_dir)
         self.unet.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
