@@ -37,6 +37,10 @@ MODES = {
                _stage("reference_layout", "export_command")),
     "import": ("read a reference-layout folder (reference_dir) into shards + manifest in data_dir",
                _stage("reference_layout", "import_command")),
+    "train_d": ("train the one-step student D on the teacher data (resumes from its checkpoint)",
+                _stage("train_d", "train_d")),
+    "eval_d": ("one-step samples of D, FID / precision / recall / PSNR / speed against the teacher, report",
+               _stage("evaluate", "eval_d")),
 }
 
 if __name__ == "__main__":

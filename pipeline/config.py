@@ -66,6 +66,30 @@ DEFAULTS = {
     "data_dir": "",                     # "" = data/<name>
     # --- reference layout (one file per sample), for export and import
     "reference_dir": "",
+    # --- student D: train_d (uses ema_decay, grad_clip, precision and seed above)
+    "d_run_dir": "",                    # "" = Checkpoints/distill/<name>
+    "d_init": "teacher",                # teacher (backbone copied from the teacher UNet) | random
+    "d_head_channels": 16,              # width of the readout heads
+    "d_train_steps": 500,
+    "d_batch_size": 64,
+    "d_lr": 0.0005,                     # peak of the one-cycle schedule
+    "d_lr_warmup_fraction": 0.05,       # one-cycle warm-up share of the steps
+    "d_weight_decay": 0.0001,
+    "lambda_rin": 1.0,                  # latent space only: in pixel space rin0 = x_T is passed through
+    "lambda_chunks": 1.0,
+    "lambda_x0": 0.1,
+    "holdout_samples": 256,             # records 0..N-1 are never trained on; eval_d measures D on them
+    "train_samples": 0,                 # training records after the held-out ones (0 = all)
+    "data_workers": 1,                  # DataLoader processes decoding shards (0 = in the training process)
+    "shuffle_buffer": 512,              # records mixed across shards before batching
+    "d_checkpoint_every": 100,
+    "d_snapshot_every": 0,              # keep the EMA student every N steps for learning curves (0 = off)
+    # --- eval_d (uses fid_samples as N and fid_batch_size)
+    "d_weights": "",                    # a student folder ("" = <d_run_dir>/student, the EMA weights)
+    "fid_reference_count": 0,           # test-split images in the FID reference set (0 = all)
+    "eval_dir": "",                     # "" = SampledImgs/distill/<name>
+    "throughput_batch": 64,
+    "verify_dataset_md5": True,         # check the published MD5 sums of the image dataset
 }
 
 CHOICES = {
@@ -75,6 +99,7 @@ CHOICES = {
     "space": ("pixel", "latent"),
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "codec": ("int8+zstd",),
+    "d_init": ("teacher", "random"),
 }
 
 

@@ -31,3 +31,11 @@ def png_bytes(image_hwc: np.ndarray, scale: int = 1) -> bytes:
 
 def save_grid(images_uint8: np.ndarray, path, nrow: int = 8, scale: int = 2) -> None:
     atomic.write_bytes(path, png_bytes(grid(images_uint8, nrow), scale))
+
+
+def interleave_rows(first: np.ndarray, second: np.ndarray, per_row: int) -> np.ndarray:
+    """[N, C, H, W] x 2 -> rows of ``first`` and ``second`` alternating, ``per_row`` images each."""
+    rows = []
+    for lo in range(0, min(len(first), len(second)), per_row):
+        rows += [first[lo:lo + per_row], second[lo:lo + per_row]]
+    return np.concatenate(rows)

@@ -141,3 +141,9 @@ def save_teacher(unet: UNet2DModel, scheduler: DDPMScheduler, path, extra_files=
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def safetensors_bytes(model: torch.nn.Module) -> int:
+    """Size of the model's weights as one fp32 safetensors file (what a user ships)."""
+    from safetensors.torch import save
+    return len(save({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}))

@@ -1,0 +1,23 @@
+"""Distillation losses of student D (DESIGN §4, research/seed002.md §3).
+
+    L = lambda_rin * MSE(rin, rin0) + lambda_chunks * MSE(chunks, r_chunks) + lambda_x0 * MSE(readout(z_hat), x0)
+
+with z_hat = rin + sum_j chunk_j and elementwise means, as the reference. In pixel space rin is x_T
+itself, so its term is absent. The x0 term compares the unclamped readout, so that it keeps a gradient
+where the prediction leaves [-1, 1].
+"""
+import torch.nn.functional as F
+
+from .students import readout
+
+
+def d_losses(student, pred: dict, batch: dict, cfg):
+    """(total loss, {name: scalar tensor}, per-chunk MSE [chunks]) for one batch."""
+    per_chunk = (pred["chunks"].float() - batch["chunks"]).pow(2).mean(dim=(0, 2, 3, 4))
+    z_hat = pred["rin"].float() + pred["chunks"].float().sum(dim=1)
+    parts = {"chunks": per_chunk.mean(), "x0": F.mse_loss(readout(student, z_hat), batch["x0"])}
+    total = cfg["lambda_chunks"] * parts["chunks"] + cfg["lambda_x0"] * parts["x0"]
+    if student.predicts_rin:
+        parts["rin"] = F.mse_loss(pred["rin"].float(), batch["rin0"])
+        total = total + cfg["lambda_rin"] * parts["rin"]
+    return total, parts, per_chunk.detach()

@@ -1,0 +1,184 @@
+"""Student D: a one-step network that predicts a teacher trajectory's residual chunks (DESIGN §4).
+
+The backbone is a diffusers ``UNet2DModel`` without its output convolution, always called at the fixed
+timestep T-1 on x_T. Readout heads turn decoder features of several depths into the chunks: the
+outputs of the up blocks (coarse) serve the noisy chunks and the final features (fine) the clean
+ones, the chunk list being split into contiguous groups, noisiest first (10 chunks over 3 depths give
+4/3/3, the reference's split). Every head also sees rin, the state the chain starts from, because the
+noisy chunks are mostly a per-pixel rescaling of it. In pixel space rin0 is x_T itself and is passed
+through; in latent space a head on the coarsest features predicts it.
+
+    z_hat = rin + sum_j chunk_j            one-step sample = readout(z_hat)
+
+The constructor's arguments are the model's config: ``save_student`` writes them as JSON beside the
+safetensors weights and ``load_student`` rebuilds the model from the two.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file, save
+from torch import nn
+
+from . import atomic
+from .errors import UserError
+
+CONFIG_FILE = "student_config.json"
+WEIGHTS_FILE = "model.safetensors"
+KIND = "one-step-student-d"
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(channels, 8), channels)
+
+
+def _conv(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1)
+
+
+def chunk_groups(chunks: int, depths: int):
+    """Contiguous chunk indices per decoder depth, coarsest depth (noisiest chunks) first."""
+    return [list(map(int, g)) for g in np.array_split(np.arange(chunks), depths)]
+
+
+class Up2x(nn.Sequential):
+    def __init__(self, channels: int):
+        super().__init__(_norm(channels), nn.SiLU(), nn.Upsample(scale_factor=2, mode="nearest"),
+                         _conv(channels, channels))
+
+
+class ReadoutHead(nn.Module):
+    """Features of one decoder depth (+ rin) -> ``outputs`` maps of ``out_channels`` at full resolution."""
+
+    def __init__(self, feature_channels, upsamplings, width, cond_channels, out_channels, outputs):
+        super().__init__()
+        self.proj = _conv(feature_channels, width)
+        self.up = nn.Sequential(*[Up2x(width) for _ in range(upsamplings)])
+        self.trunk = nn.Sequential(_conv(width + cond_channels, width), _norm(width), nn.SiLU())
+        self.outs = nn.ModuleList(_conv(width, out_channels) for _ in range(outputs))
+        for out in self.outs:  # every prediction starts at zero
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+
+    def forward(self, features, cond=None):
+        h = self.up(self.proj(features))
+        h = self.trunk(h if cond is None else torch.cat([h, cond.to(h.dtype)], dim=1))
+        return torch.stack([out(h) for out in self.outs], dim=1)
+
+
+class StudentD(nn.Module):
+    def __init__(self, backbone: dict, chunks: int, image_channels: int, latent_channels: int,
+                 space: str, timestep: int, head_channels: int):
+        super().__init__()
+        self.config = {"kind": KIND, "backbone": dict(backbone), "chunks": chunks, "image_channels": image_channels,
+                       "latent_channels": latent_channels, "space": space, "timestep": timestep,
+                       "head_channels": head_channels}
+        if space == "pixel" and latent_channels != image_channels:
+            raise UserError(f"in pixel space latent_channels ({latent_channels}) must equal image_channels "
+                            f"({image_channels})")
+        self.unet = UNet2DModel(**backbone)
+        self.unet.conv_out = nn.Identity()  # the decoder's last features are read out by the heads
+        self.register_buffer("timestep", torch.tensor(timestep, dtype=torch.long), persistent=False)
+        self.predicts_rin = space != "pixel"
+
+        ups = self.unet.up_blocks
+        depth_channels = [blk.resnets[-1].out_channels for blk in ups[:-1]] + [self.unet.config.block_out_channels[0]]
+        levels = len(ups)
+        self.groups = [g for g in chunk_groups(chunks, levels) if g]
+        self.depths = [d for d, g in enumerate(chunk_groups(chunks, levels)) if g]
+        # up block d (d < levels-1) ends at resolution size / 2**(levels-2-d); the final features are full size
+        self.heads = nn.ModuleList(
+            ReadoutHead(depth_channels[d], max(0, levels - 2 - d), head_channels, latent_channels, latent_channels,
+                        len(g)) for d, g in zip(self.depths, self.groups))
+        if self.predicts_rin:
+            self.rin_head = ReadoutHead(depth_channels[0], levels - 2, head_channels, 0, latent_channels, 1)
+            self.rin_norm = nn.GroupNorm(math.gcd(latent_channels, 32), latent_channels, affine=False)
+        self._features = []
+        for blk in ups[:-1]:
+            blk.register_forward_hook(self._keep_feature)  # a bound method, so deepcopy rebinds it
+
+    def _keep_feature(self, module, args, output):
+        self._features.append(output)
+
+    def forward(self, x_T):
+        """{'rin': [B, Cl, H, W], 'chunks': [B, chunks, Cl, H, W]} in one call."""
+        self._features = []
+        final = self.unet(x_T, self.timestep).sample
+        features = self._features + [final]
+        self._features = []
+        rin = self.rin_norm(self.rin_head(features[0])[:, 0]) if self.predicts_rin else x_T
+        chunks = torch.cat([head(features[d], rin) for d, head in zip(self.depths, self.heads)], dim=1)
+        return {"rin": rin, "chunks": chunks}
+
+
+def new_student(backbone_config: dict, manifest_generator: dict, head_channels: int) -> StudentD:
+    """A D shaped by the teacher data: chunk count, channels, space and T come from the manifest."""
+    backbone = {k: v for k, v in dict(backbone_config).items() if not k.startswith("_")}
+    image_channels = manifest_generator["image_shape"][0]
+    return StudentD(backbone, chunks=manifest_generator["chunks"], image_channels=image_channels,
+                    latent_channels=manifest_generator["latent_channels"], space=manifest_generator["space"],
+                    timestep=manifest_generator["T"] - 1, head_channels=head_channels)
+
+
+def init_from_teacher(student: StudentD, teacher_unet) -> None:
+    """Copy the teacher UNet into D's backbone (all but the removed output convolution)."""
+    state = {k: v for k, v in teacher_unet.state_dict().items() if not k.startswith("conv_out.")}
+    try:
+        student.unet.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise UserError("the teacher UNet does not have the student backbone's shape; use d_init=random or "
+                        "the teacher's architecture") from None
+
+
+def readout(student: StudentD, z_hat):
+    """The image of a predicted end state; in pixel space the end state is the image."""
+    if student.config["space"] != "pixel":
+        raise UserError("latent-space readout needs the rectified teacher's x0 head, which is not built yet")
+    return z_hat
+
+
+def one_step(student: StudentD, x_T):
+    """Images in [-1, 1] from x_T with a single network call."""
+    out = student(x_T)
+    return readout(student, out["rin"] + out["chunks"].sum(dim=1)).clamp(-1, 1)
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_student(model: StudentD, folder) -> int:
+    """Write ``student_config.json`` and ``model.safetensors`` (fp32); returns the weights' byte size."""
+    folder = Path(folder)
+    data = save({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()})
+    atomic.write_bytes(folder / WEIGHTS_FILE, data)
+    atomic.write_json(folder / CONFIG_FILE, model.config)
+    return len(data)
+
+
+def load_student(folder) -> StudentD:
+    """D rebuilt from a folder written by ``save_student``; a wrong or damaged folder is one sentence."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise UserError(f"{folder} holds no student (expected {CONFIG_FILE} and {WEIGHTS_FILE}); train one with "
+                        f"'--mode train_d' or set d_weights= to a student folder")
+    try:
+        config = json.loads(config_path.read_text())
+        assert config.pop("kind") == KIND
+        model = StudentD(**config)
+    except (ValueError, AssertionError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{config_path} is not a student D config; restore it or retrain") from None
+    try:
+        state = load_file(weights_path)
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise UserError(f"{weights_path} cannot be read ({type(err).__name__}); restore it or retrain") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise UserError(f"{weights_path} does not fit the architecture in {config_path} (a checkpoint of another "
+                        f"model?); use the folder train_d wrote") from None
+    return model.eval()

@@ -1,0 +1,123 @@
+"""Teacher data for training and evaluation: held-out split, streaming shard reader, record tensors.
+
+The held-out split is the first ``holdout_samples`` indices: it stays the same when a folder is
+extended. Training streams the other records (optionally only the first ``train_samples`` of them):
+every epoch visits the shards in a fresh order, decodes them in DataLoader worker processes and mixes
+samples from several shards in a bounded shuffle buffer, so memory does not grow with the dataset.
+"""
+import itertools
+import signal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import quant, store
+from .config import output_dir
+from .errors import UserError
+
+
+def open_data(cfg) -> store.Manifest:
+    """The manifest of the configured teacher-data folder, refused when it holds nothing usable."""
+    folder = output_dir(cfg, "data_dir", "data")
+    manifest = store.Manifest.load(folder)
+    if manifest is None or not manifest.shards:
+        raise UserError(f"{folder} holds no teacher data; run '--mode generate' with the same config first")
+    if manifest.data["generator"].get("space") != "pixel":
+        raise UserError(f"{folder} holds {manifest.data['generator'].get('space')}-space data; only pixel-space "
+                        f"data can be distilled so far")
+    return manifest
+
+
+def split(cfg, manifest):
+    """(held-out index range, training index range) as half-open (lo, hi) pairs."""
+    total = manifest.next_index()
+    holdout = cfg["holdout_samples"]
+    if holdout <= 0:
+        raise UserError(f"holdout_samples must be positive (the held-out split measures D against the teacher), "
+                        f"got {holdout}")
+    if holdout >= total:
+        raise UserError(f"holdout_samples={holdout} leaves no training records: {manifest.folder} holds {total}; "
+                        f"lower holdout_samples or generate more samples")
+    hi = total if cfg["train_samples"] <= 0 else holdout + cfg["train_samples"]
+    if hi > total:
+        raise UserError(f"train_samples={cfg['train_samples']} is more than the {total - holdout} training records "
+                        f"in {manifest.folder}; lower it or generate more samples")
+    return (0, holdout), (holdout, hi)
+
+
+def to_tensors(arrays: dict, rows=slice(None)) -> dict:
+    """Model inputs and targets of decoded records (float32): x_T, rin0, chunks, x0, index."""
+    x_T = torch.from_numpy(arrays["x_T_f16"][rows].astype(np.float32))
+    chunks = quant.dequantize(arrays["r_chunks_q"][rows], arrays["r_chunks_scale_f16"][rows])
+    return {"x_T": x_T, "rin0": x_T,  # pixel space: the chain starts at x_T exactly
+            "chunks": torch.from_numpy(chunks),
+            "x0": torch.from_numpy(arrays["x0_teacher_f16"][rows].astype(np.float32)),
+            "index": torch.from_numpy(arrays["index"][rows].astype(np.int64))}
+
+
+def _shards_overlapping(manifest, lo, hi):
+    return [s for s in manifest.shards if s["first_index"] < hi and s["first_index"] + s["count"] > lo]
+
+
+def read_range(manifest, lo, hi) -> dict:
+    """Every record with index in [lo, hi), as tensors in index order."""
+    parts = []
+    for entry in _shards_overlapping(manifest, lo, hi):
+        arrays = manifest.read_shard(entry)
+        rows = (arrays["index"] >= lo) & (arrays["index"] < hi)
+        parts.append(to_tensors(arrays, rows))
+    if not parts or sum(len(p["index"]) for p in parts) != hi - lo:
+        raise UserError(f"{manifest.folder} does not hold every record of {lo}..{hi - 1}; run '--mode verify'")
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+class ShardStream(IterableDataset):
+    """An endless stream of shuffled training batches; each worker decodes its own share of the shards."""
+
+    def __init__(self, manifest, lo, hi, batch_size, buffer_size, seed):
+        self.manifest, self.lo, self.hi = manifest, lo, hi
+        self.batch_size, self.buffer_size, self.seed = batch_size, max(buffer_size, batch_size), seed
+        self.entries = _shards_overlapping(manifest, lo, hi)
+
+    def _records(self, rng, worker, workers):
+        for epoch in itertools.count():
+            order = rng.permutation(len(self.entries))
+            for k in order[worker::workers]:
+                arrays = self.manifest.read_shard(self.entries[k])
+                keep = np.flatnonzero((arrays["index"] >= self.lo) & (arrays["index"] < self.hi))
+                tensors = to_tensors(arrays, keep)
+                for i in range(len(keep)):
+                    yield {key: value[i] for key, value in tensors.items()}
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([*self.seed, worker])
+        if len(self.entries) < workers:  # more workers than shards: some read the same shards in another order
+            worker, workers = worker % len(self.entries), len(self.entries)
+        buffer = []
+        for record in self._records(rng, worker, workers):
+            buffer.append(record)
+            if len(buffer) < self.buffer_size:
+                continue
+            picks = set(rng.choice(len(buffer), self.batch_size, replace=False).tolist())
+            batch = [r for i, r in enumerate(buffer) if i in picks]
+            buffer = [r for i, r in enumerate(buffer) if i not in picks]
+            yield {key: torch.stack([r[key] for r in batch]) for key in batch[0]}
+
+
+def _quiet_worker(_):
+    torch.set_num_threads(1)  # decoding is numpy work; leave the cores to the training step
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the training process
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def batches(cfg, manifest, lo, hi, seed):
+    """An endless iterator over training batches of records [lo, hi), decoded by ``data_workers``
+    processes (0 = in the training process); ``seed`` is a list of ints that fixes the order."""
+    stream = ShardStream(manifest, lo, hi, cfg["d_batch_size"], cfg["shuffle_buffer"], seed)
+    workers = cfg["data_workers"]
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_quiet_worker,
+                        prefetch_factor=4 if workers else None)
+    return iter(loader)
