@@ -1,7 +1,9 @@
 """Distil a teacher DDPM into a one-step generator through offline teacher data.
 
-generate writes teacher trajectories as INT8 + zstd shards; verify checks them; export and import
-convert to and from the reference one-file-per-sample layout; repair regenerates damaged shards.
+The default mode, all, runs generate -> train_d -> eval_d. generate writes teacher trajectories as
+INT8 + zstd shards; verify checks them; export and import convert to and from the reference
+one-file-per-sample layout; repair regenerates damaged shards; train_d fits the one-step student D;
+eval_d measures it against the teacher.
 """
 import importlib
 import sys
@@ -28,7 +30,15 @@ def _stage(module, function):
     return run
 
 
+def _all(cfg, dry_run):
+    """Every stage in turn; each one resumes, so rerunning after an interruption continues."""
+    _generate(cfg, dry_run)
+    for module, function in (("train_d", "train_d"), ("evaluate", "eval_d")):
+        _stage(module, function)(cfg, dry_run)
+
+
 MODES = {
+    "all": ("generate -> train_d -> eval_d on the chosen preset; prints where the report and grid are", _all),
     "generate": ("write offline teacher trajectories (INT8 residual chunks, zstd shards + manifest.json)", _generate),
     "verify": ("check a teacher-data folder against its manifest; names every bad file and index",
                _stage("verify", "verify_command")),
@@ -44,4 +54,4 @@ MODES = {
 }
 
 if __name__ == "__main__":
-    sys.exit(cli.main("Main_Distill.py", __doc__, MODES, default_mode="generate"))
+    sys.exit(cli.main("Main_Distill.py", __doc__, MODES, default_mode="all"))

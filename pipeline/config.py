@@ -51,6 +51,7 @@ DEFAULTS = {
     "sample_count": 64,
     "fid_samples": 1000,
     "fid_batch_size": 100,
+    "fid_cache_dir": "data/fid_stats",  # Inception features of dataset images, computed once
     "samples_dir": "",                  # "" = SampledImgs/diffusion/<name>
     # --- generate: offline teacher data
     "space": "pixel",                   # pixel | latent

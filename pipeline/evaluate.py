@@ -116,7 +116,8 @@ class Evaluation:
 
     def reference(self):
         """Inception features of the FID reference set (test split) and of N training images (floor)."""
-        cfg, cache = self.cfg, project_path("data/fid_stats")
+        cfg = self.cfg
+        cache = project_path(cfg["fid_cache_dir"])
         test = datasets.load_images(cfg, "test")
         count = cfg["fid_reference_count"] or len(test)
         if count > len(test) or count < self.n:

@@ -55,18 +55,20 @@ class ReadoutHead(nn.Module):
 
     def __init__(self, feature_channels, upsamplings, width, cond_channels, out_channels, outputs):
         super().__init__()
-        self.proj = _conv(feature_channels, width)
+        self.proj = nn.Conv2d(feature_channels, width, 1)  # 1x1: the heads must stay cheap next to the backbone
         self.up = nn.Sequential(*[Up2x(width) for _ in range(upsamplings)])
         self.trunk = nn.Sequential(_conv(width + cond_channels, width), _norm(width), nn.SiLU())
-        self.outs = nn.ModuleList(_conv(width, out_channels) for _ in range(outputs))
-        for out in self.outs:  # every prediction starts at zero
-            nn.init.zeros_(out.weight)
-            nn.init.zeros_(out.bias)
+        # one convolution for all outputs = one per output, in a single call; every prediction starts at zero
+        self.outputs, self.out_channels = outputs, out_channels
+        self.out = _conv(width, outputs * out_channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, features, cond=None):
         h = self.up(self.proj(features))
         h = self.trunk(h if cond is None else torch.cat([h, cond.to(h.dtype)], dim=1))
-        return torch.stack([out(h) for out in self.outs], dim=1)
+        y = self.out(h)
+        return y.view(y.shape[0], self.outputs, self.out_channels, *y.shape[2:])
 
 
 class StudentD(nn.Module):

@@ -52,7 +52,7 @@ def sample_and_score(cfg):
     samples = load_or_draw_samples(cfg, unet, ddpm, device, out_dir)
     images.save_grid(samples[:cfg["sample_count"]], out_dir / "grid.png")
     features = fid.InceptionFeatures()
-    cache = project_path("data/fid_stats")
+    cache = project_path(cfg["fid_cache_dir"])
     test = datasets.load_images(cfg, "test")
     real = fid.cached_features(features, test, cache / f"{cfg['dataset']}-test-{len(test)}.safetensors",
                                cfg["fid_batch_size"], "inception: test split")

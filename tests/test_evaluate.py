@@ -1,0 +1,62 @@
+"""eval_d on the tiny preset: every report field, the sample files, and refused inputs."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pipeline import config, generate
+
+from conftest import assert_one_sentence_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_teacher):
+    """Tiny teacher data and a D trained on it for a few steps."""
+    root = tmp_path_factory.mktemp("eval")
+    items = {"teacher_path": small_teacher, "data_dir": root / "data", "d_run_dir": root / "run",
+             "fid_cache_dir": root / "fid", "eval_dir": root / "out"}
+    args = ["--config", "tiny", *[f"{k}={v}" for k, v in items.items()]]
+    generate.generate(config.resolve("tiny", args[2:]))
+    assert run_cli("Main_Distill.py", "--mode", "train_d", *args).returncode == 0
+    return root, args
+
+
+def test_report_holds_every_figure(trained):
+    root, args = trained
+    result = run_cli("Main_Distill.py", "--mode", "eval_d", *args)
+    assert result.returncode == 0, result.stderr
+    assert f"report: {root / 'out' / 'report.md'}" in result.stdout
+    report = json.loads((root / "out" / "report.json").read_text())
+    assert report["fid_samples"] == 4 and report["held_out_records"] == [0, 3]
+    for row in ("teacher", "d"):
+        scores = report["scores"][row]
+        assert math.isfinite(scores["fid"]) and scores["n"] == 4
+        assert 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
+        assert scores["memorization"] > 0 and scores["diversity"] > 0
+    assert math.isfinite(report["scores"]["real"]["fid"])
+    assert report["fidelity_vs_teacher"]["records"] == 4 and report["fidelity_vs_teacher"]["mse"] > 0
+    speed = report["throughput"]
+    assert speed["teacher_steps"] == 10 and speed["speedup"] > 1 and speed["d_images_per_s"] > 0
+    size = report["size"]
+    assert size["d_file_bytes"] == (root / "run" / "student" / "model.safetensors").stat().st_size
+    assert size["d_parameters"] > size["teacher_parameters"] > 0
+    assert "FID ratio D / teacher" in (root / "out" / "report.md").read_text()
+    assert sorted(p.name for p in (root / "out" / "samples").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    with np.load(root / "out" / "samples.npz") as npz:
+        assert npz["d"].shape == npz["teacher"].shape == (4, 1, 32, 32) and npz["index"].tolist() == [0, 1, 2, 3]
+    for name in ("grid.png", "teacher_grid.png", "comparison.png"):
+        assert (root / "out" / name).stat().st_size > 100
+    assert list((root / "data" / "eval").glob("teacher-*.json"))  # the teacher's figures are cached by the data
+
+
+def test_eval_refuses_what_it_cannot_measure(trained, tmp_path):
+    root, args = trained
+    result = run_cli("Main_Distill.py", "--mode", "eval_d", *args, "fid_samples=5")
+    assert_one_sentence_error(result, "fid_samples=5 needs 5 held-out records")
+    result = run_cli("Main_Distill.py", "--mode", "eval_d", *args, f"d_weights={tmp_path}")
+    assert_one_sentence_error(result, "holds no student")
+    other = tmp_path / "data2"
+    generate.generate(config.resolve("tiny", [*args[2:], f"data_dir={other}", "chunks=2"]))
+    result = run_cli("Main_Distill.py", "--mode", "eval_d", *args, f"data_dir={other}")
+    assert_one_sentence_error(result, "chunks=5", "has 2")

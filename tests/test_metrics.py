@@ -1,0 +1,37 @@
+"""Precision / recall, memorization, diversity and PSNR against direct NumPy computations."""
+import numpy as np
+import torch
+
+from pipeline import metrics
+
+
+def test_precision_recall_follow_the_k_nn_balls():
+    rng = np.random.default_rng(0)
+    real = torch.from_numpy(rng.normal(size=(60, 8)))
+    assert metrics.precision_recall(real, real.clone()) == (1.0, 1.0)
+    far = real + 100.0
+    assert metrics.precision_recall(real, far) == (0.0, 0.0)
+    # half the fakes on the real manifold, half far away: precision 1/2, recall still 1 for the real set
+    mixed = torch.cat([real[:30], far[30:]])
+    precision, recall = metrics.precision_recall(real, mixed)
+    assert precision == 0.5 and 0 < recall < 1
+
+
+def test_memorization_and_diversity_match_numpy():
+    rng = np.random.default_rng(1)
+    samples = rng.integers(0, 256, size=(5, 1, 4, 4), dtype=np.uint8)
+    train = rng.integers(0, 256, size=(40, 1, 4, 4), dtype=np.uint8)
+    s, t = samples.reshape(5, -1) / 255.0, train.reshape(40, -1) / 255.0
+    nearest = np.sqrt(((s[:, None] - t[None]) ** 2).sum(-1)).min(1).mean()
+    pairs = np.sqrt(((s[:, None] - s[None]) ** 2).sum(-1))
+    assert abs(metrics.memorization_score(samples, train) - nearest) < 1e-5
+    assert abs(metrics.diversity_score(samples) - pairs.sum() / 20) < 1e-5
+    assert metrics.memorization_score(train[:5], train) < 1e-3  # cdist uses the matmul form: float rounding
+
+
+def test_psnr_against_the_teacher():
+    teacher = torch.zeros(3, 1, 8, 8)
+    student = teacher + 0.1
+    fidelity = metrics.fidelity(student, teacher)
+    assert abs(fidelity["mse"] - 0.01) < 1e-7
+    assert abs(fidelity["psnr_db"] - 10 * np.log10(4 / 0.01)) < 1e-3  # data range 2

@@ -1,0 +1,85 @@
+"""Student D: shapes for any chunk / channel count, teacher initialisation, save and load."""
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from pipeline import students
+from pipeline.errors import UserError
+
+SMALL_BACKBONE = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16, 16],
+                  "layers_per_block": 1, "norm_num_groups": 4,
+                  "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}
+
+
+def _generator(chunks, channels, space="pixel", latent=None, size=16):
+    return {"image_shape": [channels, size, size], "latent_channels": latent or channels, "chunks": chunks,
+            "space": space, "T": 1000}
+
+
+@pytest.mark.parametrize("chunks,channels", [(1, 1), (3, 1), (5, 3), (10, 3), (12, 1)])
+def test_pixel_student_predicts_every_chunk_and_passes_x_T_through(chunks, channels):
+    backbone = dict(SMALL_BACKBONE, in_channels=channels, out_channels=channels)
+    torch.manual_seed(0)
+    model = students.new_student(backbone, _generator(chunks, channels), head_channels=8)
+    x_T = torch.randn(2, channels, 16, 16)
+    out = model(x_T)
+    assert out["chunks"].shape == (2, chunks, channels, 16, 16)
+    assert torch.equal(out["rin"], x_T)
+    assert sum(len(g) for g in model.groups) == chunks and model.groups[0][0] == 0  # noisiest chunk first
+    sample = students.one_step(model, x_T)
+    assert sample.shape == x_T.shape and sample.abs().max() <= 1
+
+
+def test_latent_student_predicts_rin_with_its_own_channel_count():
+    backbone = dict(SMALL_BACKBONE, in_channels=3, out_channels=3)
+    model = students.new_student(backbone, _generator(4, 3, space="latent", latent=6), head_channels=8)
+    out = model(torch.randn(2, 3, 16, 16))
+    assert out["rin"].shape == (2, 6, 16, 16) and out["chunks"].shape == (2, 4, 6, 16, 16)
+
+
+def test_coarse_depths_serve_the_noisy_chunks():
+    assert students.chunk_groups(10, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]  # the reference's split
+    assert students.chunk_groups(2, 3) == [[0], [1], []]
+
+
+def test_heads_start_at_zero_and_the_backbone_can_start_from_the_teacher():
+    torch.manual_seed(0)
+    teacher = UNet2DModel(**SMALL_BACKBONE)
+    model = students.new_student(teacher.config, _generator(3, 1), head_channels=8)
+    students.init_from_teacher(model, teacher)
+    assert torch.equal(model.unet.conv_in.weight, teacher.conv_in.weight)
+    assert torch.count_nonzero(model(torch.randn(1, 1, 16, 16))["chunks"]) == 0
+    other = UNet2DModel(**dict(SMALL_BACKBONE, block_out_channels=[8, 8, 16]))
+    with pytest.raises(UserError, match="shape"):
+        students.init_from_teacher(model, other)
+
+
+def test_save_and_load_reproduce_the_outputs_and_refuse_damage(tmp_path):
+    torch.manual_seed(0)
+    model = students.new_student(SMALL_BACKBONE, _generator(3, 1), head_channels=8)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    nbytes = students.save_student(model, tmp_path / "d")
+    assert (tmp_path / "d" / students.WEIGHTS_FILE).stat().st_size == nbytes
+    loaded = students.load_student(tmp_path / "d")
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)["chunks"], loaded(x)["chunks"])
+
+    with pytest.raises(UserError, match="holds no student"):
+        students.load_student(tmp_path / "nothing")
+    config_path = tmp_path / "d" / students.CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, head_channels=16)))
+    with pytest.raises(UserError, match="does not fit the architecture"):
+        students.load_student(tmp_path / "d")
+    config_path.write_text(json.dumps(dict(config, kind="something else")))
+    with pytest.raises(UserError, match="not a student D config"):
+        students.load_student(tmp_path / "d")
+    config_path.write_text(json.dumps(config))
+    weights = tmp_path / "d" / students.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match="cannot be read"):
+        students.load_student(tmp_path / "d")

@@ -1,0 +1,112 @@
+"""train_d: the streaming data, the loss going down, resume after SIGKILL, and refused inputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline import checkpoint, config, generate, teacher_data
+from pipeline.train_d import DTrainer
+
+from conftest import ROOT, assert_one_sentence_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, small_teacher):
+    """12 records (5 chunks of a 10-step chain) from the small random teacher, made once."""
+    folder = tmp_path_factory.mktemp("tiny_data")
+    generate.generate(_cfg(small_teacher, folder))
+    return folder
+
+
+def _cfg(teacher, data, **overrides):
+    items = {"teacher_path": teacher, "data_dir": data, **overrides}
+    return config.resolve("tiny", [f"{k}={v}" for k, v in items.items()])
+
+
+def _args(teacher, data, run, **overrides):
+    items = {"teacher_path": teacher, "data_dir": data, "d_run_dir": run, **overrides}
+    return ["--config", "tiny", *[f"{k}={v}" for k, v in items.items()]]
+
+
+def test_stream_never_yields_held_out_records_and_covers_the_rest(small_teacher, tiny_data):
+    cfg = _cfg(small_teacher, tiny_data, holdout_samples=4, d_batch_size=4, shuffle_buffer=4, data_workers=2)
+    manifest = teacher_data.open_data(cfg)
+    holdout, train = teacher_data.split(cfg, manifest)
+    assert holdout == (0, 4) and train == (4, 12)
+    seen = []
+    stream = teacher_data.batches(cfg, manifest, *train, seed=[0, 0])
+    for _ in range(12):
+        batch = next(stream)
+        assert batch["chunks"].shape == (4, 5, 1, 32, 32) and batch["x_T"].dtype == torch.float32
+        seen += batch["index"].tolist()
+    assert min(seen) >= 4 and set(seen) == set(range(4, 12))
+    held = teacher_data.read_range(manifest, *holdout)
+    assert held["index"].tolist() == [0, 1, 2, 3]
+    # the residual chunks telescope to the teacher's image (up to int8 quantization)
+    z = held["rin0"] + held["chunks"].sum(dim=1)
+    assert (z.clamp(-1, 1) - held["x0"]).abs().mean() < 0.05
+
+
+def test_loss_goes_down_on_a_tiny_dataset(small_teacher, tiny_data, tmp_path):
+    cfg = _cfg(small_teacher, tiny_data, d_run_dir=tmp_path / "run", d_train_steps=40, d_lr=0.003,
+               d_checkpoint_every=40, data_workers=0)
+    DTrainer(cfg).run()
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [10, 20, 30, 40]
+    assert stats[-1]["loss"] < 0.7 * stats[0]["loss"]
+    assert len(stats[0]["chunk_losses"]) == 5 and 0 <= stats[0]["data_wait_fraction"] <= 1
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["holdout_indices"] == [0, 4] and run["train_indices"] == [4, 12]
+
+
+def test_resume_after_sigkill_continues_from_the_saved_step(small_teacher, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    args = _args(small_teacher, tiny_data, run, d_train_steps=400, d_checkpoint_every=5)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "Main_Distill.py"), "--mode", "train_d", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / checkpoint.LATEST).is_file():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(run / checkpoint.LATEST, weights_only=True)["step"]
+    assert 0 < saved < 400
+    result = run_cli("Main_Distill.py", "--mode", "train_d", *args)
+    assert result.returncode == 0, result.stderr
+    assert f"at step {saved}" in result.stdout
+    assert torch.load(run / checkpoint.LATEST, weights_only=True)["step"] == 400
+
+
+def test_bad_inputs_are_one_sentence(small_teacher, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run, holdout_samples=0))
+    assert_one_sentence_error(result, "holdout_samples must be positive")
+    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run, holdout_samples=12))
+    assert_one_sentence_error(result, "leaves no training records")
+    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tmp_path / "none", run))
+    assert_one_sentence_error(result, "holds no teacher data")
+
+    assert run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run,
+                                                                   d_train_steps=2)).returncode == 0
+    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run, d_train_steps=2,
+                                                                     d_head_channels=8))
+    assert_one_sentence_error(result, "d_head_channels")
+    (run / checkpoint.LATEST).write_bytes(b"not a checkpoint")
+    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run, d_train_steps=2))
+    assert_one_sentence_error(result, "cannot be read")
+
+    other = tmp_path / "other_teacher"
+    from pipeline import teachers
+    torch.manual_seed(1)
+    cfg = _cfg(small_teacher, tiny_data)
+    teachers.save_teacher(teachers.new_unet(cfg, channels=1), teachers.new_scheduler(cfg), other)
+    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(other, tiny_data, tmp_path / "run2"))
+    assert_one_sentence_error(result, "is not the one that made")
