@@ -33,6 +33,10 @@ def _stage(module, function):
 def _all(cfg, dry_run):
     """Every stage in turn; each one resumes, so rerunning after an interruption continues."""
     _generate(cfg, dry_run)
+    if dry_run:
+        print(f"[dry-run] then train D for {cfg['d_train_steps']} steps into "
+              f"{cfg['d_run_dir'] or 'Checkpoints/distill/' + cfg['name']} and write its report to "
+              f"{cfg['eval_dir'] or 'SampledImgs/distill/' + cfg['name']}")
     for module, function in (("train_d", "train_d"), ("evaluate", "eval_d")):
         _stage(module, function)(cfg, dry_run)
 

@@ -29,6 +29,8 @@ def _inside_any_ball(points, centres, radii, block=1024) -> torch.Tensor:
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_NEIGHBOURS):
+    """(precision, recall); k shrinks to N - 1 for sets too small to have k other members."""
+    k = max(1, min(k, len(real) - 1, len(fake) - 1))
     real, fake = real.double(), fake.double()
     precision = _inside_any_ball(fake, real, _kth_neighbour_radius(real, k)).double().mean()
     recall = _inside_any_ball(real, fake, _kth_neighbour_radius(fake, k)).double().mean()

@@ -43,7 +43,7 @@ def test_a_saved_config_json_runs_again(tiny_cfg, tmp_path):
 
 def test_help_lists_every_mode():
     out = run_cli("Main_Distill.py", "--help").stdout
-    for mode in ("generate", "verify", "repair", "export", "import"):
+    for mode in ("all", "generate", "verify", "repair", "export", "import", "train_d", "eval_d"):
         assert f"  {mode} " in out
     assert "  pretrain " in run_cli("Main_Diffusion.py", "--help").stdout
 
@@ -52,6 +52,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     result = run_cli("Main_Distill.py", "--config", "tiny", "--dry-run", f"data_dir={tmp_path / 'd'}")
     assert result.returncode == 0, result.stderr
     assert "[dry-run] would write 12 samples" in result.stdout
+    assert "[dry-run] then train D for 6 steps" in result.stdout
     resolved = result.stdout[result.stdout.index("{"):result.stdout.index("\n}") + 2]
     assert json.loads(resolved)["samples_total"] == 12
     assert not (tmp_path / "d").exists()

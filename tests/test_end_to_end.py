@@ -1,4 +1,4 @@
-"""The tiny preset from a clean folder, as a user runs it: the shipped teacher, every data mode."""
+"""The tiny preset from a clean folder, as a user runs it: the shipped teacher, every mode."""
 import json
 
 from conftest import ROOT, run_cli
@@ -6,13 +6,19 @@ from conftest import ROOT, run_cli
 
 def test_tiny_preset_with_the_shipped_teacher(tmp_path):
     data, ref, imported = tmp_path / "data", tmp_path / "ref", tmp_path / "imported"
+    outputs = [f"data_dir={data}", f"d_run_dir={tmp_path / 'run'}", f"eval_dir={tmp_path / 'out'}",
+               f"fid_cache_dir={tmp_path / 'fid'}"]
     assert (ROOT / "Diffusion" / "fashion_mnist" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    result = run_cli("Main_Distill.py", "--config", "tiny", f"data_dir={data}")
+    result = run_cli("Main_Distill.py", "--config", "tiny", *outputs)  # the default mode: the whole pipeline
     assert result.returncode == 0, result.stderr
     assert "12 samples in 3 shard(s)" in result.stdout and "np.load(io.BytesIO(zstandard" in result.stdout
+    assert f"report: {tmp_path / 'out' / 'report.md'}" in result.stdout
+    assert f"sample grid: {tmp_path / 'out' / 'grid.png'}" in result.stdout
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["generator"]["teacher"].endswith("Diffusion/fashion_mnist")
     assert json.loads((data / "config.json").read_text())["name"] == "tiny"
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["throughput"]["teacher_steps"] == 10 and report["fid_samples"] == 4
     for args in (["--mode", "verify", f"data_dir={data}"],
                  ["--mode", "export", f"data_dir={data}", f"reference_dir={ref}"],
                  ["--mode", "import", f"data_dir={imported}", f"reference_dir={ref}"],

@@ -68,7 +68,7 @@ def test_folder_made_with_another_config_is_refused(tiny_cfg, small_teacher, tmp
     before = _snapshot(tmp_path / "data")
     with pytest.raises(UserError, match="made with steps=10, not 20"):
         generate.generate(tiny_cfg(samples_total=6, steps=20, chunks=5))
-    result = run_cli("Main_Distill.py", "--config", "tiny", f"teacher_path={small_teacher}",
+    result = run_cli("Main_Distill.py", "--mode", "generate", "--config", "tiny", f"teacher_path={small_teacher}",
                      f"data_dir={tmp_path / 'data'}", "samples_total=6", "percentile=99.9")
     assert_one_sentence_error(result, "percentile=99.5, not 99.9")
     assert _snapshot(tmp_path / "data") == before
@@ -87,7 +87,7 @@ def test_hand_edited_manifest_is_refused_before_writing(tiny_cfg, tmp_path):
 
 
 def test_more_steps_than_the_teacher_has_is_one_sentence(small_teacher, tmp_path):
-    result = run_cli("Main_Distill.py", "--config", "tiny", f"teacher_path={small_teacher}", f"data_dir={tmp_path}",
+    result = run_cli("Main_Distill.py", "--mode", "generate", "--config", "tiny", f"teacher_path={small_teacher}", f"data_dir={tmp_path}",
                      "steps=2000", "chunks=10")
     assert_one_sentence_error(result, "steps=2000", "1000")
 

@@ -66,3 +66,36 @@ def test_damaged_weights_file_is_one_sentence(small_teacher, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(UserError, match="cannot be loaded"):
         teachers.load_teacher(config.resolve("tiny", [f"teacher_path={broken}"]))
+
+
+def _fake_cifar10(folder, per_batch=6):
+    """Stand-in CIFAR-10 batches in the genuine pickle layout (their MD5 sums differ, hence
+    verify_dataset_md5=false)."""
+    import pickle
+
+    import numpy as np
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+        batch = {b"data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
+    return folder
+
+
+def test_cifar10_preset_end_to_end_with_the_google_config_teacher(google_config_teacher, tmp_path):
+    from pipeline import evaluate, train_d
+    path, _ = google_config_teacher
+    cfg = config.resolve("cifar10", [
+        f"teacher_path={path}", f"data_dir={tmp_path / 'data'}", f"dataset_dir={_fake_cifar10(tmp_path / 'cifar')}",
+        "verify_dataset_md5=false", f"d_run_dir={tmp_path / 'run'}", f"eval_dir={tmp_path / 'out'}",
+        f"fid_cache_dir={tmp_path / 'fid'}", "samples_total=4", "shard_size=2", "gen_batch_size=2", "steps=2",
+        "chunks=2", "num_threads=1", "holdout_samples=2", "d_train_steps=1", "d_batch_size=2", "shuffle_buffer=2",
+        "data_workers=0", "fid_samples=2", "fid_reference_count=4", "fid_batch_size=2", "throughput_batch=2"])
+    generate.generate(cfg)
+    train_d.train_d(cfg)
+    report = evaluate.eval_d(cfg)
+    assert report["size"]["teacher_parameters"] == 35_746_307
+    assert report["size"]["d_parameters"] > 35_746_307
+    assert report["throughput"]["teacher_steps"] == 2
+    assert (tmp_path / "out" / "grid.png").is_file()
