@@ -24,7 +24,7 @@ from .errors import UserError
 from .train_d import teacher_for
 from .trajectory import ddim_sample
 
-THROUGHPUT_REPEATS = 5
+THROUGHPUT_REPEATS = 7  # single calls; the teacher's chain is timed twice
 
 
 def student_folder(cfg) -> Path:
@@ -66,24 +66,34 @@ def one_step_images(model, x_T, batch_size, device):
     return torch.cat(out)
 
 
-def seconds_per_call(fn, repeats):
-    fn()  # warm-up: first calls allocate
-    started = time.perf_counter()
-    for _ in range(repeats):
+def seconds_per_call(fn, repeats, warm_up=True):
+    """The fastest of ``repeats`` timed calls after a warm-up (first calls allocate): the least
+    disturbed by other work on the machine."""
+    if warm_up:
         fn()
-    return (time.perf_counter() - started) / repeats
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 @torch.no_grad()
 def throughput(model, teacher, ddpm, x_T, steps, device) -> dict:
-    """Images/s of D's single call and of the teacher's full DDIM chain on the same batch."""
+    """Images/s of D's single call and of the teacher's full DDIM chain on the same batch, each the
+    best of several timings."""
     x = x_T.to(device)
-    d_seconds = seconds_per_call(lambda: students.one_step(model, x), THROUGHPUT_REPEATS)
-    call_seconds = seconds_per_call(lambda: teacher(x, int(ddpm.config.num_train_timesteps) - 1), THROUGHPUT_REPEATS)
+
+    def finished(fn):  # CUDA calls return before the work is done
+        return lambda: (fn(), torch.cuda.synchronize(device) if device.type == "cuda" else None)
+
+    d_seconds = seconds_per_call(finished(lambda: students.one_step(model, x)), THROUGHPUT_REPEATS)
+    call_seconds = seconds_per_call(finished(lambda: teacher(x, int(ddpm.config.num_train_timesteps) - 1)),
+                                    THROUGHPUT_REPEATS)
     scheduler = teachers.ddim_scheduler(ddpm)
-    started = time.perf_counter()
-    ddim_sample(teacher, scheduler, x, steps)
-    chain_seconds = time.perf_counter() - started
+    chain_seconds = seconds_per_call(finished(lambda: ddim_sample(teacher, scheduler, x, steps)), repeats=2,
+                                     warm_up=False)  # the single-call timing above warmed the teacher
     return {"batch": len(x), "device": str(device), "threads": torch.get_num_threads(),
             "d_images_per_s": len(x) / d_seconds, "teacher_images_per_s": len(x) / chain_seconds,
             "teacher_steps": steps, "speedup": chain_seconds / d_seconds,

@@ -63,11 +63,18 @@ class ReadoutHead(nn.Module):
         self.out = _conv(width, outputs * out_channels)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        # The noisy part of a residual is close to a multiple of the start state: a linear path from rin
+        # carries it exactly, which a nonlinear trunk only approximates (the rest shows as speckle).
+        self.rin_skip = nn.Conv2d(cond_channels, outputs * out_channels, 1, bias=False) if cond_channels else None
+        if self.rin_skip is not None:
+            nn.init.zeros_(self.rin_skip.weight)
 
     def forward(self, features, cond=None):
         h = self.up(self.proj(features))
         h = self.trunk(h if cond is None else torch.cat([h, cond.to(h.dtype)], dim=1))
         y = self.out(h)
+        if self.rin_skip is not None:
+            y = y + self.rin_skip(cond.to(y.dtype))
         return y.view(y.shape[0], self.outputs, self.out_channels, *y.shape[2:])
 
 
@@ -133,6 +140,21 @@ def init_from_teacher(student: StudentD, teacher_unet) -> None:
     except RuntimeError:
         raise UserError("the teacher UNet does not have the student backbone's shape; use d_init=random or "
                         "the teacher's architecture") from None
+
+
+@torch.no_grad()
+def fit_rin_skips(student: StudentD, rin, chunks) -> None:
+    """Start each chunk's linear path from rin at the least-squares multiple of rin, per chunk and
+    channel, on one batch (rin [B, Cl, H, W], chunks [B, K, Cl, H, W])."""
+    rin, chunks = rin.float(), chunks.float()
+    scale = (chunks * rin[:, None]).sum(dim=(0, 3, 4)) / rin.pow(2).sum(dim=(0, 2, 3)).clamp_min(1e-12)  # [K, Cl]
+    for group, head in zip(student.groups, student.heads):
+        weight = torch.zeros_like(head.rin_skip.weight)  # [n * Cl, Cl, 1, 1]
+        channels = rin.shape[1]
+        for i, j in enumerate(group):
+            for c in range(channels):
+                weight[i * channels + c, c] = scale[j, c]
+        head.rin_skip.weight.copy_(weight)
 
 
 def readout(student: StudentD, z_hat):

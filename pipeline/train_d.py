@@ -158,6 +158,9 @@ class DTrainer:
     def run(self):
         cfg = self.cfg
         stream = teacher_data.batches(cfg, self.manifest, *self.train_range, seed=[cfg["seed"], self.step])
+        if self.step == 0:
+            first = next(stream)
+            students.fit_rin_skips(self.model, first["rin0"].to(self.device), first["chunks"].to(self.device))
         bar = tqdm(total=cfg["d_train_steps"], initial=self.step, desc="train_d", dynamic_ncols=True)
         window, waited, started = [], 0.0, time.time()
         try:
