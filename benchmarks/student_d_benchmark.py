@@ -55,6 +55,8 @@ def main():
               "|---|---|---|---|---|---|---|---|"]
     steps_rows = []
     for snapshot in sorted((run_dir / "snapshots").glob("step-*")):
+        if int(snapshot.name[5:]) >= cfg["d_train_steps"]:
+            continue  # the final student is evaluated below
         report = evaluate_point(cfg, snapshot, eval_root / "curve" / snapshot.name)
         steps_rows.append(row(f"{int(snapshot.name[5:])} steps", report))
     final = evaluate_point(cfg, run_dir / "student", eval_root)

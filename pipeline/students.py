@@ -4,9 +4,10 @@ The backbone is a diffusers ``UNet2DModel`` without its output convolution, alwa
 timestep T-1 on x_T. Readout heads turn decoder features of several depths into the chunks: the
 outputs of the up blocks (coarse) serve the noisy chunks and the final features (fine) the clean
 ones, the chunk list being split into contiguous groups, noisiest first (10 chunks over 3 depths give
-4/3/3, the reference's split). Every head also sees rin, the state the chain starts from, because the
-noisy chunks are mostly a per-pixel rescaling of it. In pixel space rin0 is x_T itself and is passed
-through; in latent space a head on the coarsest features predicts it.
+4/3/3, the reference's split). Every head also sees rin, the state the chain starts from, and adds a
+learned linear function of it (1x1, started at the least-squares fit on the first batch), because the
+noisy part of a residual is close to a multiple of the start noise. In pixel space rin0 is x_T itself
+and is passed through; in latent space a head on the coarsest features predicts it.
 
     z_hat = rin + sum_j chunk_j            one-step sample = readout(z_hat)
 

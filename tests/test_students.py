@@ -83,3 +83,15 @@ def test_save_and_load_reproduce_the_outputs_and_refuse_damage(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(UserError, match="cannot be read"):
         students.load_student(tmp_path / "d")
+
+
+def test_rin_skips_start_at_the_least_squares_multiple_of_rin():
+    torch.manual_seed(0)
+    model = students.new_student(SMALL_BACKBONE, _generator(3, 1), head_channels=8)
+    rin = torch.randn(4, 1, 16, 16)
+    factors = torch.tensor([-0.05, -0.2, -0.7])
+    chunks = factors.view(1, 3, 1, 1, 1) * rin[:, None] + 0.01 * torch.randn(4, 3, 1, 16, 16)
+    students.fit_rin_skips(model, rin, chunks)
+    with torch.no_grad():
+        out = model(rin)["chunks"]  # the other head outputs start at zero, so only the linear path speaks
+    torch.testing.assert_close(out, factors.view(1, 3, 1, 1, 1) * rin[:, None], atol=0.01, rtol=0.05)
