@@ -28,9 +28,13 @@ THROUGHPUT_REPEATS = 7  # single calls; the teacher's chain is timed twice
 
 
 def student_folder(cfg) -> Path:
-    if cfg["d_weights"]:
-        return project_path(cfg["d_weights"])
-    return output_dir(cfg, "d_run_dir", "Checkpoints/distill") / "student"
+    """``d_weights`` (a student folder, or a training run holding one), else the run's EMA student."""
+    if not cfg["d_weights"]:
+        return output_dir(cfg, "d_run_dir", "Checkpoints/distill") / "student"
+    path = project_path(cfg["d_weights"])
+    if not (path / students.CONFIG_FILE).is_file() and (path / "student" / students.CONFIG_FILE).is_file():
+        return path / "student"
+    return path
 
 
 def check_student_fits(model, manifest):
