@@ -1,0 +1,86 @@
+"""Binarizers: forward values and gradients against a NumPy statement of each STE."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline import binary
+
+
+def _np_sign(x):
+    return np.where(x >= 0, 1.0, -1.0)
+
+
+def _weights(seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.7, size=(4, 3, 3, 3))
+    w[0, 0, 0, 0] = 0.0   # sign(0) = +1
+    w[1, 0, 0, 0] = 1.5   # outside the clip range: no gradient
+    return w
+
+
+def _reference(name, w, s1, s2, g):
+    """(forward, grad_w, grad_s1, grad_s2) written out with NumPy."""
+    a, b = s1[:, None, None, None], s2[:, None, None, None]
+    m1 = (np.abs(w) <= 1).astype(float)
+    if name == "sign":
+        return _np_sign(w), g * m1, None, None
+    if name == "scaled":
+        return a * _np_sign(w), g * a * m1, (g * _np_sign(w)).sum((1, 2, 3)), None
+    r = w - a * _np_sign(w)
+    m2 = (np.abs(r) <= 1).astype(float)
+    return (a * _np_sign(w) + b * _np_sign(r), g * (a * m1 + b * m2 * (1 - a * m1)),
+            (g * _np_sign(w) * (1 - b * m2)).sum((1, 2, 3)), (g * _np_sign(r)).sum((1, 2, 3)))
+
+
+@pytest.mark.parametrize("name", ["sign", "scaled", "two_basis"])
+def test_binarizer_forward_and_gradient_match_numpy(name):
+    w = _weights()
+    s1, s2 = np.array([0.5, 0.3, 0.8, 0.1]), np.array([0.2, 0.05, 0.4, 0.0])
+    g = np.random.default_rng(1).normal(size=w.shape)
+    tw, ts1, ts2 = (torch.tensor(v, requires_grad=True) for v in (w, s1, s2))
+    if name == "sign":
+        out = binary.SignSTE.apply(tw)
+    elif name == "scaled":
+        out = binary.ScaledSign.apply(tw, ts1)
+    else:
+        out = binary.TwoBasisSign.apply(tw, ts1, ts2)
+    out.backward(torch.tensor(g))
+    forward, grad_w, grad_s1, grad_s2 = _reference(name, w, s1, s2, g)
+    np.testing.assert_allclose(out.detach().numpy(), forward)
+    np.testing.assert_allclose(tw.grad.numpy(), grad_w)
+    if grad_s1 is not None:
+        np.testing.assert_allclose(ts1.grad.numpy(), grad_s1)
+    if grad_s2 is not None:
+        np.testing.assert_allclose(ts2.grad.numpy(), grad_s2)
+
+
+def test_approx_sign_has_the_bi_real_slope():
+    x = torch.tensor([-1.5, -0.5, 0.0, 0.25, 0.9, 2.0], dtype=torch.float64, requires_grad=True)
+    y = binary.ApproxSign.apply(x)
+    y.sum().backward()
+    assert y.tolist() == [-1, -1, 1, 1, 1, 1]
+    np.testing.assert_allclose(x.grad.numpy(), [0.0, 1.0, 2.0, 1.5, 0.2, 0.0])
+
+
+def test_two_basis_with_a_zero_second_scale_is_the_one_basis_binarizer():
+    w = torch.tensor(_weights(2), requires_grad=True)
+    s1 = torch.tensor([0.5, 0.3, 0.8, 0.1], dtype=torch.float64, requires_grad=True)
+    g = torch.randn(w.shape, dtype=torch.float64)
+    two = binary.TwoBasisSign.apply(w, s1, torch.zeros(4, dtype=torch.float64))
+    two.backward(g)
+    grads_two = (w.grad.clone(), s1.grad.clone())
+    w.grad, s1.grad = None, None
+    one = binary.ScaledSign.apply(w, s1)
+    one.backward(g)
+    assert torch.equal(two, one)
+    assert torch.equal(grads_two[0], w.grad) and torch.equal(grads_two[1], s1.grad)
+
+
+def test_first_scales_are_mean_absolute_values():
+    w = torch.tensor(_weights(3))
+    s1, s2 = binary.first_scales(w, centre=False)
+    torch.testing.assert_close(s1, w.abs().mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(s2, (w - s1.view(-1, 1, 1, 1) * torch.where(w >= 0, 1.0, -1.0).double()).abs()
+                               .mean(dim=(1, 2, 3)))
+    centred, _ = binary.first_scales(w + 5.0, centre=True)
+    torch.testing.assert_close(centred, binary.first_scales(w - w.mean(dim=(1, 2, 3), keepdim=True), False)[0])
