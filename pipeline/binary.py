@@ -96,3 +96,103 @@ def first_scales(w, centre: bool):
     s1 = w.abs().mean(dim=tuple(range(1, w.dim())))
     s2 = (w - _per_channel(s1, w) * _sign(w)).abs().mean(dim=tuple(range(1, w.dim())))
     return s1, s2
+
+
+class _BinaryWeights:
+    """What binary convolutions and linears share: latent weight -> binary weight, scales, W1A1 input."""
+
+    def _setup_binary(self, basis: int, centre: bool, w1a1: bool):
+        out = self.weight.shape[0]
+        self.basis, self.centre, self.w1a1 = basis, centre, w1a1
+        self.scale1 = torch.nn.Parameter(torch.zeros(out))
+        self.scale2 = torch.nn.Parameter(torch.zeros(out)) if basis == 2 else None
+        # persistent: a reloaded layer keeps its learned scales and its progressive state
+        self.register_buffer("started", torch.tensor(False))
+        self.register_buffer("active", torch.tensor(True))
+        if w1a1:
+            self.threshold = torch.nn.Parameter(torch.zeros(self.weight.shape[1]))
+
+    def latent(self):
+        w = self.weight
+        return w - w.mean(dim=tuple(range(1, w.dim())), keepdim=True) if self.centre else w
+
+    def binary_weight(self):
+        if not bool(self.started):
+            with torch.no_grad():
+                s1, s2 = first_scales(self.weight.detach().float(), self.centre)
+                self.scale1.copy_(s1)
+                if self.scale2 is not None:
+                    self.scale2.copy_(s2)
+                self.started.fill_(True)
+        w = self.latent()
+        if self.basis == 2:
+            return TwoBasisSign.apply(w, self.scale1.to(w.dtype), self.scale2.to(w.dtype))
+        return ScaledSign.apply(w, self.scale1.to(w.dtype))
+
+    def binary_input(self, x, channel_dim):
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        return ApproxSign.apply(x + self.threshold.view(shape).to(x.dtype))
+
+
+class BinaryConv2d(torch.nn.Conv2d, _BinaryWeights):
+    """A convolution with 1-bit weights (and, with ``w1a1``, BiDM's binary activations: a learnable
+    per-input-channel threshold, a dynamic scale K = k * mean_c|x| with a learnable kh x kw filter k
+    started as the box filter, and a real-valued shortcut with a learnable scale started at 0)."""
+
+    @classmethod
+    def from_conv(cls, conv: torch.nn.Conv2d, basis=1, centre=False, w1a1=False):
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        layer.load_state_dict(conv.state_dict())
+        layer._setup_binary(basis, centre, w1a1)
+        if w1a1:
+            kh, kw = layer.kernel_size
+            layer.k = torch.nn.Parameter(torch.full((1, 1, kh, kw), 1.0 / (kh * kw)))
+            layer.shortcut_scale = torch.nn.Parameter(torch.zeros(()))
+            same = conv.in_channels == conv.out_channels
+            layer.shortcut = None if same else torch.nn.Conv2d(conv.in_channels, conv.out_channels, 1, conv.stride,
+                                                               bias=False)
+        return layer.to(conv.weight.device)
+
+    def forward(self, x):
+        if not bool(self.active):
+            return super().forward(x)
+        w = self.binary_weight()
+        if not self.w1a1:
+            return self._conv_forward(x, w, self.bias)
+        y = self._conv_forward(self.binary_input(x, 1), w, None)
+        magnitude = torch.nn.functional.conv2d(x.abs().mean(dim=1, keepdim=True), self.k.to(x.dtype), None,
+                                               self.stride, self.padding, self.dilation)
+        y = y * magnitude
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y + self.shortcut_scale * self._shortcut(x, y.shape[-2:])
+
+    def _shortcut(self, x, size):
+        if self.shortcut is not None:
+            return self.shortcut(x)
+        return x if x.shape[-2:] == size else torch.nn.functional.adaptive_avg_pool2d(x, size)
+
+
+class BinaryLinear(torch.nn.Linear, _BinaryWeights):
+    """A linear layer with 1-bit weights (and, with ``w1a1``, sign activations with a learnable threshold)."""
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, basis=1, centre=False, w1a1=False):
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        layer.load_state_dict(linear.state_dict())
+        layer._setup_binary(basis, centre, w1a1)
+        return layer.to(linear.weight.device)
+
+    def forward(self, x):
+        if not bool(self.active):
+            return super().forward(x)
+        return torch.nn.functional.linear(self.binary_input(x, -1) if self.w1a1 else x, self.binary_weight(), self.bias)
+
+
+def scale_parameters(model):
+    """Parameters that must not be decayed: binarizer scales, thresholds, k filters, shortcut scales."""
+    names = ("scale1", "scale2", "threshold", "k", "shortcut_scale")
+    return [p for m in model.modules() if isinstance(m, _BinaryWeights)
+            for n, p in m.named_parameters(recurse=False) if n in names]

@@ -85,6 +85,12 @@ DEFAULTS = {
     "shuffle_buffer": 512,              # records mixed across shards before batching
     "d_checkpoint_every": 100,
     "d_snapshot_every": 0,              # keep the EMA student every N steps for learning curves (0 = off)
+    # --- student B: binarize (1-bit weights; trained with D as its teacher)
+    "b_full_precision": "unet.conv_in,unet.time_embedding.*,*.time_emb_proj,heads.*.out,heads.*.rin_skip,rin_head.out",
+    "b_lmb": True,                      # two-basis binarizer where the input is at least half the image size
+    "b_centre": False,                  # subtract each output channel's mean weight before the sign
+    "b_activations": "fp",              # fp (W1A32) | binary (W1A1, BiDM's activation binarizer)
+    "b_progressive_every": 0,           # steps between progressive-binarization rings (0 = all at once)
     # --- eval_d (uses fid_samples as N and fid_batch_size)
     "d_weights": "",                    # a student folder ("" = <d_run_dir>/student, the EMA weights)
     "fid_reference_count": 0,           # test-split images in the FID reference set (0 = all)
@@ -101,6 +107,7 @@ CHOICES = {
     "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     "codec": ("int8+zstd",),
     "d_init": ("teacher", "random"),
+    "b_activations": ("fp", "binary"),
 }
 
 

@@ -84,3 +84,48 @@ def test_first_scales_are_mean_absolute_values():
                                .mean(dim=(1, 2, 3)))
     centred, _ = binary.first_scales(w + 5.0, centre=True)
     torch.testing.assert_close(centred, binary.first_scales(w - w.mean(dim=(1, 2, 3), keepdim=True), False)[0])
+
+
+def _small_student():
+    from pipeline import students
+    from test_students import SMALL_BACKBONE, _generator
+    torch.manual_seed(0)
+    return students.new_student(SMALL_BACKBONE, _generator(3, 1), head_channels=8)
+
+
+def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its_scales():
+    from pipeline import config, student_b, students
+    cfg = config.resolve("tiny")
+    model = _small_student()
+    table = student_b.to_binary(model, cfg)
+    kept = {row["name"] for row in table if row["ring"] is None}
+    assert "unet.conv_in" in kept and "heads.0.out" in kept and "unet.time_embedding.linear_1" in kept
+    assert isinstance(model.unet.conv_in, torch.nn.Conv2d) and not isinstance(model.unet.conv_in, binary.BinaryConv2d)
+    assert isinstance(model.unet.mid_block.resnets[0].conv1, binary.BinaryConv2d)
+    # LMB only where the input is at least half the image size (16 px here: 16 and 8 qualify, 4 not)
+    assert model.unet.down_blocks[0].resnets[0].conv1.basis == 2
+    assert model.unet.mid_block.resnets[0].conv1.basis == 1
+    x = torch.randn(2, 1, 16, 16)
+    out = model(x)["chunks"]
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    again = _small_student()
+    student_b.to_binary(again, cfg)
+    again.load_state_dict(trained)
+    assert torch.equal(again(x)["chunks"], out)  # the learned scales are not re-initialised on reload
+
+
+def test_progressive_binarization_goes_from_the_middle_outwards():
+    from pipeline import config, student_b
+    model = _small_student()
+    student_b.to_binary(model, config.resolve("tiny"))
+    order = []
+    for step in range(0, 500, 100):
+        student_b.set_progress(model, step, every=100)
+        active = {name for name, layer in student_b.binary_layers(model) if bool(layer.active)}
+        order.append(active - set().union(*order) if order else active)
+    assert order[0] and all(name.startswith("unet.mid_block") for name in order[0])
+    assert {n.split(".")[1] + n.split(".")[2] for n in order[1]} == {"down_blocks2", "up_blocks0"}
+    assert {n.split(".")[1] + n.split(".")[2] for n in order[2]} == {"down_blocks1", "up_blocks1"}
+    assert {n.split(".")[1] + n.split(".")[2] for n in order[3]} == {"down_blocks0", "up_blocks2"}
+    assert order[4] and all(n.startswith("heads.") for n in order[4])
+    assert student_b.set_progress(model, 0, every=0) == len(student_b.binary_layers(model))

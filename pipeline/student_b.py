@@ -1,0 +1,114 @@
+"""Student B: student D with 1-bit convolutions and linears (DESIGN §4, research/binarization.md).
+
+``to_binary`` replaces every ``nn.Conv2d`` / ``nn.Linear`` of D by its binary counterpart, except the
+layers whose name matches a pattern of ``b_full_precision`` (by default: the first convolution, the
+time embedding and the per-block projections of that constant embedding, which at a fixed t are
+constants, and the heads' output convolutions and rin paths). Layers whose input is at least half the
+image size use the two-basis LMB binarizer when ``b_lmb`` is on (BinaryDM puts it on the first and
+last layers); the others one basis. Norms, activations and the attention softmax are not weights and
+stay in full precision.
+
+Progressive binarization switches rings of blocks on from the middle outwards: ring 0 is the UNet's
+mid block, ring i the i-th down block from the bottom together with the i-th up block from the
+bottom, and the last ring everything else (the readout heads). Ring r becomes binary at step
+r * ``b_progressive_every`` (0 = all at once).
+"""
+import fnmatch
+import re
+
+import torch
+
+from . import binary
+from .errors import UserError
+
+
+def full_precision_patterns(cfg):
+    return [p.strip() for p in cfg["b_full_precision"].split(",") if p.strip()]
+
+
+def _input_sizes(model, image_shape):
+    """The spatial size of the input of every conv / linear in one forward pass; a linear gets the
+    size of the last feature map seen before it (attention runs on that map's pixels)."""
+    sizes, last = {}, [image_shape[-1]]
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            def hook(mod, args, name=name):
+                x = args[0]
+                if x.dim() == 4:
+                    last[0] = x.shape[-1]
+                sizes[name] = last[0]
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(torch.zeros(1, *image_shape, device=next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
+def ring_of(name: str, levels: int) -> int:
+    """Progressive-binarization ring of a layer (0 = the middle, binarized first)."""
+    if name.startswith("unet.mid_block"):
+        return 0
+    down = re.match(r"unet\.down_blocks\.(\d+)\.", name)
+    if down:
+        return levels - int(down.group(1))
+    up = re.match(r"unet\.up_blocks\.(\d+)\.", name)
+    if up:
+        return int(up.group(1)) + 1
+    return levels + 1
+
+
+def _replace(model, name, new):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def to_binary(model, cfg):
+    """Turn D (in place) into B; returns the layer table [{name, kind, parameters, bits, ring}]."""
+    patterns = full_precision_patterns(cfg)
+    image_shape = [model.config["image_channels"], model.unet.config.sample_size, model.unet.config.sample_size]
+    sizes = _input_sizes(model, image_shape)
+    levels = len(model.unet.up_blocks)
+    w1a1 = cfg["b_activations"] == "binary"
+    table = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            table.append({"name": name, "kind": "full precision", "parameters": params, "bits": 32, "ring": None})
+            continue
+        basis = 2 if cfg["b_lmb"] and sizes[name] * 2 >= image_shape[-1] else 1
+        if isinstance(module, torch.nn.Conv2d):
+            new = binary.BinaryConv2d.from_conv(module, basis, cfg["b_centre"], w1a1)
+        else:
+            new = binary.BinaryLinear.from_linear(module, basis, cfg["b_centre"], w1a1)
+        _replace(model, name, new)
+        table.append({"name": name, "kind": f"binary, {'two bases (LMB)' if basis == 2 else 'one basis'}",
+                      "parameters": params, "bits": basis, "ring": ring_of(name, levels)})
+    if not any(row["ring"] is not None for row in table):
+        raise UserError("b_full_precision keeps every layer in full precision; name fewer layers")
+    return table
+
+
+def binary_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, binary._BinaryWeights)]
+
+
+def rings(model):
+    levels = len(model.unet.up_blocks)
+    return {name: ring_of(name, levels) for name, _ in binary_layers(model)}
+
+
+def set_progress(model, step: int, every: int) -> int:
+    """Binarize the rings that are due at ``step``; returns how many layers are binary."""
+    levels = len(model.unet.up_blocks)
+    due = levels + 1 if every <= 0 else step // every
+    count = 0
+    for name, layer in binary_layers(model):
+        on = ring_of(name, levels) <= due
+        layer.active.fill_(on)
+        count += on
+    return count
