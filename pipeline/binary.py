@@ -109,6 +109,8 @@ class _BinaryWeights:
         # persistent: a reloaded layer keeps its learned scales and its progressive state
         self.register_buffer("started", torch.tensor(False))
         self.register_buffer("active", torch.tensor(True))
+        self.frozen = False  # freeze_signs: the layer then holds exported signs, not latent weights
+        self.register_buffer("frozen_sign2", None, persistent=False)
         if w1a1:
             self.threshold = torch.nn.Parameter(torch.zeros(self.weight.shape[1]))
 
@@ -116,7 +118,19 @@ class _BinaryWeights:
         w = self.weight
         return w - w.mean(dim=tuple(range(1, w.dim())), keepdim=True) if self.centre else w
 
+    def freeze_signs(self, sign1: torch.Tensor, sign2=None):
+        """Hold exported signs (+-1) instead of latent weights: the binary weight is then rebuilt with
+        the same operations as in training, so the outputs are bit-identical."""
+        self.weight.requires_grad_(False)
+        self.weight.data = sign1.to(self.weight.dtype)
+        self.frozen = True
+        self.frozen_sign2 = None if sign2 is None else sign2.to(self.weight.dtype)
+        self.centre = False
+        self.started.fill_(True)
+
     def binary_weight(self):
+        if self.frozen:
+            return self._frozen_weight()
         if not bool(self.started):
             with torch.no_grad():
                 s1, s2 = first_scales(self.weight.detach().float(), self.centre)
@@ -128,6 +142,24 @@ class _BinaryWeights:
         if self.basis == 2:
             return TwoBasisSign.apply(w, self.scale1.to(w.dtype), self.scale2.to(w.dtype))
         return ScaledSign.apply(w, self.scale1.to(w.dtype))
+
+    def _frozen_weight(self):
+        w = self.weight
+        out = _per_channel(self.scale1.to(w.dtype), w) * w
+        if self.basis == 2:
+            out = out + _per_channel(self.scale2.to(w.dtype), w) * self.frozen_sign2
+        return out
+
+    def signs(self):
+        """(sign1, sign2 or None) as bool tensors (True = +1) of the current binary weight."""
+        if self.frozen:
+            return self.weight > 0, None if self.frozen_sign2 is None else self.frozen_sign2 > 0
+        w = self.latent().detach()
+        sign_w = _sign(w)
+        if self.basis == 1:
+            return sign_w > 0, None
+        r = w - _per_channel(self.scale1.detach().to(w.dtype), w) * sign_w
+        return sign_w > 0, _sign(r) > 0
 
     def binary_input(self, x, channel_dim):
         shape = [1] * x.dim()

@@ -86,7 +86,7 @@ DEFAULTS = {
     "d_checkpoint_every": 100,
     "d_snapshot_every": 0,              # keep the EMA student every N steps for learning curves (0 = off)
     # --- student B: binarize (1-bit weights; trained with D as its teacher)
-    "b_full_precision": "unet.conv_in,unet.time_embedding.*,*.time_emb_proj,heads.*.out,heads.*.rin_skip,rin_head.out",
+    "b_full_precision": "unet.conv_in,heads.*.out,heads.*.rin_skip,rin_head.out",  # fnmatch patterns
     "b_lmb": True,                      # two-basis binarizer where the input is at least half the image size
     "b_centre": False,                  # subtract each output channel's mean weight before the sign
     "b_activations": "fp",              # fp (W1A32) | binary (W1A1, BiDM's activation binarizer)

@@ -1,9 +1,10 @@
 """Student B: student D with 1-bit convolutions and linears (DESIGN §4, research/binarization.md).
 
-``to_binary`` replaces every ``nn.Conv2d`` / ``nn.Linear`` of D by its binary counterpart, except the
-layers whose name matches a pattern of ``b_full_precision`` (by default: the first convolution, the
-time embedding and the per-block projections of that constant embedding, which at a fixed t are
-constants, and the heads' output convolutions and rin paths). Layers whose input is at least half the
+``to_binary`` first folds the time path: at D's fixed t the time-embedding MLP and every block's
+projection of it are constants, so they become per-channel full-precision biases. It then replaces
+every ``nn.Conv2d`` / ``nn.Linear`` of D by its binary counterpart, except the layers whose name
+matches a pattern of ``b_full_precision`` (by default the first convolution and the heads' output
+convolutions and rin paths). Layers whose input is at least half the
 image size use the two-basis LMB binarizer when ``b_lmb`` is on (BinaryDM puts it on the first and
 last layers); the others one basis. Norms, activations and the attention softmax are not weights and
 stay in full precision.
@@ -59,6 +60,44 @@ def ring_of(name: str, levels: int) -> int:
     return levels + 1
 
 
+class ConstantVector(torch.nn.Module):
+    """A per-channel vector that no longer depends on its input: the time path at the fixed t."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = torch.nn.Parameter(value.detach().clone())
+
+    def forward(self, x):
+        return self.value.to(x.dtype).expand(x.shape[0], -1)
+
+
+class ZeroEmbedding(torch.nn.Module):
+    """Stands in for the time-embedding MLP once every block's projection of it is a constant."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return x.new_zeros(x.shape[0], self.dim)
+
+
+@torch.no_grad()
+def fold_time_embedding(model) -> int:
+    """Replace the time-embedding MLP and every block's projection of it by the constants they give
+    at D's fixed timestep (full-precision, trainable biases); returns the parameters removed."""
+    unet = model.unet
+    t = model.timestep.view(1)
+    emb = unet.time_embedding(unet.time_proj(t).to(next(unet.parameters()).dtype))
+    before = sum(p.numel() for p in model.parameters())
+    for name, module in list(unet.named_modules()):
+        if hasattr(module, "time_emb_proj") and module.time_emb_proj is not None:
+            act = emb if getattr(module, "skip_time_act", False) else module.nonlinearity(emb)
+            module.time_emb_proj = ConstantVector(module.time_emb_proj(act)[0])
+    unet.time_embedding = ZeroEmbedding(emb.shape[1])
+    return before - sum(p.numel() for p in model.parameters())
+
+
 def _replace(model, name, new):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -67,6 +106,7 @@ def _replace(model, name, new):
 
 def to_binary(model, cfg):
     """Turn D (in place) into B; returns the layer table [{name, kind, parameters, bits, ring}]."""
+    fold_time_embedding(model)
     patterns = full_precision_patterns(cfg)
     image_shape = [model.config["image_channels"], model.unet.config.sample_size, model.unet.config.sample_size]
     sizes = _input_sizes(model, image_shape)
