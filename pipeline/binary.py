@@ -77,11 +77,8 @@ class TwoBasisSign(torch.autograd.Function):
         return grad_w, grad_s1, _sum_but_first(grad * _sign(r))
 
 
-class ApproxSign(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return _sign(x)
+class ApproxSign(SignSTE):
+    """SignSTE's forward with Bi-Real's piecewise-linear backward."""
 
     @staticmethod
     def backward(ctx, grad):

@@ -53,3 +53,11 @@ def check_same_config(saved_json: str, cfg: dict, keys, run_dir) -> None:
         k = changed[0]
         raise UserError(f"{run_dir} was started with {k}={saved.get(k)!r}, not {cfg.get(k)!r}; "
                         f"use the original value or another run_dir")
+
+
+def restore(state: dict, objects: dict) -> int:
+    """Load each object's ``state[name]`` (``load_state_dict``), the global RNG, and return the step."""
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    return int(state["step"])

@@ -66,12 +66,8 @@ class Trainer:
         atomic.write_json(self.run_dir / "config.json", self.cfg)  # after the check: a refused resume leaves the record alone
         if state is None:
             return
-        self.unet.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict(state["ema"])
+        self.step = checkpoint.restore(state, {"model": self.unet, "optimizer": self.opt, "ema": self.ema})
         self.batch_rng.set_state(state["batch_rng"])
-        checkpoint.set_rng_state(state["rng"])
-        self.step = int(state["step"])
         print(f"[pretrain] resumed {self.run_dir / checkpoint.LATEST} at step {self.step}")
 
     def save(self):

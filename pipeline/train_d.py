@@ -118,12 +118,8 @@ class DTrainer:
         except RuntimeError:
             raise UserError(f"{self.run_dir / checkpoint.LATEST} holds another architecture; use another "
                             f"d_run_dir") from None
-        self.opt.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.ema.load_state_dict(state["ema"])
-        self.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        self.step = int(state["step"])
+        self.step = checkpoint.restore(state, {"optimizer": self.opt, "schedule": self.schedule, "ema": self.ema,
+                                               "scaler": self.scaler})
         print(f"[train_d] resumed {self.run_dir / checkpoint.LATEST} at step {self.step}")
 
     def save(self):
