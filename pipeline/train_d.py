@@ -78,7 +78,7 @@ class DTrainer:
         self.amp = runtime.autocast_dtype(cfg["precision"], self.device)
         self.run_dir = output_dir(cfg, "d_run_dir", "Checkpoints/distill")
         self.manifest = teacher_data.open_data(cfg)
-        (self.holdout, self.train_range) = teacher_data.split(cfg, self.manifest)
+        self.holdout, self.train_range = teacher_data.split(cfg, self.manifest)
         teacher, _, self.teacher_source = teacher_for(cfg, self.manifest, "cpu")
         torch.manual_seed(cfg["seed"])
         self.model = students.new_student(teacher.config, self.manifest.data["generator"], cfg["d_head_channels"])
