@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import atomic, datasets, fid, images, metrics, runtime, students, teacher_data, teachers
+from . import atomic, datasets, fid, images, latent_walk, metrics, runtime, students, teacher_data, teachers
 from .config import output_dir, project_path
 from .errors import UserError
 from .train_d import teacher_for
@@ -175,7 +175,14 @@ class Evaluation:
                            self.device)
         report = self.report(rows, fidelity, speed)
         self.write(report, d_uint8, teacher_uint8, records["index"][:n].numpy())
+        self.walk(records["x_T"][0], records["x_T"][1])
         return report
+
+    def walk(self, start, end):
+        """D's images along the spherical path between the first two held-out x_T."""
+        path = latent_walk.slerp(start, end, latent_walk.FRAMES)
+        frames = datasets.to_uint8(one_step_images(self.model, path, self.cfg["fid_batch_size"], self.device))
+        latent_walk.save_walk({"D": frames}, self.out_dir / "latent_walk.gif", self.out_dir / "latent_walk.png")
 
     def report(self, rows, fidelity, speed):
         gen = self.manifest.data["generator"]
@@ -249,6 +256,9 @@ def render_markdown(r) -> str:
         "D, one step (`grid.png`):", "", "![D](grid.png)", "",
         "Teacher from the same x_T (`teacher_grid.png`):", "", "![teacher](teacher_grid.png)", "",
         "Rows of the teacher, then D, from the same x_T (`comparison.png`):", "", "![comparison](comparison.png)", "",
+        f"A {latent_walk.FRAMES}-frame latent walk of D (spherical interpolation between the x_T of the first two "
+        f"held-out records): `latent_walk.gif`, and {latent_walk.STRIP_FRAMES} evenly spaced frames:", "",
+        "![latent walk](latent_walk.png)", "",
         "Every D sample: `samples/<record index>.png` and `samples.npz` (keys d, teacher, index).", "",
     ]
     return "\n".join(lines)

@@ -45,8 +45,10 @@ def test_report_holds_every_figure(trained):
     assert sorted(p.name for p in (root / "out" / "samples").iterdir()) == [f"{i:06d}.png" for i in range(4)]
     with np.load(root / "out" / "samples.npz") as npz:
         assert npz["d"].shape == npz["teacher"].shape == (4, 1, 32, 32) and npz["index"].tolist() == [0, 1, 2, 3]
-    for name in ("grid.png", "teacher_grid.png", "comparison.png"):
+    for name in ("grid.png", "teacher_grid.png", "comparison.png", "latent_walk.png", "latent_walk.gif"):
         assert (root / "out" / name).stat().st_size > 100
+    from PIL import Image
+    assert Image.open(root / "out" / "latent_walk.gif").n_frames == 120
     assert list((root / "data" / "eval").glob("teacher-*.json"))  # the teacher's figures are cached by the data
 
 

@@ -35,3 +35,15 @@ def test_psnr_against_the_teacher():
     fidelity = metrics.fidelity(student, teacher)
     assert abs(fidelity["mse"] - 0.01) < 1e-7
     assert abs(fidelity["psnr_db"] - 10 * np.log10(4 / 0.01)) < 1e-3  # data range 2
+
+
+def test_slerp_keeps_the_ends_and_the_norm():
+    from pipeline import latent_walk
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 32, 32, generator=g), torch.randn(1, 32, 32, generator=g)
+    path = latent_walk.slerp(a, b, 120)
+    assert path.shape == (120, 1, 32, 32)
+    torch.testing.assert_close(path[0], a)
+    torch.testing.assert_close(path[-1], b)
+    norms = path.flatten(1).norm(dim=1)
+    assert norms.min() > 0.95 * min(a.norm(), b.norm())  # a straight line would dip to about 0.7x midway
