@@ -1,12 +1,19 @@
 """Packed export of student B (DESIGN §4): sign bits 8 per byte, everything else in full precision.
 
 A packed folder holds ``student_config.json`` (D's constructor arguments plus the binarization
-settings) and ``packed.safetensors``: for every binary layer ``<layer>.sign1`` (and ``.sign2`` for a
-two-basis layer) as uint8, the signs of its n weights in C order packed by ``numpy.packbits``
-(ceil(n / 8) bytes, 1 = +1), plus its per-channel scales; every other tensor (full-precision layers,
-norms, folded time constants, biases, W1A1 thresholds, k filters, shortcut convolutions) as float32
-under its state-dict name. ``load_packed`` rebuilds B with the same operations as training, so its
-outputs equal the trained B's exactly.
+settings) and ``packed.safetensors`` with two tensors, so that the file's header stays a few hundred
+bytes (one tensor per layer made it 14 % of a small model's file):
+
+* ``signs`` (uint8): for every binary layer in module order, the signs of its n weights in C order
+  packed by ``numpy.packbits`` (ceil(n / 8) bytes, 1 = +1), then for a two-basis layer the signs of its
+  residual; the metadata ``sign_bytes`` lists each layer's byte count;
+* ``values`` (float32): every other tensor of the state dict (scales, full-precision layers, norms,
+  folded time constants, biases, W1A1 thresholds, k filters, shortcut convolutions), flattened in
+  state-dict order.
+
+The config rebuilds the model, which fixes every name, shape and offset; ``load_packed`` checks the
+blobs against it and rebuilds B with the same operations as training, so its outputs equal the trained
+B's exactly.
 """
 import json
 from pathlib import Path
@@ -14,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from . import atomic, student_b, students
 from .errors import UserError
@@ -37,45 +44,48 @@ def build_b(config: dict):
     return model
 
 
-def _pack(bits: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(bits.flatten().cpu().numpy().astype(np.uint8)))
+def _value_keys(model, binary: dict):
+    """State-dict keys stored in ``values``: all but binary latent weights and bookkeeping buffers."""
+    return [k for k in model.state_dict() if k.rpartition(".")[2] not in SKIPPED_BUFFERS
+            and not (k.rpartition(".")[0] in binary and k.endswith(".weight"))]
 
 
-def _unpack(packed: torch.Tensor, shape, name) -> torch.Tensor:
-    n = int(np.prod(shape))
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
-        raise UserError(f"layer {name} holds {packed.numel()} bytes of signs but its {n} weights need {(n + 7) // 8}; "
-                        f"the packed file does not belong to this config (re-export B)")
-    bits = np.unpackbits(packed.numpy(), count=n).reshape(shape)
-    return torch.from_numpy(np.where(bits == 1, 1.0, -1.0).astype(np.float32))
-
-
-def pack_tensors(model) -> dict:
-    tensors = {}
-    binary = dict(student_b.binary_layers(model))
-    for name, layer in binary.items():
-        sign1, sign2 = layer.signs()
-        tensors[f"{name}.sign1"] = _pack(sign1)
-        if sign2 is not None:
-            tensors[f"{name}.sign2"] = _pack(sign2)
-    for key, value in model.state_dict().items():
-        layer, _, leaf = key.rpartition(".")
-        if (layer in binary and leaf == "weight") or leaf in SKIPPED_BUFFERS or value is None:
-            continue
-        tensors[key] = value.detach().float().cpu().contiguous()
-    return tensors
+def _pack(bits: torch.Tensor) -> np.ndarray:
+    return np.packbits(bits.flatten().cpu().numpy().astype(np.uint8))
 
 
 def export_packed(model, config: dict, folder) -> dict:
-    """Write the packed folder; returns the byte breakdown {sign_bytes, other_bytes, file_bytes}."""
+    """Write the packed folder; returns the byte breakdown (signs, values, header, file)."""
     folder = Path(folder)
-    tensors = pack_tensors(model)
-    data = save(tensors, metadata={"format": KIND, "version": "1"})
+    binary = dict(student_b.binary_layers(model))
+    parts, counts = [], []
+    for layer in binary.values():
+        for signs in layer.signs():
+            if signs is not None:
+                parts.append(_pack(signs))
+        counts.append(sum(len(p) for p in parts) - sum(counts))
+    state = model.state_dict()
+    values = torch.cat([state[k].detach().float().cpu().flatten() for k in _value_keys(model, binary)])
+    tensors = {"signs": torch.from_numpy(np.concatenate(parts)), "values": values.contiguous()}
+    data = save(tensors, metadata={"format": KIND, "version": "1", "sign_bytes": json.dumps(counts)})
     atomic.write_bytes(folder / PACKED_FILE, data)
     atomic.write_json(folder / students.CONFIG_FILE, config)
-    signs = sum(t.numel() for k, t in tensors.items() if k.endswith((".sign1", ".sign2")))
-    return {"sign_bytes": signs, "other_bytes": sum(t.numel() * t.element_size() for t in tensors.values()) - signs,
+    sign_bytes, value_bytes = tensors["signs"].numel(), values.numel() * 4
+    return {"sign_bytes": sign_bytes, "value_bytes": value_bytes, "header_bytes": len(data) - sign_bytes - value_bytes,
             "file_bytes": len(data)}
+
+
+def _read(packed_path):
+    try:
+        data = packed_path.read_bytes()
+        tensors = load(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        counts = json.loads(header["__metadata__"]["sign_bytes"])
+        assert set(tensors) == {"signs", "values"} and tensors["signs"].dtype == torch.uint8
+        return tensors["signs"].numpy(), tensors["values"], counts
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+        raise UserError(f"{packed_path} cannot be read ({type(err).__name__}: truncated or damaged); "
+                        f"re-export B") from None
 
 
 def load_packed(folder):
@@ -90,27 +100,36 @@ def load_packed(folder):
         model = build_b(config)
     except (ValueError, AssertionError, KeyError, TypeError):
         raise UserError(f"{config_path} is not a packed-B config; restore it or re-export B") from None
-    try:
-        tensors = load_file(packed_path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{packed_path} cannot be read ({type(err).__name__}: truncated or damaged); re-export B") from None
+    signs, values, counts = _read(packed_path)
     binary = dict(student_b.binary_layers(model))
-    for name, layer in binary.items():
-        if f"{name}.sign1" not in tensors or (layer.basis == 2) != (f"{name}.sign2" in tensors):
-            raise UserError(f"{packed_path} has no signs of layer {name} in the bases its config asks for; "
-                            f"the file and {config_path.name} do not belong together (re-export B)")
-        shape = layer.weight.shape
-        sign2 = _unpack(tensors.pop(f"{name}.sign2"), shape, name) if layer.basis == 2 else None
-        layer.freeze_signs(_unpack(tensors.pop(f"{name}.sign1"), shape, name), sign2)
-    expected = {k for k in model.state_dict() if k.rpartition(".")[2] not in SKIPPED_BUFFERS
-                and not (k.rpartition(".")[0] in binary and k.endswith(".weight"))}
-    if set(tensors) != expected:
-        odd = sorted(set(tensors) ^ expected)[0]
-        raise UserError(f"{packed_path} and {config_path.name} disagree about tensor {odd}; re-export B")
-    state = model.state_dict()
-    for key, value in tensors.items():
-        if value.shape != state[key].shape:
-            raise UserError(f"{packed_path} holds {key} with shape {list(value.shape)}, the config needs "
-                            f"{list(state[key].shape)}; re-export B")
-        state[key].copy_(value)
+    if len(counts) != len(binary):
+        raise UserError(f"{packed_path} holds signs of {len(counts)} layers but {config_path.name} builds "
+                        f"{len(binary)} binary layers; the file and the config do not belong together (re-export B)")
+    offset = 0
+    for (name, layer), count in zip(binary.items(), counts):
+        n = layer.weight.numel()
+        if count != layer.basis * ((n + 7) // 8):
+            raise UserError(f"layer {name} has {count} bytes of signs in {packed_path} but its {n} weights in "
+                            f"{layer.basis} basis(es) need {layer.basis * ((n + 7) // 8)}; the file and the config "
+                            f"do not belong together (re-export B)")
+        per_basis = count // layer.basis
+        planes = [_unpack(signs[offset + i * per_basis: offset + (i + 1) * per_basis], layer.weight.shape)
+                  for i in range(layer.basis)]
+        layer.freeze_signs(planes[0], planes[1] if layer.basis == 2 else None)
+        offset += count
+    state, keys = model.state_dict(), _value_keys(model, binary)
+    needed = sum(state[k].numel() for k in keys)
+    if offset != len(signs) or needed != values.numel():
+        raise UserError(f"{packed_path} holds {len(signs)} sign bytes and {values.numel()} values, the config needs "
+                        f"{offset} and {needed}; the file and the config do not belong together (re-export B)")
+    at = 0
+    for key in keys:
+        target = state[key]
+        target.copy_(values[at:at + target.numel()].view(target.shape))
+        at += target.numel()
     return model.eval()
+
+
+def _unpack(packed: np.ndarray, shape) -> torch.Tensor:
+    bits = np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape)
+    return torch.from_numpy(np.where(bits == 1, 1.0, -1.0).astype(np.float32))

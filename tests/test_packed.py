@@ -31,14 +31,29 @@ def test_packed_export_reloads_bit_exactly_and_its_signs_take_one_bit(trained_b,
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x)["chunks"], loaded(x)["chunks"])
-    tensors = load_file(tmp_path / "b" / packed.PACKED_FILE)
     layers = student_b.binary_layers(model)
-    expected = sum((layer.weight.numel() + 7) // 8 * layer.basis for _, layer in layers)  # one bit a weight and basis
-    assert sizes["sign_bytes"] == expected == sum(t.numel() for k, t in tensors.items() if ".sign" in k)
     assert len(layers) == sum(r["ring"] is not None for r in table)
+    expected = sum((layer.weight.numel() + 7) // 8 * layer.basis for _, layer in layers)  # a bit a weight and basis
+    tensors = load_file(tmp_path / "b" / packed.PACKED_FILE)
+    assert sizes["sign_bytes"] == expected == tensors["signs"].numel()
     data = (tmp_path / "b" / packed.PACKED_FILE).read_bytes()
-    header = int.from_bytes(data[:8], "little")
-    assert sizes["file_bytes"] == len(data) == 8 + header + sizes["sign_bytes"] + sizes["other_bytes"]
+    assert sizes["file_bytes"] == len(data) == sizes["sign_bytes"] + sizes["value_bytes"] + sizes["header_bytes"]
+    assert sizes["header_bytes"] < 2000  # two tensors and a list of byte counts
+
+
+def _rewrite(path, signs=None, values=None, counts=None):
+    tensors = load_file(path)
+    metadata = safe_open_metadata(path)
+    if counts is not None:
+        metadata["sign_bytes"] = json.dumps(counts)
+    save_file({"signs": tensors["signs"] if signs is None else signs,
+               "values": tensors["values"] if values is None else values}, str(path), metadata=metadata)
+
+
+def safe_open_metadata(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata())
 
 
 def test_damaged_packed_files_are_one_sentence(trained_b, tmp_path):
@@ -50,10 +65,14 @@ def test_damaged_packed_files_are_one_sentence(trained_b, tmp_path):
     path.write_bytes(good[:len(good) // 2])
     with pytest.raises(UserError, match="truncated or damaged"):
         packed.load_packed(folder)
-    tensors = load_file_from_bytes(good)
-    name = next(k for k in tensors if k.endswith(".sign1"))
-    save_file(dict(tensors, **{name: tensors[name][:-1]}), str(path))
+    path.write_bytes(good)
+    counts = json.loads(safe_open_metadata(path)["sign_bytes"])
+    _rewrite(path, counts=[counts[0] - 1, *counts[1:]])
     with pytest.raises(UserError, match="bytes of signs"):
+        packed.load_packed(folder)
+    path.write_bytes(good)
+    _rewrite(path, values=load_file(path)["values"][:-1])
+    with pytest.raises(UserError, match="do not belong together"):
         packed.load_packed(folder)
     path.write_bytes(good)
     config_path = folder / "student_config.json"
@@ -63,14 +82,9 @@ def test_damaged_packed_files_are_one_sentence(trained_b, tmp_path):
     with pytest.raises(UserError, match="do not belong together"):
         packed.load_packed(folder)
     cfg["binarization"]["b_lmb"] = not cfg["binarization"]["b_lmb"]
-    cfg["student"]["head_channels"] = 4
+    cfg["kind"] = "something else"
     config_path.write_text(json.dumps(cfg))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="not a packed-B config"):
         packed.load_packed(folder)
     with pytest.raises(UserError, match="holds no packed B"):
         packed.load_packed(tmp_path)
-
-
-def load_file_from_bytes(data):
-    from safetensors.torch import load
-    return load(data)
