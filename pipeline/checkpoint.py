@@ -1,4 +1,5 @@
 """Training checkpoints: one file of plain tensors and numbers, loaded with ``weights_only=True``."""
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -61,3 +62,17 @@ def restore(state: dict, objects: dict) -> int:
         obj.load_state_dict(state[name])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+@contextlib.contextmanager
+def saved_on_exit(save, bar):
+    """Around a training loop: ``save()`` when Ctrl-C / SIGTERM stops it (then the interrupt goes on)
+    and when it ends; the progress bar is closed either way."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        save()
+        bar.close()
+        raise
+    bar.close()
+    save()

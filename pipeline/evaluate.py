@@ -21,7 +21,6 @@ from tqdm import tqdm
 from . import atomic, datasets, fid, images, latent_walk, metrics, runtime, students, teacher_data, teachers
 from .config import output_dir, project_path
 from .errors import UserError
-from .train_d import teacher_for
 from .trajectory import ddim_sample
 
 THROUGHPUT_REPEATS = 7  # single calls; the teacher's chain is timed twice
@@ -123,27 +122,20 @@ class Evaluation:
         if self.n < 2:
             raise UserError(f"fid_samples must be at least 2, got {self.n}")
         self.lo, self.hi = held_out_range(cfg, self.folder, self.manifest, self.n)
-        self.teacher, self.ddpm, self.teacher_source = teacher_for(cfg, self.manifest, self.device)
+        self.teacher, self.ddpm, self.teacher_source = teacher_data.teacher_of(cfg, self.manifest, self.device)
         self.out_dir = output_dir(cfg, "eval_dir", "SampledImgs/distill")
         self.cache_dir = self.manifest.folder / "eval"
         self.features = fid.InceptionFeatures()
 
     def reference(self):
         """Inception features of the FID reference set (test split) and of N training images (floor)."""
-        cfg = self.cfg
-        cache = project_path(cfg["fid_cache_dir"])
-        test = datasets.load_images(cfg, "test")
-        count = cfg["fid_reference_count"] or len(test)
-        if count > len(test) or count < self.n:
-            raise UserError(f"fid_reference_count={count} must be within fid_samples={self.n}..{len(test)} "
-                            f"(the test split's size)")
-        real = fid.cached_features(self.features, test[:count], cache / f"{cfg['dataset']}-test-{count}.safetensors",
-                                   cfg["fid_batch_size"], "inception: test split")
-        self.train_images = datasets.load_images(cfg, "train")
-        floor = fid.cached_features(self.features, self.train_images[:self.n],
-                                    cache / f"{cfg['dataset']}-train-first{self.n}.safetensors",
-                                    cfg["fid_batch_size"], "inception: train (floor)")
-        self.reference_name = f"{cfg['dataset']} test split, first {count} images"
+        count = self.cfg["fid_reference_count"]
+        if 0 < count < self.n:
+            raise UserError(f"fid_reference_count={count} is smaller than fid_samples={self.n}; raise it (0 = all)")
+        test, self.train_images, real, floor = fid.reference_features(self.cfg, self.features, self.n, count)
+        if len(real) < self.n:
+            raise UserError(f"the test split has {len(real)} images, fewer than fid_samples={self.n}; lower fid_samples")
+        self.reference_name = f"{self.cfg['dataset']} test split, first {len(real)} images"
         return real, floor, test[:self.n]
 
     def teacher_scores(self, teacher_uint8, real):

@@ -92,3 +92,22 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     metric.update(real, real=True)
     metric.update(fake, real=False)
     return float(metric.compute())
+
+
+def reference_features(cfg, features, n: int, count: int = 0):
+    """(test images, train images, features of the first ``count`` test images (0 = all), features of
+    the first ``n`` training images): the FID reference set and the floor at N = n, both cached in
+    ``fid_cache_dir``."""
+    from . import datasets
+    from .config import project_path
+    cache, name, batch = project_path(cfg["fid_cache_dir"]), cfg["dataset"], cfg["fid_batch_size"]
+    test, train = datasets.load_images(cfg, "test"), datasets.load_images(cfg, "train")
+    count = count or len(test)
+    if count > len(test):
+        raise UserError(f"fid_reference_count={count} is more than the {len(test)} images of the test split; "
+                        f"lower it (0 = all)")
+    real = cached_features(features, test[:count], cache / f"{name}-test-{count}.safetensors", batch,
+                           "inception: test split")
+    floor = cached_features(features, train[:n], cache / f"{name}-train-first{n}.safetensors", batch,
+                            "inception: train (floor)")
+    return test, train, real, floor

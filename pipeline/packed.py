@@ -39,7 +39,7 @@ def b_config(d_config: dict, cfg: dict) -> dict:
 
 def build_b(config: dict):
     """An untrained B of this config (D's architecture, folded and binarized)."""
-    model = students.StudentD(**config["student"])
+    model = students.StudentD.from_config(config["student"])
     student_b.to_binary(model, config["binarization"])
     return model
 

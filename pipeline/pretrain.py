@@ -118,7 +118,7 @@ class Trainer:
         stats_path = self.run_dir / "stats.jsonl"
         bar = tqdm(total=cfg["train_steps"], initial=self.step, desc="pretrain", dynamic_ncols=True)
         window, started = [], time.time()
-        try:
+        with checkpoint.saved_on_exit(self.save, bar):
             while self.step < cfg["train_steps"]:
                 window.append(self.train_step())
                 bar.update(1)
@@ -134,12 +134,6 @@ class Trainer:
                     self.save()
                 if cfg["sample_every"] and self.step % cfg["sample_every"] == 0:
                     self.sample_grid()
-        except KeyboardInterrupt:
-            self.save()
-            bar.close()
-            raise
-        bar.close()
-        self.save()
         self.export()
 
     def export(self):

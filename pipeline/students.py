@@ -97,8 +97,8 @@ class StudentD(nn.Module):
         ups = self.unet.up_blocks
         depth_channels = [blk.resnets[-1].out_channels for blk in ups[:-1]] + [self.unet.config.block_out_channels[0]]
         levels = len(ups)
-        self.groups = [g for g in chunk_groups(chunks, levels) if g]
-        self.depths = [d for d, g in enumerate(chunk_groups(chunks, levels)) if g]
+        used = [(d, g) for d, g in enumerate(chunk_groups(chunks, levels)) if g]
+        self.depths, self.groups = [d for d, _ in used], [g for _, g in used]
         # up block d (d < levels-1) ends at resolution size / 2**(levels-2-d); the final features are full size
         self.heads = nn.ModuleList(
             ReadoutHead(depth_channels[d], max(0, levels - 2 - d), head_channels, latent_channels, latent_channels,
@@ -109,6 +109,11 @@ class StudentD(nn.Module):
         self._features = []
         for blk in ups[:-1]:
             blk.register_forward_hook(self._keep_feature)  # a bound method, so deepcopy rebinds it
+
+    @classmethod
+    def from_config(cls, config: dict):
+        """A new D from ``config`` (the constructor's arguments, with or without the "kind" tag)."""
+        return cls(**{k: v for k, v in config.items() if k != "kind"})
 
     def _keep_feature(self, module, args, output):
         self._features.append(output)
@@ -193,8 +198,8 @@ def load_student(folder) -> StudentD:
                         f"'--mode train_d' or set d_weights= to a student folder")
     try:
         config = json.loads(config_path.read_text())
-        assert config.pop("kind") == KIND
-        model = StudentD(**config)
+        assert config["kind"] == KIND
+        model = StudentD.from_config(config)
     except (ValueError, AssertionError, KeyError, TypeError, AttributeError):
         raise UserError(f"{config_path} is not a student D config; restore it or retrain") from None
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import quant, store
+from . import quant, store, teachers
 from .config import output_dir
 from .errors import UserError
 
@@ -27,6 +27,16 @@ def open_data(cfg) -> store.Manifest:
         raise UserError(f"{folder} holds {manifest.data['generator'].get('space')}-space data; only pixel-space "
                         f"data can be distilled so far")
     return manifest
+
+
+def teacher_of(cfg, manifest, device):
+    """(unet, ddpm scheduler, source) of the configured teacher, refused unless it made the data."""
+    unet, ddpm, source = teachers.load_teacher(cfg)
+    made_by = manifest.data["generator"]["teacher_sha256"]
+    if teachers.weights_sha256(unet) != made_by:
+        raise UserError(f"the teacher in {source} is not the one that made {manifest.folder} (sha256 "
+                        f"{made_by[:12]}...); set teacher_path= to that teacher or regenerate the data")
+    return unet.to(device).eval(), ddpm, source
 
 
 def split(cfg, manifest):

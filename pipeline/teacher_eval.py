@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import atomic, datasets, fid, images, runtime, teachers
-from .config import output_dir, project_path
+from .config import output_dir
 from .generate import draw_x_T
 from .trajectory import ddim_sample
 
@@ -52,13 +52,7 @@ def sample_and_score(cfg):
     samples = load_or_draw_samples(cfg, unet, ddpm, device, out_dir)
     images.save_grid(samples[:cfg["sample_count"]], out_dir / "grid.png")
     features = fid.InceptionFeatures()
-    cache = project_path(cfg["fid_cache_dir"])
-    test = datasets.load_images(cfg, "test")
-    real = fid.cached_features(features, test, cache / f"{cfg['dataset']}-test-{len(test)}.safetensors",
-                               cfg["fid_batch_size"], "inception: test split")
-    train = datasets.load_images(cfg, "train")[:n]
-    floor_feats = fid.cached_features(features, train, cache / f"{cfg['dataset']}-train-first{n}.safetensors",
-                                      cfg["fid_batch_size"], "inception: train (floor)")
+    test, _, real, floor_feats = fid.reference_features(cfg, features, n)
     fake = fid.extract(features, samples[:n], cfg["fid_batch_size"], "inception: samples")
     report = {"teacher": source, "parameters": teachers.parameter_count(unet), "sampler": f"DDIM eta=0, {cfg['steps']} steps",
               "fid": fid.frechet_distance(real, fake), "fid_samples": n,

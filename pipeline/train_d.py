@@ -16,7 +16,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from . import atomic, checkpoint, runtime, students, teacher_data, teachers
+from . import atomic, checkpoint, runtime, students, teacher_data
 from .config import output_dir
 from .errors import UserError
 from .losses import d_losses
@@ -44,16 +44,6 @@ def data_fingerprint(manifest) -> dict:
     return {k: generator.get(k) for k in DATA_KEYS}
 
 
-def teacher_for(cfg, manifest, device):
-    """The teacher UNet that made the data (its architecture is D's backbone)."""
-    unet, ddpm, source = teachers.load_teacher(cfg)
-    made_by = manifest.data["generator"]["teacher_sha256"]
-    if teachers.weights_sha256(unet) != made_by:
-        raise UserError(f"the teacher in {source} is not the one that made {manifest.folder} (sha256 "
-                        f"{made_by[:12]}...); set teacher_path= to that teacher or regenerate the data")
-    return unet.to(device).eval(), ddpm, source
-
-
 def one_cycle(opt, cfg):
     # torch needs at least one step in each phase: very short (test) runs get a longer warm-up share
     total = max(cfg["d_train_steps"], 4)
@@ -64,7 +54,7 @@ def one_cycle(opt, cfg):
 
 def ema_copy(model, ema: EMAModel):
     """A new model of the same config holding the EMA weights (the training model is untouched)."""
-    copy = students.StudentD(**{k: v for k, v in model.config.items() if k != "kind"})
+    copy = students.StudentD.from_config(model.config)
     copy.load_state_dict(model.state_dict())
     ema.copy_to(copy.parameters())
     return copy.eval()
@@ -79,7 +69,7 @@ class DTrainer:
         self.run_dir = output_dir(cfg, "d_run_dir", "Checkpoints/distill")
         self.manifest = teacher_data.open_data(cfg)
         self.holdout, self.train_range = teacher_data.split(cfg, self.manifest)
-        teacher, _, self.teacher_source = teacher_for(cfg, self.manifest, "cpu")
+        teacher, _, self.teacher_source = teacher_data.teacher_of(cfg, self.manifest, "cpu")
         torch.manual_seed(cfg["seed"])
         self.model = students.new_student(teacher.config, self.manifest.data["generator"], cfg["d_head_channels"])
         if cfg["d_init"] == "teacher":
@@ -159,7 +149,7 @@ class DTrainer:
             students.fit_rin_skips(self.model, first["rin0"].to(self.device), first["chunks"].to(self.device))
         bar = tqdm(total=cfg["d_train_steps"], initial=self.step, desc="train_d", dynamic_ncols=True)
         window, waited, started = [], 0.0, time.time()
-        try:
+        with checkpoint.saved_on_exit(self.save, bar):
             while self.step < cfg["d_train_steps"]:
                 t0 = time.time()
                 batch = next(stream)
@@ -173,12 +163,6 @@ class DTrainer:
                     self.save()
                 if cfg["d_snapshot_every"] and self.step % cfg["d_snapshot_every"] == 0:
                     self.export(self.run_dir / "snapshots" / f"step-{self.step:06d}")
-        except KeyboardInterrupt:
-            self.save()
-            bar.close()
-            raise
-        bar.close()
-        self.save()
         print(f"[train_d] EMA student written to {self.run_dir / 'student'}")
         return self.run_dir / "student"
 
