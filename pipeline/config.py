@@ -85,14 +85,27 @@ DEFAULTS = {
     "shuffle_buffer": 512,              # records mixed across shards before batching
     "d_checkpoint_every": 100,
     "d_snapshot_every": 0,              # keep the EMA student every N steps for learning curves (0 = off)
-    # --- student B: binarize (1-bit weights; trained with D as its teacher)
+    # --- student B: binarize (1-bit weights, started from the D that d_weights names, trained with D as its teacher)
+    "b_run_dir": "",                    # "" = Checkpoints/binarize/<name>; the packed B goes to <b_run_dir>/packed
+    "b_train_steps": 500,
+    "b_batch_size": 64,
+    "b_lr": 0.0002,                     # peak of the one-cycle schedule (latent weights and scales alike)
+    "b_lr_warmup_fraction": 0.05,
+    "b_weight_decay": 0.0,              # latent weights only; scales, thresholds and k are never decayed
+    "b_checkpoint_every": 100,
+    "b_snapshot_every": 0,              # keep the packed EMA B every N steps (0 = off)
+    "lambda_d_outputs": 1.0,            # D's own predictions as a second target of B's output losses
+    "lambda_spd": 0.01,                 # Space Patched Distillation (BiDM's code value)
+    "lambda_lrm": 0.0001,               # Low-rank Representation Mimicking (BinaryDM's code value)
     "b_full_precision": "unet.conv_in,heads.*.out,heads.*.rin_skip,rin_head.out",  # fnmatch patterns
-    "b_lmb": True,                      # two-basis binarizer where the input is at least half the image size
+    "b_lmb": True,                      # the two-basis (LMB) binarizer on the high-resolution layers
+    "b_lmb_min_size": 0.5,              # LMB where a layer's input is at least this fraction of the image size
     "b_centre": False,                  # subtract each output channel's mean weight before the sign
     "b_activations": "fp",              # fp (W1A32) | binary (W1A1, BiDM's activation binarizer)
     "b_progressive_every": 0,           # steps between progressive-binarization rings (0 = all at once)
     # --- eval_d (uses fid_samples as N and fid_batch_size)
     "d_weights": "",                    # a student folder ("" = <d_run_dir>/student, the EMA weights)
+    "b_weights": "",                    # a packed B folder ("" = <b_run_dir>/packed when it exists; "none" = D only)
     "fid_reference_count": 0,           # test-split images in the FID reference set (0 = all)
     "eval_dir": "",                     # "" = SampledImgs/distill/<name>
     "throughput_batch": 64,

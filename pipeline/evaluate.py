@@ -26,27 +26,6 @@ from .trajectory import ddim_sample
 THROUGHPUT_REPEATS = 7  # single calls; the teacher's chain is timed twice
 
 
-def student_folder(cfg) -> Path:
-    """``d_weights`` (a student folder, or a training run holding one), else the run's EMA student."""
-    if not cfg["d_weights"]:
-        return output_dir(cfg, "d_run_dir", "Checkpoints/distill") / "student"
-    path = project_path(cfg["d_weights"])
-    if not (path / students.CONFIG_FILE).is_file() and (path / "student" / students.CONFIG_FILE).is_file():
-        return path / "student"
-    return path
-
-
-def check_student_fits(model, manifest):
-    """One sentence when D was built for teacher data of another shape."""
-    gen, conf = manifest.data["generator"], model.config
-    wanted = {"chunks": gen["chunks"], "latent_channels": gen["latent_channels"], "space": gen["space"],
-              "image_channels": gen["image_shape"][0], "timestep": gen["T"] - 1}
-    for key, value in wanted.items():
-        if conf[key] != value:
-            raise UserError(f"the student has {key}={conf[key]} but the teacher data in {manifest.folder} has "
-                            f"{value}; evaluate it on the data it was trained on (data_dir=) or retrain")
-
-
 def held_out_range(cfg, folder, manifest, n):
     """The held-out records recorded by the training run (else the config's), with at least n of them."""
     run_path = folder / "run.json"
@@ -114,10 +93,10 @@ class Evaluation:
     def __init__(self, cfg):
         self.cfg = cfg
         self.device = runtime.configure(cfg)
-        self.folder = student_folder(cfg)
+        self.folder = students.d_folder(cfg)
         self.model = students.load_student(self.folder).to(self.device)
         self.manifest = teacher_data.open_data(cfg)
-        check_student_fits(self.model, self.manifest)
+        students.check_fits(self.model, self.manifest)
         self.n = cfg["fid_samples"]
         if self.n < 2:
             raise UserError(f"fid_samples must be at least 2, got {self.n}")

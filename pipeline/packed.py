@@ -28,7 +28,7 @@ from .errors import UserError
 
 KIND = "one-step-student-b-packed"
 PACKED_FILE = "packed.safetensors"
-BINARIZATION_KEYS = ("b_full_precision", "b_lmb", "b_centre", "b_activations")
+BINARIZATION_KEYS = ("b_full_precision", "b_lmb", "b_lmb_min_size", "b_centre", "b_activations")
 SKIPPED_BUFFERS = ("started", "active")
 
 

@@ -4,9 +4,9 @@
 projection of it are constants, so they become per-channel full-precision biases. It then replaces
 every ``nn.Conv2d`` / ``nn.Linear`` of D by its binary counterpart, except the layers whose name
 matches a pattern of ``b_full_precision`` (by default the first convolution and the heads' output
-convolutions and rin paths). Layers whose input is at least half the
-image size use the two-basis LMB binarizer when ``b_lmb`` is on (BinaryDM puts it on the first and
-last layers); the others one basis. Norms, activations and the attention softmax are not weights and
+convolutions and rin paths). Layers whose input is at least ``b_lmb_min_size`` times the image size
+(default one half) use the two-basis LMB binarizer when ``b_lmb`` is on (BinaryDM puts it on the
+first and last layers); the others one basis. Norms, activations and the attention softmax are not weights and
 stay in full precision.
 
 Progressive binarization switches rings of blocks on from the middle outwards: ring 0 is the UNet's
@@ -120,7 +120,7 @@ def to_binary(model, cfg):
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
             table.append({"name": name, "kind": "full precision", "parameters": params, "bits": 32, "ring": None})
             continue
-        basis = 2 if cfg["b_lmb"] and sizes[name] * 2 >= image_shape[-1] else 1
+        basis = 2 if cfg["b_lmb"] and sizes[name] >= cfg["b_lmb_min_size"] * image_shape[-1] else 1
         if isinstance(module, torch.nn.Conv2d):
             new = binary.BinaryConv2d.from_conv(module, basis, cfg["b_centre"], w1a1)
         else:
@@ -131,6 +131,14 @@ def to_binary(model, cfg):
     if not any(row["ring"] is not None for row in table):
         raise UserError("b_full_precision keeps every layer in full precision; name fewer layers")
     return table
+
+
+@torch.no_grad()
+def start_scales(model):
+    """Set every binary layer's scales from its current latent weights (mean|W|, mean|R|), so that
+    a layer that progressive binarization has not reached yet is still exported correctly."""
+    for _, layer in binary_layers(model):
+        layer.binary_weight()
 
 
 def binary_layers(model):

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from . import atomic
+from .config import output_dir, project_path
 from .errors import UserError
 
 CONFIG_FILE = "student_config.json"
@@ -212,3 +213,24 @@ def load_student(folder) -> StudentD:
         raise UserError(f"{weights_path} does not fit the architecture in {config_path} (a checkpoint of another "
                         f"model?); use the folder train_d wrote") from None
     return model.eval()
+
+
+def d_folder(cfg) -> Path:
+    """``d_weights`` (a student folder, or a training run holding one), else the run's EMA student."""
+    if not cfg["d_weights"]:
+        return output_dir(cfg, "d_run_dir", "Checkpoints/distill") / "student"
+    path = project_path(cfg["d_weights"])
+    if not (path / students.CONFIG_FILE).is_file() and (path / "student" / students.CONFIG_FILE).is_file():
+        return path / "student"
+    return path
+
+
+def check_fits(model, manifest):
+    """One sentence when D was built for teacher data of another shape."""
+    gen, conf = manifest.data["generator"], model.config
+    wanted = {"chunks": gen["chunks"], "latent_channels": gen["latent_channels"], "space": gen["space"],
+              "image_channels": gen["image_shape"][0], "timestep": gen["T"] - 1}
+    for key, value in wanted.items():
+        if conf[key] != value:
+            raise UserError(f"the student has {key}={conf[key]} but the teacher data in {manifest.folder} has "
+                            f"{value}; evaluate it on the data it was trained on (data_dir=) or retrain")

@@ -123,10 +123,10 @@ def _quiet_worker(_):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def batches(cfg, manifest, lo, hi, seed):
+def batches(cfg, manifest, lo, hi, seed, batch_size):
     """An endless iterator over training batches of records [lo, hi), decoded by ``data_workers``
     processes (0 = in the training process); ``seed`` is a list of ints that fixes the order."""
-    stream = ShardStream(manifest, lo, hi, cfg["d_batch_size"], cfg["shuffle_buffer"], seed)
+    stream = ShardStream(manifest, lo, hi, batch_size, cfg["shuffle_buffer"], seed)
     workers = cfg["data_workers"]
     loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_quiet_worker,
                         prefetch_factor=4 if workers else None)

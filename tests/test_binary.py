@@ -24,6 +24,9 @@ def _reference(name, w, s1, s2, g):
     m1 = (np.abs(w) <= 1).astype(float)
     if name == "sign":
         return _np_sign(w), g * m1, None, None
+    if name == "approx_sign":  # Bi-Real's piecewise-linear derivative of sign
+        slope = np.where(w < 0, 2 + 2 * w, 2 - 2 * w) * (np.abs(w) < 1)
+        return _np_sign(w), g * slope, None, None
     if name == "scaled":
         return a * _np_sign(w), g * a * m1, (g * _np_sign(w)).sum((1, 2, 3)), None
     r = w - a * _np_sign(w)
@@ -32,7 +35,7 @@ def _reference(name, w, s1, s2, g):
             (g * _np_sign(w) * (1 - b * m2)).sum((1, 2, 3)), (g * _np_sign(r)).sum((1, 2, 3)))
 
 
-@pytest.mark.parametrize("name", ["sign", "scaled", "two_basis"])
+@pytest.mark.parametrize("name", ["sign", "approx_sign", "scaled", "two_basis"])
 def test_binarizer_forward_and_gradient_match_numpy(name):
     w = _weights()
     s1, s2 = np.array([0.5, 0.3, 0.8, 0.1]), np.array([0.2, 0.05, 0.4, 0.0])
@@ -40,6 +43,8 @@ def test_binarizer_forward_and_gradient_match_numpy(name):
     tw, ts1, ts2 = (torch.tensor(v, requires_grad=True) for v in (w, s1, s2))
     if name == "sign":
         out = binary.SignSTE.apply(tw)
+    elif name == "approx_sign":
+        out = binary.ApproxSign.apply(tw)
     elif name == "scaled":
         out = binary.ScaledSign.apply(tw, ts1)
     else:

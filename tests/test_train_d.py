@@ -39,7 +39,7 @@ def test_stream_never_yields_held_out_records_and_covers_the_rest(small_teacher,
     holdout, train = teacher_data.split(cfg, manifest)
     assert holdout == (0, 4) and train == (4, 12)
     seen = []
-    stream = teacher_data.batches(cfg, manifest, *train, seed=[0, 0])
+    stream = teacher_data.batches(cfg, manifest, *train, seed=[0, 0], batch_size=cfg["d_batch_size"])
     for _ in range(12):
         batch = next(stream)
         assert batch["chunks"].shape == (4, 5, 1, 32, 32) and batch["x_T"].dtype == torch.float32

@@ -1,0 +1,168 @@
+"""``Main_Distill.py --mode binarize``: the 1-bit student B, trained with D as its teacher (DESIGN §4).
+
+B starts as a copy of the D that ``d_weights`` names (by default the EMA student of the train_d run)
+with its time path folded and its convolutions and linears binarized (``student_b.to_binary``). Its
+loss, per batch of teacher records:
+
+    L = d_losses(B, records) + lambda_d_outputs * d_losses(B, D's predictions)
+        + lambda_spd * SPD(D, B) + lambda_lrm * LRM(D, B)
+
+The output losses are those of D (rin, chunks, x0), once against the teacher's records and once
+against D's own predictions for the same x_T; SPD and LRM compare the block features of D and B
+(``feature_losses``); LRM's channel-PCA bases are fitted on D's features of the first batch and kept
+in the checkpoint. Progressive binarization switches rings of blocks to 1 bit from the middle
+outwards every ``b_progressive_every`` steps. The statistics add the fraction of latent weights whose
+sign flipped in each step. The training machinery is ``trainer.StudentTrainer``; the EMA B is
+exported bit-packed to ``<b_run_dir>/packed`` at every checkpoint, beside the layer table.
+"""
+import json
+
+import torch
+
+from . import atomic, binary, packed, runtime, student_b, students, teacher_data
+from .errors import UserError
+from .feature_losses import FeatureTaps, LowRankBases, spd_loss
+from .losses import d_losses
+from .trainer import Recipe, StudentTrainer, data_fingerprint
+
+RUN_KEYS = ("data_dir", "b_train_steps", "b_batch_size", "b_lr", "b_lr_warmup_fraction", "b_weight_decay",
+            "lambda_rin", "lambda_chunks", "lambda_x0", "lambda_d_outputs", "lambda_spd", "lambda_lrm",
+            "b_progressive_every", "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed",
+            *packed.BINARIZATION_KEYS)
+EVERYTHING = 10 ** 9  # a step after every progressive ring
+
+
+def load_d(cfg, manifest):
+    """The D that B starts from and learns from, checked against the teacher data and the config."""
+    folder = students.d_folder(cfg)
+    d = students.load_student(folder)
+    students.check_fits(d, manifest)
+    run_path = folder / "run.json"
+    if run_path.is_file():
+        run = json.loads(run_path.read_text())
+        if run.get("data") != data_fingerprint(manifest):
+            raise UserError(f"the student D in {folder} was trained on other teacher data than {manifest.folder}; "
+                            f"binarize the D of this data (d_weights=) or point data_dir= at its data")
+        if run["holdout_indices"] != list(teacher_data.split(cfg, manifest)[0]):
+            raise UserError(f"the student D in {folder} held out records {run['holdout_indices']} but this config "
+                            f"holds out {list(teacher_data.split(cfg, manifest)[0])}; use D's holdout_samples")
+    if d.config["head_channels"] != cfg["d_head_channels"]:
+        raise UserError(f"the student D in {folder} has d_head_channels={d.config['head_channels']} but the config "
+                        f"says {cfg['d_head_channels']}; set d_head_channels={d.config['head_channels']} or retrain D")
+    return d, folder
+
+
+class BTrainer(StudentTrainer):
+    run_keys = RUN_KEYS
+    export_name = "packed"
+
+    def __init__(self, cfg):
+        if cfg["b_progressive_every"] < 0 or min(cfg["lambda_d_outputs"], cfg["lambda_spd"], cfg["lambda_lrm"]) < 0:
+            raise UserError("b_progressive_every and the lambda_* weights must be zero or positive")
+        super().__init__(cfg, Recipe.from_config(cfg, "b", "binarize"), "b_run_dir", "Checkpoints/binarize")
+        self.d.to(self.device)
+        self.taps_b, self.taps_d = FeatureTaps(self.model), FeatureTaps(self.d)
+        self.bases = LowRankBases(self.model.unet).to(self.device)
+        print(f"[binarize] B from D {self.d_folder}: {self.binary_count():,} of "
+              f"{students.parameter_count(self.model):,} parameters binary in {len(self.binary_layers)} layers, "
+              f"{len(self.table) - len(self.binary_layers)} layers full precision ({cfg['b_full_precision']}); "
+              f"activations {cfg['b_activations']}; progressive rings every {cfg['b_progressive_every']} steps; "
+              f"autocast={self.amp or 'off (fp32)'}")
+        self.resume()
+
+    # --- the model
+    def build_model(self):
+        self.d, self.d_folder = load_d(self.cfg, self.manifest)
+        self.d.requires_grad_(False)
+        self.b_config = packed.b_config(self.d.config, self.cfg)
+        model = students.StudentD.from_config(self.d.config)
+        model.load_state_dict(self.d.state_dict())
+        self.table = student_b.to_binary(model, self.cfg)
+        student_b.start_scales(model)
+        self.binary_layers = [layer for _, layer in student_b.binary_layers(model)]
+        return model
+
+    def binary_count(self) -> int:
+        return sum(layer.weight.numel() for layer in self.binary_layers)
+
+    def parameter_groups(self):
+        scales = {id(p) for p in binary.scale_parameters(self.model)}
+        return [{"params": [p for p in self.model.parameters() if id(p) not in scales]},
+                {"params": [p for p in self.model.parameters() if id(p) in scales], "weight_decay": 0.0}]
+
+    def record(self) -> dict:
+        return dict(super().record(), d=str(self.d_folder), b=self.b_config, layers=self.table)
+
+    # --- LRM bases live in the checkpoint
+    def extra_state(self):
+        return {"lrm_bases": self.bases.state_dict()}
+
+    def load_extra_state(self, state):
+        self.bases.load_fitted(state["lrm_bases"])
+
+    def first_batch(self, batch):
+        with torch.no_grad(), runtime.autocast(self.amp, self.device):
+            self.d(batch["x_T"])
+        self.bases.fit(self.taps_d.take())
+
+    # --- one step
+    def before_step(self):
+        student_b.set_progress(self.model, self.step, self.cfg["b_progressive_every"])
+        self._signs = [layer.latent().detach() >= 0 for layer in self.binary_layers]
+
+    def after_step(self):
+        flipped = sum(int((layer.latent().detach() >= 0).ne(old).sum())
+                      for layer, old in zip(self.binary_layers, self._signs))
+        active = sum(bool(layer.active) for layer in self.binary_layers)
+        return {"sign_flip_fraction": flipped / self.binary_count(), "binary_layers_active": active}
+
+    def loss(self, batch):
+        cfg = self.cfg
+        with torch.no_grad(), runtime.autocast(self.amp, self.device):
+            pred_d = self.d(batch["x_T"])
+        feats_d = self.taps_d.take()
+        with runtime.autocast(self.amp, self.device):
+            pred_b = self.model(batch["x_T"])
+        feats_b = self.taps_b.take()
+        total, parts, per_chunk = d_losses(self.model, pred_b, batch, cfg)
+        logged = {f"loss_{k}": v.item() for k, v in parts.items()}
+        if cfg["lambda_d_outputs"]:
+            z_d = pred_d["rin"].float() + pred_d["chunks"].float().sum(dim=1)
+            from_d = {"chunks": pred_d["chunks"].float(), "x0": students.readout(self.d, z_d),
+                      "rin0": pred_d["rin"].float()}
+            vs_d, parts_d, _ = d_losses(self.model, pred_b, from_d, cfg)
+            total = total + cfg["lambda_d_outputs"] * vs_d
+            logged.update({f"loss_{k}_vs_d": v.item() for k, v in parts_d.items()})
+        if cfg["lambda_spd"]:
+            spd = spd_loss(feats_d, feats_b)
+            total = total + cfg["lambda_spd"] * spd
+            logged["loss_spd"] = spd.item()
+        if cfg["lambda_lrm"]:
+            lrm = self.bases.loss(feats_d, feats_b)
+            total = total + cfg["lambda_lrm"] * lrm
+            logged["loss_lrm"] = lrm.item()
+        return total, {**logged, "chunk_losses": per_chunk.tolist()}
+
+    # --- export
+    def ema_b(self):
+        """A fully binary B holding the EMA weights (the training model is untouched)."""
+        copy = packed.build_b(self.b_config)
+        copy.load_state_dict(self.model.state_dict())
+        self.ema.copy_to(copy.parameters())
+        student_b.set_progress(copy, EVERYTHING, 0)
+        return copy.to(self.device).eval()
+
+    def export(self, folder):
+        sizes = packed.export_packed(self.ema_b(), self.b_config, folder)
+        atomic.write_json(folder / "run.json", dict(self.record(), step=self.step, bytes=sizes))
+        return sizes
+
+
+def binarize(cfg):
+    trainer = BTrainer(cfg)
+    folder = trainer.run()
+    sizes = json.loads((folder / "run.json").read_text())["bytes"]
+    d_bytes = (trainer.d_folder / students.WEIGHTS_FILE).stat().st_size
+    print(f"[binarize] packed B: {sizes['file_bytes']:,} bytes ({sizes['sign_bytes']:,} of sign bits), "
+          f"{d_bytes / sizes['file_bytes']:.1f}x smaller than D in fp32 ({d_bytes:,} bytes)")
+    return folder

@@ -1,0 +1,102 @@
+"""binarize: B trained from D lowers its loss, keeps its LRM bases and progress across a resume,
+exports a packed B that reloads to the same outputs, and refuses mismatched inputs in one sentence."""
+import json
+
+import pytest
+import torch
+
+from pipeline import checkpoint, config, generate, packed, student_b, train_d
+from pipeline.binarize import BTrainer
+
+from conftest import assert_one_sentence_error, run_cli
+
+
+def _items(teacher, folder, **overrides):
+    return {"teacher_path": teacher, "data_dir": folder / "data", "d_run_dir": folder / "d",
+            "b_run_dir": folder / "b", **overrides}
+
+
+def _cfg(teacher, folder, **overrides):
+    return config.resolve("tiny", [f"{k}={v}" for k, v in _items(teacher, folder, **overrides).items()])
+
+
+def _args(teacher, folder, **overrides):
+    return ["--config", "tiny", *[f"{k}={v}" for k, v in _items(teacher, folder, **overrides).items()]]
+
+
+@pytest.fixture(scope="module")
+def with_d(tmp_path_factory, small_teacher):
+    """Tiny teacher data and a D trained on it, made once."""
+    folder = tmp_path_factory.mktemp("binarize")
+    cfg = _cfg(small_teacher, folder, d_train_steps=20, d_checkpoint_every=20)
+    generate.generate(cfg)
+    train_d.train_d(cfg)
+    return folder
+
+
+def test_binarize_lowers_its_loss_and_exports_a_packed_b(small_teacher, with_d, tmp_path):
+    cfg = _cfg(small_teacher, with_d, b_run_dir=tmp_path / "b", b_train_steps=60, b_lr=0.01,
+               b_checkpoint_every=60, b_progressive_every=1, data_workers=0)
+    trainer = BTrainer(cfg)
+    folder = trainer.run()
+    stats = [json.loads(line) for line in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
+    assert stats[-1]["loss"] < 0.8 * stats[0]["loss"]
+    assert all(0 <= s["sign_flip_fraction"] <= 1 for s in stats) and any(s["sign_flip_fraction"] > 0 for s in stats)
+    assert stats[0]["binary_layers_active"] < stats[-1]["binary_layers_active"] == len(trainer.binary_layers)
+    assert stats[0]["loss_spd"] > 0 and stats[0]["loss_lrm"] > 0
+    # the packed file is the EMA B, fully binary, and reloads to the same outputs
+    loaded = packed.load_packed(folder)
+    ema_b = trainer.ema_b()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ema_b(x)["chunks"], loaded(x)["chunks"])
+    run = json.loads((folder / "run.json").read_text())
+    assert run["step"] == 60 and run["bytes"]["file_bytes"] == (folder / packed.PACKED_FILE).stat().st_size
+    kinds = {row["kind"] for row in run["layers"]}
+    assert "full precision" in kinds and any(kind.startswith("binary") for kind in kinds)
+
+
+def test_resume_keeps_the_lrm_bases_and_the_learned_scales(small_teacher, with_d, tmp_path):
+    cfg = _cfg(small_teacher, with_d, b_run_dir=tmp_path / "b", b_train_steps=4, b_checkpoint_every=2,
+               data_workers=0)
+    first = BTrainer(cfg)
+    first.run()
+    again = BTrainer(cfg)
+    assert again.step == 4
+    for name, basis in first.bases.state_dict().items():
+        assert torch.equal(basis, again.bases.state_dict()[name])
+    for (_, a), (_, b) in zip(student_b.binary_layers(first.model), student_b.binary_layers(again.model)):
+        assert torch.equal(a.scale1, b.scale1) and bool(b.started)
+
+
+def test_bad_inputs_are_one_sentence(small_teacher, with_d, tmp_path):
+    result = run_cli("Main_Distill.py", "--mode", "binarize",
+                     *_args(small_teacher, with_d, d_run_dir=tmp_path / "no_d", b_run_dir=tmp_path / "b"))
+    assert_one_sentence_error(result, "holds no student")
+    result = run_cli("Main_Distill.py", "--mode", "binarize",
+                     *_args(small_teacher, with_d, d_head_channels=8, b_run_dir=tmp_path / "b"))
+    assert_one_sentence_error(result, "d_head_channels=16")
+    result = run_cli("Main_Distill.py", "--mode", "binarize",
+                     *_args(small_teacher, with_d, holdout_samples=3, b_run_dir=tmp_path / "b"))
+    assert_one_sentence_error(result, "held out records")
+
+    # D of other teacher data (5 chunks) against data of 4 chunks
+    other = tmp_path / "other"
+    generate.generate(_cfg(small_teacher, with_d, data_dir=other, chunks=2))
+    result = run_cli("Main_Distill.py", "--mode", "binarize",
+                     *_args(small_teacher, with_d, data_dir=other, chunks=2, b_run_dir=tmp_path / "b"))
+    assert_one_sentence_error(result, "chunks=5")
+
+    run = tmp_path / "b"
+    assert run_cli("Main_Distill.py", "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
+                                                                    b_train_steps=2)).returncode == 0
+    result = run_cli("Main_Distill.py", "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
+                                                                      b_train_steps=2, lambda_spd=0.5))
+    assert_one_sentence_error(result, "lambda_spd")
+    result = run_cli("Main_Distill.py", "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
+                                                                      b_train_steps=2, b_lmb=False))
+    assert_one_sentence_error(result, "b_lmb")
+    (run / checkpoint.LATEST).write_bytes(b"not a checkpoint")
+    result = run_cli("Main_Distill.py", "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
+                                                                      b_train_steps=2))
+    assert_one_sentence_error(result, "cannot be read")
