@@ -22,7 +22,7 @@ from pipeline.config import output_dir  # noqa: E402
 
 
 def evaluate_point(cfg, weights, eval_dir):
-    point = dict(cfg, d_weights=str(weights), eval_dir=str(eval_dir))
+    point = dict(cfg, d_weights=str(weights), b_weights="none", eval_dir=str(eval_dir))
     return evaluate.eval_d(point)
 
 
@@ -35,8 +35,8 @@ def stall(run_dir) -> float:
 def row(label, report):
     s, t = report["scores"], report["throughput"]
     return (f"| {label} | {s['d']['fid']:.2f} | {s['teacher']['fid']:.2f} | {s['d']['fid'] / s['teacher']['fid']:.2f} | "
-            f"{s['d']['precision']:.3f} | {s['d']['recall']:.3f} | {report['fidelity_vs_teacher']['psnr_db']:.2f} | "
-            f"{t['speedup']:.1f} |")
+            f"{s['d']['precision']:.3f} | {s['d']['recall']:.3f} | {report['fidelity_vs_teacher']['d']['psnr_db']:.2f} | "
+            f"{t['d']['speedup']:.1f} |")
 
 
 def main():
@@ -76,9 +76,9 @@ def main():
     if data_rows:
         print("\nFID against the number of teacher samples:\n" + "\n".join(header + data_rows))
     t = final["throughput"]
-    print(f"\nspeed ({t['device']}, {t['threads']} threads, batch {t['batch']}): D {t['d_images_per_s']:.1f} images/s, "
-          f"teacher {t['teacher_images_per_s']:.1f} images/s ({t['teacher_steps']} steps): {t['speedup']:.1f}x; "
-          f"D = {t['d_cost_in_teacher_calls']:.2f} teacher calls")
+    print(f"\nspeed ({t['device']}, {t['threads']} threads, batch {t['batch']}): D {t['d']['images_per_s']:.1f} "
+          f"images/s, teacher {t['teacher_images_per_s']:.1f} images/s ({t['teacher_steps']} steps): "
+          f"{t['d']['speedup']:.1f}x; D = {t['d']['cost_in_teacher_calls']:.2f} teacher calls")
     print(f"data-loading stall of the main run: {100 * stall(run_dir):.2f} % of step time")
 
 

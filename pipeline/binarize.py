@@ -113,7 +113,7 @@ class BTrainer(StudentTrainer):
     def after_step(self):
         flipped = sum(int((layer.latent().detach() >= 0).ne(old).sum())
                       for layer, old in zip(self.binary_layers, self._signs))
-        active = sum(bool(layer.active) for layer in self.binary_layers)
+        active = sum(layer.is_active for layer in self.binary_layers)
         return {"sign_flip_fraction": flipped / self.binary_count(), "binary_layers_active": active}
 
     def loss(self, batch):

@@ -106,10 +106,25 @@ class _BinaryWeights:
         # persistent: a reloaded layer keeps its learned scales and its progressive state
         self.register_buffer("started", torch.tensor(False))
         self.register_buffer("active", torch.tensor(True))
+        # Python copies of the two flags: reading a CUDA buffer in every forward would wait for the GPU
+        self.is_started, self.is_active = False, True
+        self.register_load_state_dict_post_hook(lambda module, keys: module._read_flags())
         self.frozen = False  # freeze_signs: the layer then holds exported signs, not latent weights
         self.register_buffer("frozen_sign2", None, persistent=False)
         if w1a1:
             self.threshold = torch.nn.Parameter(torch.zeros(self.weight.shape[1]))
+
+    def _read_flags(self):
+        self.is_started, self.is_active = bool(self.started), bool(self.active)
+
+    def set_active(self, on: bool):
+        """Progressive binarization: a layer that is not active runs in full precision."""
+        self.active.fill_(on)
+        self.is_active = on
+
+    def _mark_started(self):
+        self.started.fill_(True)
+        self.is_started = True
 
     def latent(self):
         w = self.weight
@@ -123,18 +138,18 @@ class _BinaryWeights:
         self.frozen = True
         self.frozen_sign2 = None if sign2 is None else sign2.to(self.weight.dtype)
         self.centre = False
-        self.started.fill_(True)
+        self._mark_started()
 
     def binary_weight(self):
         if self.frozen:
             return self._frozen_weight()
-        if not bool(self.started):
+        if not self.is_started:
             with torch.no_grad():
                 s1, s2 = first_scales(self.weight.detach().float(), self.centre)
                 self.scale1.copy_(s1)
                 if self.scale2 is not None:
                     self.scale2.copy_(s2)
-                self.started.fill_(True)
+                self._mark_started()
         w = self.latent()
         if self.basis == 2:
             return TwoBasisSign.apply(w, self.scale1.to(w.dtype), self.scale2.to(w.dtype))
@@ -185,7 +200,7 @@ class BinaryConv2d(torch.nn.Conv2d, _BinaryWeights):
         return layer.to(conv.weight.device)
 
     def forward(self, x):
-        if not bool(self.active):
+        if not self.is_active:
             return super().forward(x)
         w = self.binary_weight()
         if not self.w1a1:
@@ -215,7 +230,7 @@ class BinaryLinear(torch.nn.Linear, _BinaryWeights):
         return layer.to(linear.weight.device)
 
     def forward(self, x):
-        if not bool(self.active):
+        if not self.is_active:
             return super().forward(x)
         return torch.nn.functional.linear(self.binary_input(x, -1) if self.w1a1 else x, self.binary_weight(), self.bias)
 

@@ -1,29 +1,35 @@
-"""``Main_Distill.py --mode eval_d``: D's one-step samples against the teacher, in numbers (DESIGN §5).
+"""``Main_Distill.py --mode eval_d``: the one-step students D and B against the teacher, in numbers
+(DESIGN §5).
 
-D is run on the x_T of the held-out records, which training never saw; the teacher's images for the
-same x_T are those records' x0_teacher, so both sets share their starting noise and the teacher's
-figures cost no sampling (they are cached in ``<data_dir>/eval``). For the first N = ``fid_samples``
-records: FID against the dataset's test split (the first ``fid_reference_count`` images) beside the
-floor at the same N, precision / recall, memorization and diversity scores; on every held-out record:
-PSNR and MSE of D against the teacher. Throughput is measured on one batch of the same x_T, D's
-single call against the teacher's whole DDIM chain, in this run. Everything lands in
-``SampledImgs/distill/<run>/``: grids, every sample as PNG and in one npz, report.json and report.md.
+D (``d_weights``) and, when one exists, the packed 1-bit B (``b_weights``) run on the x_T of the
+held-out records, which training never saw; the teacher's images for the same x_T are those records'
+x0_teacher, so every set shares its starting noise and the teacher's figures cost no sampling (they
+are cached in ``<data_dir>/eval``). For the first N = ``fid_samples`` records: FID against the
+dataset's test split (the first ``fid_reference_count`` images) beside the floor at the same N,
+precision / recall, memorization and diversity scores; on every held-out record: PSNR and MSE against
+the teacher. Throughput is measured on one batch of the same x_T, each student's single call against
+the teacher's whole DDIM chain, in this run. Sizes: D's safetensors in fp32 and fp16, B's packed file
+with the breakdown of what is not sign bits, and the layers B keeps in full precision. Everything lands
+in ``SampledImgs/distill/<run>/``: grids, every sample as PNG and in one npz, a latent walk of D and B
+side by side, report.json and report.md.
 """
 import io
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from . import atomic, datasets, fid, images, latent_walk, metrics, runtime, students, teacher_data, teachers
+from . import (atomic, datasets, fid, images, latent_walk, metrics, packed, runtime, student_b, students, teacher_data,
+               teachers)
 from .config import output_dir, project_path
 from .errors import UserError
 from .trajectory import ddim_sample
 
 THROUGHPUT_REPEATS = 7  # single calls; the teacher's chain is timed twice
+NAMES = {"d": "D", "b": "B"}
 
 
 def held_out_range(cfg, folder, manifest, n):
@@ -41,10 +47,23 @@ def held_out_range(cfg, folder, manifest, n):
     return lo, hi
 
 
+def b_folder(cfg):
+    """The packed B to evaluate beside D: ``b_weights`` (a packed folder or a binarize run holding
+    one), else ``<b_run_dir>/packed`` when binarize has written it; None for D alone."""
+    if cfg["b_weights"] == "none":
+        return None
+    if not cfg["b_weights"]:
+        default = output_dir(cfg, "b_run_dir", "Checkpoints/binarize") / "packed"
+        return default if (default / packed.PACKED_FILE).is_file() else None
+    path = project_path(cfg["b_weights"])
+    return path / "packed" if (path / "packed" / packed.PACKED_FILE).is_file() else path
+
+
 @torch.no_grad()
-def one_step_images(model, x_T, batch_size, device):
+def one_step_images(model, x_T, batch_size, device, label="D"):
     out = [students.one_step(model, x_T[lo:lo + batch_size].to(device)).float().cpu()
-           for lo in tqdm(range(0, len(x_T), batch_size), desc="D one-step samples", unit="batch", dynamic_ncols=True)]
+           for lo in tqdm(range(0, len(x_T), batch_size), desc=f"{label} one-step samples", unit="batch",
+                          dynamic_ncols=True)]
     return torch.cat(out)
 
 
@@ -62,24 +81,26 @@ def seconds_per_call(fn, repeats, warm_up=True):
 
 
 @torch.no_grad()
-def throughput(model, teacher, ddpm, x_T, steps, device) -> dict:
-    """Images/s of D's single call and of the teacher's full DDIM chain on the same batch, each the
-    best of several timings."""
+def throughput(models: dict, teacher, ddpm, x_T, steps, device) -> dict:
+    """Images/s of each student's single call and of the teacher's full DDIM chain on the same batch,
+    each the best of several timings."""
     x = x_T.to(device)
 
     def finished(fn):  # CUDA calls return before the work is done
         return lambda: (fn(), torch.cuda.synchronize(device) if device.type == "cuda" else None)
 
-    d_seconds = seconds_per_call(finished(lambda: students.one_step(model, x)), THROUGHPUT_REPEATS)
     call_seconds = seconds_per_call(finished(lambda: teacher(x, int(ddpm.config.num_train_timesteps) - 1)),
                                     THROUGHPUT_REPEATS)
     scheduler = teachers.ddim_scheduler(ddpm)
     chain_seconds = seconds_per_call(finished(lambda: ddim_sample(teacher, scheduler, x, steps)), repeats=2,
                                      warm_up=False)  # the single-call timing above warmed the teacher
-    return {"batch": len(x), "device": str(device), "threads": torch.get_num_threads(),
-            "d_images_per_s": len(x) / d_seconds, "teacher_images_per_s": len(x) / chain_seconds,
-            "teacher_steps": steps, "speedup": chain_seconds / d_seconds,
-            "d_cost_in_teacher_calls": d_seconds / call_seconds}
+    speed = {"batch": len(x), "device": str(device), "threads": torch.get_num_threads(),
+             "teacher_images_per_s": len(x) / chain_seconds, "teacher_steps": steps}
+    for key, model in models.items():
+        seconds = seconds_per_call(finished(lambda: students.one_step(model, x)), THROUGHPUT_REPEATS)
+        speed[key] = {"images_per_s": len(x) / seconds, "speedup": chain_seconds / seconds,
+                      "cost_in_teacher_calls": seconds / call_seconds}
+    return speed
 
 
 def sample_scores(feats, images_uint8, real_feats, train_uint8, n):
@@ -89,18 +110,55 @@ def sample_scores(feats, images_uint8, real_feats, train_uint8, n):
             "diversity": metrics.diversity_score(images_uint8), "n": n}
 
 
+def d_size(model, folder) -> dict:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {"parameters": students.parameter_count(model),
+            "fp32_bytes": (folder / students.WEIGHTS_FILE).stat().st_size,
+            "fp16_bytes": len(safetensors_bytes({k: v.half() for k, v in state.items()}))}
+
+
+def b_size(model, folder, d: dict) -> dict:
+    """B's packed file: bytes by part, the ratio to D, and the layers kept in full precision."""
+    data = (folder / packed.PACKED_FILE).read_bytes()
+    header = int.from_bytes(data[:8], "little") + 8
+    binary = dict(student_b.binary_layers(model))
+    sign_bits = sum(layer.weight.numel() * layer.basis for layer in binary.values())
+    full_precision = [{"name": name, "parameters": sum(p.numel() for p in m.parameters(recurse=False))}
+                      for name, m in model.named_modules()
+                      if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and name not in binary
+                      and name.rpartition(".")[0] not in binary]
+    values = packed.value_breakdown(model)
+    return {"parameters": students.parameter_count(model),
+            "binary_weights": sum(layer.weight.numel() for layer in binary.values()),
+            "two_basis_layers": sum(layer.basis == 2 for layer in binary.values()), "binary_layers": len(binary),
+            "packed_bytes": len(data), "sign_bytes": (sign_bits + 7) // 8, "header_bytes": header,
+            "value_bytes": 4 * sum(values.values()), "values_by_kind": values,
+            "full_precision_layers": full_precision,
+            "times_smaller_than_d_fp32": d["fp32_bytes"] / len(data),
+            "times_smaller_than_d_fp16": d["fp16_bytes"] / len(data)}
+
+
 class Evaluation:
     def __init__(self, cfg):
         self.cfg = cfg
         self.device = runtime.configure(cfg)
-        self.folder = students.d_folder(cfg)
-        self.model = students.load_student(self.folder).to(self.device)
         self.manifest = teacher_data.open_data(cfg)
-        students.check_fits(self.model, self.manifest)
+        self.folders = {"d": students.d_folder(cfg)}
+        self.models = {"d": students.load_student(self.folders["d"])}
+        b = b_folder(cfg)
+        if b is not None:
+            self.folders["b"], self.models["b"] = b, packed.load_packed(b)
+        for model in self.models.values():
+            students.check_fits(model.to(self.device), self.manifest)
         self.n = cfg["fid_samples"]
         if self.n < 2:
             raise UserError(f"fid_samples must be at least 2, got {self.n}")
-        self.lo, self.hi = held_out_range(cfg, self.folder, self.manifest, self.n)
+        self.lo, self.hi = held_out_range(cfg, self.folders["d"], self.manifest, self.n)
+        if b is not None and (b / "run.json").is_file():
+            b_holdout = json.loads((b / "run.json").read_text())["holdout_indices"]
+            if b_holdout != [self.lo, self.hi]:
+                raise UserError(f"B in {b} held out records {b_holdout} but D held out {[self.lo, self.hi]}; "
+                                f"binarize this D again or set b_weights= to its B (none = D alone)")
         self.teacher, self.ddpm, self.teacher_source = teacher_data.teacher_of(cfg, self.manifest, self.device)
         self.out_dir = output_dir(cfg, "eval_dir", "SampledImgs/distill")
         self.cache_dir = self.manifest.folder / "eval"
@@ -131,57 +189,66 @@ class Evaluation:
     def run(self):
         cfg, n = self.cfg, self.n
         records = teacher_data.read_range(self.manifest, self.lo, self.hi)
-        d_images = one_step_images(self.model, records["x_T"], cfg["fid_batch_size"], self.device)
-        fidelity = metrics.fidelity(d_images, records["x0"])
-        d_uint8, teacher_uint8 = datasets.to_uint8(d_images[:n]), datasets.to_uint8(records["x0"][:n])
+        samples = {key: one_step_images(model, records["x_T"], cfg["fid_batch_size"], self.device, NAMES[key])
+                   for key, model in self.models.items()}
+        fidelity = {key: metrics.fidelity(images_, records["x0"]) for key, images_ in samples.items()}
+        uint8 = {key: datasets.to_uint8(images_[:n]) for key, images_ in samples.items()}
+        teacher_uint8 = datasets.to_uint8(records["x0"][:n])
         real, floor, test_uint8 = self.reference()
-        d_feats = fid.extract(self.features, d_uint8, cfg["fid_batch_size"], "inception: D samples")
-        rows = {"teacher": self.teacher_scores(teacher_uint8, real),
-                "d": sample_scores(d_feats, d_uint8, real, self.train_images, n),
-                "real": {"fid": fid.frechet_distance(real, floor), "fid_of": f"{n} training images (floor)",
-                         "memorization": metrics.memorization_score(test_uint8, self.train_images),
-                         "diversity": metrics.diversity_score(test_uint8), "n": n}}
+        rows = {"teacher": self.teacher_scores(teacher_uint8, real)}
+        for key, images_ in uint8.items():
+            feats = fid.extract(self.features, images_, cfg["fid_batch_size"], f"inception: {NAMES[key]} samples")
+            rows[key] = sample_scores(feats, images_, real, self.train_images, n)
+        rows["real"] = {"fid": fid.frechet_distance(real, floor), "fid_of": f"{n} training images (floor)",
+                        "memorization": metrics.memorization_score(test_uint8, self.train_images),
+                        "diversity": metrics.diversity_score(test_uint8), "n": n}
         batch_x = records["x_T"][:cfg["throughput_batch"]]
-        speed = throughput(self.model, self.teacher, self.ddpm, batch_x, self.manifest.data["generator"]["steps"],
+        speed = throughput(self.models, self.teacher, self.ddpm, batch_x, self.manifest.data["generator"]["steps"],
                            self.device)
         report = self.report(rows, fidelity, speed)
-        self.write(report, d_uint8, teacher_uint8, records["index"][:n].numpy())
+        self.write(report, uint8, teacher_uint8, records["index"][:n].numpy())
         self.walk(records["x_T"][0], records["x_T"][1])
         return report
 
     def walk(self, start, end):
-        """D's images along the spherical path between the first two held-out x_T."""
+        """The students' images along the spherical path between the first two held-out x_T, side by side."""
         path = latent_walk.slerp(start, end, latent_walk.FRAMES)
-        frames = datasets.to_uint8(one_step_images(self.model, path, self.cfg["fid_batch_size"], self.device))
-        latent_walk.save_walk({"D": frames}, self.out_dir / "latent_walk.gif", self.out_dir / "latent_walk.png")
+        frames = {NAMES[key]: datasets.to_uint8(one_step_images(model, path, self.cfg["fid_batch_size"], self.device,
+                                                                NAMES[key]))
+                  for key, model in self.models.items()}
+        latent_walk.save_walk(frames, self.out_dir / "latent_walk.gif", self.out_dir / "latent_walk.png")
 
     def report(self, rows, fidelity, speed):
         gen = self.manifest.data["generator"]
-        weights = self.folder / students.WEIGHTS_FILE
+        size = {"teacher_parameters": teachers.parameter_count(self.teacher),
+                "teacher_file_bytes": teachers.safetensors_bytes(self.teacher),
+                "d": d_size(self.models["d"], self.folders["d"])}
+        if "b" in self.models:
+            size["b"] = b_size(self.models["b"], self.folders["b"], size["d"])
         return {
-            "student": str(self.folder), "teacher": self.teacher_source, "data_dir": str(self.manifest.folder),
-            "teacher_sampler": f"DDIM eta=0, {gen['steps']} steps", "held_out_records": [self.lo, self.hi - 1],
-            "fid_samples": self.n, "fid_reference": self.reference_name,
-            "scores": rows, "fidelity_vs_teacher": fidelity, "throughput": speed,
-            "size": {"d_parameters": students.parameter_count(self.model), "d_file_bytes": weights.stat().st_size,
-                     "teacher_parameters": teachers.parameter_count(self.teacher),
-                     "teacher_file_bytes": teachers.safetensors_bytes(self.teacher)},
+            "students": {key: str(folder) for key, folder in self.folders.items()}, "teacher": self.teacher_source,
+            "data_dir": str(self.manifest.folder), "teacher_sampler": f"DDIM eta=0, {gen['steps']} steps",
+            "held_out_records": [self.lo, self.hi - 1], "fid_samples": self.n, "fid_reference": self.reference_name,
+            "scores": rows, "fidelity_vs_teacher": fidelity, "throughput": speed, "size": size,
             "metrics": {"precision_recall": f"k-NN manifolds, k={metrics.PR_NEIGHBOURS}, Inception pool features, "
                                             f"N real = N generated",
                         "memorization": "mean L2 to the nearest training image, pixels in [0, 1] (higher = less copying)",
                         "diversity": "mean pairwise L2 between samples, pixels in [0, 1]",
-                        "psnr": "per image, data range [-1, 1], D vs x0_teacher from the same x_T"},
+                        "psnr": "per image, data range [-1, 1], student vs x0_teacher from the same x_T"},
         }
 
-    def write(self, report, d_uint8, teacher_uint8, index):
+    def write(self, report, uint8: dict, teacher_uint8, index):
         out = self.out_dir
-        images.save_grid(d_uint8[:64], out / "grid.png")
+        for key, images_ in uint8.items():
+            images.save_grid(images_[:64], out / ("grid.png" if key == "d" else f"{key}_grid.png"))
+            for i, img in zip(index, images_):
+                folder = "samples" if key == "d" else f"{key}_samples"
+                atomic.write_bytes(out / folder / f"{int(i):06d}.png", images.png_bytes(img.transpose(1, 2, 0)))
         images.save_grid(teacher_uint8[:64], out / "teacher_grid.png")
-        images.save_grid(images.interleave_rows(teacher_uint8[:32], d_uint8[:32], 8), out / "comparison.png")
-        for i, img in zip(index, d_uint8):
-            atomic.write_bytes(out / "samples" / f"{int(i):06d}.png", images.png_bytes(img.transpose(1, 2, 0)))
+        rows = [teacher_uint8[:32], *(images_[:32] for images_ in uint8.values())]
+        images.save_grid(images.interleave_rows(*rows, per_row=8), out / "comparison.png")
         buf = io.BytesIO()
-        np.savez(buf, d=d_uint8, teacher=teacher_uint8, index=index)
+        np.savez(buf, teacher=teacher_uint8, index=index, **uint8)
         atomic.write_bytes(out / "samples.npz", buf.getvalue())
         atomic.write_json(out / "report.json", report)
         atomic.write_json(out / "config.json", self.cfg)
@@ -192,55 +259,104 @@ def _f(value, digits=2):
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
-def render_markdown(r) -> str:
+def _score_rows(r) -> list:
     s, t, size = r["scores"], r["throughput"], r["size"]
-    rows = [("Teacher", f"{r['teacher_sampler']}", s["teacher"], f"{t['teacher_images_per_s']:.1f}",
-             t["teacher_steps"], size["teacher_parameters"], size["teacher_file_bytes"]),
-            ("Student D", "one step", s["d"], f"{t['d_images_per_s']:.1f}", 1, size["d_parameters"],
-             size["d_file_bytes"])]
-    lines = [
-        "# One-step student D against its teacher", "",
-        f"Student `{r['student']}`; teacher `{r['teacher']}`; data `{r['data_dir']}`, held-out records "
-        f"{r['held_out_records'][0]}..{r['held_out_records'][1]} (never trained on).", "",
-        f"FID: N = {r['fid_samples']} samples against {r['fid_reference']}; the floor at the same N "
-        f"(N real training images) is **{_f(s['real']['fid'])}**.", "",
-        "| model | sampler | FID | precision | recall | memorization | diversity | images/s | network calls | parameters | file bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, sampler, sc, speed, calls, params, nbytes in rows:
+    rows = [("Teacher", r["teacher_sampler"], s["teacher"], t["teacher_images_per_s"], t["teacher_steps"],
+             size["teacher_parameters"])]
+    for key in ("d", "b"):
+        if key in s:
+            label = "Student D (full precision)" if key == "d" else "Student B (1-bit weights)"
+            rows.append((label, "one step", s[key], t[key]["images_per_s"], 1, size[key]["parameters"]))
+    lines = ["| model | sampler | FID | precision | recall | memorization | diversity | images/s | network calls | "
+             "parameters |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, sampler, sc, speed, calls, params in rows:
         lines.append(f"| {name} | {sampler} | {_f(sc['fid'])} | {_f(sc['precision'], 3)} | {_f(sc['recall'], 3)} | "
-                     f"{_f(sc['memorization'], 3)} | {_f(sc['diversity'], 3)} | {speed} | {calls} | {params:,} | "
-                     f"{'–' if nbytes is None else f'{nbytes:,}'} |")
+                     f"{_f(sc['memorization'], 3)} | {_f(sc['diversity'], 3)} | {speed:.1f} | {calls} | {params:,} |")
     lines.append(f"| real test images | – | {_f(s['real']['fid'])} (floor) | – | – | {_f(s['real']['memorization'], 3)} | "
-                 f"{_f(s['real']['diversity'], 3)} | – | – | – | – |")
-    fidelity = r["fidelity_vs_teacher"]
-    lines += [
-        "", f"FID ratio D / teacher: **{s['d']['fid'] / s['teacher']['fid']:.2f}**.", "",
-        f"Distillation fidelity on {fidelity['records']} held-out records (same x_T): PSNR **{fidelity['psnr_db']:.2f} dB**, "
-        f"MSE {fidelity['mse']:.5f}.", "",
-        f"Speed ({t['device']}, {t['threads']} threads, batch {t['batch']}, same run): D makes "
-        f"{t['d_images_per_s']:.1f} images/s in one call, the teacher {t['teacher_images_per_s']:.1f} images/s with "
-        f"{t['teacher_steps']} DDIM steps: **{t['speedup']:.1f}x** faster; one D call costs "
-        f"{t['d_cost_in_teacher_calls']:.2f} teacher calls.", "",
-        "Metrics: " + "; ".join(f"{k}: {v}" for k, v in r["metrics"].items()) + ".", "",
-        "## Samples", "",
-        "D, one step (`grid.png`):", "", "![D](grid.png)", "",
-        "Teacher from the same x_T (`teacher_grid.png`):", "", "![teacher](teacher_grid.png)", "",
-        "Rows of the teacher, then D, from the same x_T (`comparison.png`):", "", "![comparison](comparison.png)", "",
-        f"A {latent_walk.FRAMES}-frame latent walk of D (spherical interpolation between the x_T of the first two "
-        f"held-out records): `latent_walk.gif`, and {latent_walk.STRIP_FRAMES} evenly spaced frames:", "",
-        "![latent walk](latent_walk.png)", "",
-        "Every D sample: `samples/<record index>.png` and `samples.npz` (keys d, teacher, index).", "",
-    ]
+                 f"{_f(s['real']['diversity'], 3)} | – | – | – |")
+    return lines
+
+
+def _size_lines(r) -> list:
+    size = r["size"]
+    d = size["d"]
+    lines = ["| model | parameters | fp32 bytes | fp16 bytes | packed bytes |", "|---|---|---|---|---|",
+             f"| teacher | {size['teacher_parameters']:,} | {size['teacher_file_bytes']:,} | – | – |",
+             f"| D | {d['parameters']:,} | {d['fp32_bytes']:,} | {d['fp16_bytes']:,} | – |"]
+    if "b" not in size:
+        return lines
+    b = size["b"]
+    lines += [f"| B | {b['parameters']:,} ({b['binary_weights']:,} binary) | – | – | **{b['packed_bytes']:,}** |", "",
+              f"B's packed file is **{b['times_smaller_than_d_fp32']:.1f}x** smaller than D in fp32 and "
+              f"{b['times_smaller_than_d_fp16']:.1f}x smaller than D in fp16: {b['sign_bytes']:,} bytes of sign bits "
+              f"({b['binary_layers']} binary layers, {b['two_basis_layers']} of them with two bases), "
+              f"{b['value_bytes']:,} bytes of fp32 values, {b['header_bytes']:,} bytes of safetensors header. "
+              f"The values by kind:", "", "| full-precision values in the packed file | count | bytes |", "|---|---|---|"]
+    lines += [f"| {kind} | {count:,} | {4 * count:,} |" for kind, count in sorted(b["values_by_kind"].items())]
+    lines += ["", "Layers kept in full precision (configuration `b_full_precision`; norms, activations and the folded "
+              "constant time embedding are full precision too):", "", "| layer | parameters |", "|---|---|"]
+    lines += [f"| `{row['name']}` | {row['parameters']:,} |" for row in b["full_precision_layers"]]
+    return lines
+
+
+def render_markdown(r) -> str:
+    s, t = r["scores"], r["throughput"]
+    has_b = "b" in s
+    title = "One-step students D and B against their teacher" if has_b else "One-step student D against its teacher"
+    students_line = "; ".join(f"student {NAMES[k]} `{v}`" for k, v in r["students"].items())
+    lines = [f"# {title}", "",
+             f"{students_line}; teacher `{r['teacher']}`; data `{r['data_dir']}`, held-out records "
+             f"{r['held_out_records'][0]}..{r['held_out_records'][1]} (never trained on).", "",
+             f"FID: N = {r['fid_samples']} samples against {r['fid_reference']}; the floor at the same N "
+             f"(N real training images) is **{_f(s['real']['fid'])}**.", "", *_score_rows(r), "",
+             f"FID ratio D / teacher: **{s['d']['fid'] / s['teacher']['fid']:.2f}**."]
+    if has_b:
+        lines[-1] += f" FID ratio B / D: **{s['b']['fid'] / s['d']['fid']:.2f}**."
+    lines.append("")
+    for key, fidelity in r["fidelity_vs_teacher"].items():
+        lines.append(f"Distillation fidelity of {NAMES[key]} on {fidelity['records']} held-out records (same x_T): "
+                     f"PSNR **{fidelity['psnr_db']:.2f} dB**, MSE {fidelity['mse']:.5f}.")
+    lines += ["", f"Speed ({t['device']}, {t['threads']} threads, batch {t['batch']}, same run): the teacher makes "
+              f"{t['teacher_images_per_s']:.1f} images/s with {t['teacher_steps']} DDIM steps."]
+    for key in ("d", "b"):
+        if key in t:
+            lines[-1] += (f" {NAMES[key]} makes {t[key]['images_per_s']:.1f} images/s in one call, "
+                          f"**{t[key]['speedup']:.1f}x** faster (one call costs {t[key]['cost_in_teacher_calls']:.2f} "
+                          f"teacher calls).")
+    if has_b:
+        lines[-1] += (" B runs here as float convolutions of its +-scale weights (PyTorch has no 1-bit kernel), so "
+                      "its speed is that of D plus rebuilding the binary weights, not that of 1-bit hardware.")
+    lines += ["", "## Size", "", *_size_lines(r), "",
+              "Metrics: " + "; ".join(f"{k}: {v}" for k, v in r["metrics"].items()) + ".", "", "## Samples", "",
+              "D, one step (`grid.png`):", "", "![D](grid.png)", ""]
+    if has_b:
+        lines += ["B, one step, same x_T (`b_grid.png`):", "", "![B](b_grid.png)", ""]
+    order = "the teacher, then D" + (", then B" if has_b else "")
+    shown = "D and B side by side" if has_b else "D"
+    lines += ["Teacher from the same x_T (`teacher_grid.png`):", "", "![teacher](teacher_grid.png)", "",
+              f"Rows of {order}, from the same x_T (`comparison.png`):", "", "![comparison](comparison.png)", "",
+              f"A {latent_walk.FRAMES}-frame latent walk of {shown} (spherical interpolation between the x_T of the "
+              f"first two held-out records): `latent_walk.gif`, and {latent_walk.STRIP_FRAMES} evenly spaced frames "
+              f"(one row per model):", "", "![latent walk](latent_walk.png)", "",
+              "Every sample: `samples/<record index>.png` (D), `b_samples/` (B) and `samples.npz` (keys teacher, "
+              "index, d, b).", ""]
     return "\n".join(lines)
 
 
 def eval_d(cfg):
     report = Evaluation(cfg).run()
     out = output_dir(cfg, "eval_dir", "SampledImgs/distill")
-    s = report["scores"]
-    print(f"[eval_d] FID D {s['d']['fid']:.2f} vs teacher {s['teacher']['fid']:.2f} (N={report['fid_samples']}, "
-          f"floor {s['real']['fid']:.2f}); PSNR vs teacher {report['fidelity_vs_teacher']['psnr_db']:.2f} dB; "
-          f"{report['throughput']['speedup']:.1f}x faster than the {report['throughput']['teacher_steps']}-step teacher")
-    print(f"[eval_d] report: {out / 'report.md'}\n[eval_d] sample grid: {out / 'grid.png'}")
+    s, t = report["scores"], report["throughput"]
+    for key in ("d", "b"):
+        if key in s:
+            print(f"[eval_d] FID {NAMES[key]} {s[key]['fid']:.2f} vs teacher {s['teacher']['fid']:.2f} "
+                  f"(N={report['fid_samples']}, floor {s['real']['fid']:.2f}); PSNR vs teacher "
+                  f"{report['fidelity_vs_teacher'][key]['psnr_db']:.2f} dB; {t[key]['speedup']:.1f}x faster than the "
+                  f"{t['teacher_steps']}-step teacher")
+    if "b" in report["size"]:
+        b = report["size"]["b"]
+        print(f"[eval_d] packed B: {b['packed_bytes']:,} bytes, {b['times_smaller_than_d_fp32']:.1f}x smaller than D "
+              f"in fp32; FID ratio B / D {s['b']['fid'] / s['d']['fid']:.2f}")
+    print(f"[eval_d] report: {out / 'report.md'}\n[eval_d] sample grids: {out / 'grid.png'}"
+          + (f", {out / 'b_grid.png'}" if "b" in s else ""))
     return report

@@ -33,9 +33,9 @@ def save_grid(images_uint8: np.ndarray, path, nrow: int = 8, scale: int = 2) -> 
     atomic.write_bytes(path, png_bytes(grid(images_uint8, nrow), scale))
 
 
-def interleave_rows(first: np.ndarray, second: np.ndarray, per_row: int) -> np.ndarray:
-    """[N, C, H, W] x 2 -> rows of ``first`` and ``second`` alternating, ``per_row`` images each."""
+def interleave_rows(*sets: np.ndarray, per_row: int) -> np.ndarray:
+    """Several [N, C, H, W] sets -> rows of each set in turn, ``per_row`` images each (same x_T per column)."""
     rows = []
-    for lo in range(0, min(len(first), len(second)), per_row):
-        rows += [first[lo:lo + per_row], second[lo:lo + per_row]]
+    for lo in range(0, min(len(s) for s in sets), per_row):
+        rows += [s[lo:lo + per_row] for s in sets]
     return np.concatenate(rows)

@@ -50,6 +50,29 @@ def _value_keys(model, binary: dict):
             and not (k.rpartition(".")[0] in binary and k.endswith(".weight"))]
 
 
+def value_breakdown(model) -> dict:
+    """How many full-precision values of each kind the packed file holds beside the sign bits."""
+    binary = dict(student_b.binary_layers(model))
+    modules = dict(model.named_modules())
+    counts = {}
+    for key in _value_keys(model, binary):
+        owner, _, leaf = key.rpartition(".")
+        module = modules.get(owner)
+        if owner in binary:
+            kind = "binarizer scales" if leaf.startswith("scale") else (
+                "binary-layer biases" if leaf == "bias" else "W1A1 thresholds, k filters, shortcuts")
+        elif owner.rpartition(".")[0] in binary:  # a W1A1 shortcut convolution
+            kind = "W1A1 thresholds, k filters, shortcuts"
+        elif isinstance(module, student_b.ConstantVector):
+            kind = "folded time constants"
+        elif isinstance(module, torch.nn.GroupNorm):
+            kind = "norms"
+        else:
+            kind = "full-precision layers"
+        counts[kind] = counts.get(kind, 0) + model.state_dict()[key].numel()
+    return counts
+
+
 def _pack(bits: torch.Tensor) -> np.ndarray:
     return np.packbits(bits.flatten().cpu().numpy().astype(np.uint8))
 

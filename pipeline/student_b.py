@@ -157,6 +157,6 @@ def set_progress(model, step: int, every: int) -> int:
     count = 0
     for name, layer in binary_layers(model):
         on = ring_of(name, levels) <= due
-        layer.active.fill_(on)
+        layer.set_active(on)
         count += on
     return count

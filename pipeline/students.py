@@ -220,7 +220,7 @@ def d_folder(cfg) -> Path:
     if not cfg["d_weights"]:
         return output_dir(cfg, "d_run_dir", "Checkpoints/distill") / "student"
     path = project_path(cfg["d_weights"])
-    if not (path / students.CONFIG_FILE).is_file() and (path / "student" / students.CONFIG_FILE).is_file():
+    if not (path / CONFIG_FILE).is_file() and (path / "student" / CONFIG_FILE).is_file():
         return path / "student"
     return path
 

@@ -1,0 +1,78 @@
+"""Student B figures for BENCHMARKS.md: FID of the 1-bit student against D's, its fidelity, speed and
+packed size, for the preset's recipe and its ablations.
+
+    .venv/bin/python benchmarks/student_b_benchmark.py --config fashion_mnist_bench
+    .venv/bin/python benchmarks/student_b_benchmark.py --config fashion_mnist --variants w1a32,no_spd,no_lrm
+
+D is the preset's train_d run (trained here if it is not finished). Every variant is a binarize run
+of its own (``<b_run_dir>-<variant>``, resumed if it exists) from that D, then a full eval_d of D and
+that B (same held-out records, same N, same reference set), so the D and teacher figures of every row
+come from the same run as its B.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline import binarize, config, evaluate, train_d  # noqa: E402
+from pipeline.config import output_dir  # noqa: E402
+
+VARIANTS = {
+    "w1a32": ("W1A32: SPD + LRM + progressive + LMB (the preset)", {}),
+    "w1a1": ("W1A1: binary activations too", {"b_activations": "binary"}),
+    "no_spd": ("without SPD", {"lambda_spd": 0.0}),
+    "no_lrm": ("without LRM", {"lambda_lrm": 0.0}),
+    "no_progressive": ("without progressive binarization", {"b_progressive_every": 0}),
+    "no_lmb": ("without LMB (one basis everywhere)", {"b_lmb": False}),
+    "lmb_full_res": ("LMB only at full resolution", {"b_lmb_min_size": 1.0}),
+    "no_d_outputs": ("without D's outputs as targets", {"lambda_d_outputs": 0.0}),
+}
+
+
+def run_variant(cfg, key):
+    _, overrides = VARIANTS[key]
+    b_root = output_dir(cfg, "b_run_dir", "Checkpoints/binarize")
+    eval_root = output_dir(cfg, "eval_dir", "SampledImgs/distill")
+    point = dict(cfg, **overrides, b_run_dir=f"{b_root}-{key}", eval_dir=f"{eval_root}-b-{key}", b_weights="")
+    binarize.binarize(point)
+    return evaluate.eval_d(point)
+
+
+def row(label, report):
+    s, t, size, fidelity = report["scores"], report["throughput"], report["size"], report["fidelity_vs_teacher"]
+    b = size["b"]
+    return (f"| {label} | {s['b']['fid']:.2f} | {s['d']['fid']:.2f} | **{s['b']['fid'] / s['d']['fid']:.2f}** | "
+            f"{s['b']['precision']:.3f} / {s['b']['recall']:.3f} | {fidelity['b']['psnr_db']:.2f} | "
+            f"{fidelity['d']['psnr_db']:.2f} | {b['packed_bytes']:,} | {b['times_smaller_than_d_fp32']:.1f} | "
+            f"{t['b']['images_per_s']:.1f} / {t['d']['images_per_s']:.1f} / {t['teacher_images_per_s']:.1f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="fashion_mnist_bench")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    cfg = config.resolve(args.config, args.overrides)
+    keys = [k for k in args.variants.split(",") if k]
+    unknown = [k for k in keys if k not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}")
+    train_d.train_d(cfg)
+    header = ["| B variant | FID B | FID D | B / D | precision / recall B | PSNR B (dB) | PSNR D (dB) | packed bytes | "
+              "x smaller than D fp32 | images/s B / D / teacher |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows, last = [], None
+    for key in keys:
+        last = run_variant(cfg, key)
+        rows.append(row(VARIANTS[key][0], last))
+        print("\n".join(header + rows), flush=True)  # the table so far, in case a later variant is stopped
+    t = last["throughput"]
+    print(f"\nFID N={last['fid_samples']} against {last['fid_reference']}; floor {last['scores']['real']['fid']:.2f}; "
+          f"teacher {last['scores']['teacher']['fid']:.2f}; {cfg['b_train_steps']} binarize steps per variant; "
+          f"speed on {t['device']}, {t['threads']} threads, batch {t['batch']}.")
+    print("\n".join(header + rows))
+
+
+if __name__ == "__main__":
+    main()
