@@ -5,7 +5,8 @@ packed size, for the preset's recipe and its ablations.
     .venv/bin/python benchmarks/student_b_benchmark.py --config fashion_mnist --variants w1a32,no_spd,no_lrm
 
 D is the preset's train_d run (trained here if it is not finished). Every variant is a binarize run
-of its own (``<b_run_dir>-<variant>``, resumed if it exists) from that D, then a full eval_d of D and
+of its own from that D (the preset's recipe is the preset's run ``<b_run_dir>``, the others
+``<b_run_dir>-<variant>``; each resumed or reused if it exists), then a full eval_d of D and
 that B (same held-out records, same N, same reference set), so the D and teacher figures of every row
 come from the same run as its B.
 """
@@ -34,7 +35,8 @@ def run_variant(cfg, key):
     _, overrides = VARIANTS[key]
     b_root = output_dir(cfg, "b_run_dir", "Checkpoints/binarize")
     eval_root = output_dir(cfg, "eval_dir", "SampledImgs/distill")
-    point = dict(cfg, **overrides, b_run_dir=f"{b_root}-{key}", eval_dir=f"{eval_root}-b-{key}", b_weights="")
+    suffix = "" if key == "w1a32" else f"-{key}"  # the preset's recipe is the preset's own binarize run
+    point = dict(cfg, **overrides, b_run_dir=f"{b_root}{suffix}", eval_dir=f"{eval_root}-b-{key}", b_weights="")
     binarize.binarize(point)
     return evaluate.eval_d(point)
 

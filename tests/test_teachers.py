@@ -84,18 +84,22 @@ def _fake_cifar10(folder, per_batch=6):
 
 
 def test_cifar10_preset_end_to_end_with_the_google_config_teacher(google_config_teacher, tmp_path):
-    from pipeline import evaluate, train_d
+    from pipeline import binarize, evaluate, train_d
     path, _ = google_config_teacher
     cfg = config.resolve("cifar10", [
         f"teacher_path={path}", f"data_dir={tmp_path / 'data'}", f"dataset_dir={_fake_cifar10(tmp_path / 'cifar')}",
         "verify_dataset_md5=false", f"d_run_dir={tmp_path / 'run'}", f"eval_dir={tmp_path / 'out'}",
         f"fid_cache_dir={tmp_path / 'fid'}", "samples_total=4", "shard_size=2", "gen_batch_size=2", "steps=2",
         "chunks=2", "num_threads=1", "holdout_samples=2", "d_train_steps=1", "d_batch_size=2", "shuffle_buffer=2",
-        "data_workers=0", "fid_samples=2", "fid_reference_count=4", "fid_batch_size=2", "throughput_batch=2"])
+        "data_workers=0", "fid_samples=2", "fid_reference_count=4", "fid_batch_size=2", "throughput_batch=2",
+        f"b_run_dir={tmp_path / 'b'}", "b_train_steps=1", "b_batch_size=2", "b_checkpoint_every=1"])
     generate.generate(cfg)
     train_d.train_d(cfg)
+    binarize.binarize(cfg)
     report = evaluate.eval_d(cfg)
     assert report["size"]["teacher_parameters"] == 35_746_307
-    assert report["size"]["d_parameters"] > 35_746_307
+    assert report["size"]["d"]["parameters"] > 35_746_307
+    # the 35.7 M-parameter B packs into about a bit per weight (attention q/k/v/proj included)
+    assert report["size"]["b"]["times_smaller_than_d_fp32"] > 20
     assert report["throughput"]["teacher_steps"] == 2
     assert (tmp_path / "out" / "grid.png").is_file()
