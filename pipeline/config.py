@@ -102,6 +102,7 @@ DEFAULTS = {
     "b_lmb_min_size": 0.5,              # LMB where a layer's input is at least this fraction of the image size
     "b_centre": False,                  # subtract each output channel's mean weight before the sign
     "b_activations": "fp",              # fp (W1A32) | binary (W1A1, BiDM's activation binarizer)
+    "b_packed_values": "fp16",          # precision of everything but the sign bits in the packed file: fp16 | fp32
     "b_progressive_every": 0,           # steps between progressive-binarization rings (0 = all at once)
     # --- eval_d (uses fid_samples as N and fid_batch_size)
     "d_weights": "",                    # a student folder ("" = <d_run_dir>/student, the EMA weights)
@@ -121,6 +122,7 @@ CHOICES = {
     "codec": ("int8+zstd",),
     "d_init": ("teacher", "random"),
     "b_activations": ("fp", "binary"),
+    "b_packed_values": ("fp16", "fp32"),
 }
 
 

@@ -122,17 +122,19 @@ def b_size(model, folder, d: dict) -> dict:
     data = (folder / packed.PACKED_FILE).read_bytes()
     header = int.from_bytes(data[:8], "little") + 8
     binary = dict(student_b.binary_layers(model))
-    sign_bits = sum(layer.weight.numel() * layer.basis for layer in binary.values())
+    sign_bytes = sum((layer.weight.numel() + 7) // 8 * layer.basis for layer in binary.values())
     full_precision = [{"name": name, "parameters": sum(p.numel() for p in m.parameters(recurse=False))}
                       for name, m in model.named_modules()
                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and name not in binary
                       and name.rpartition(".")[0] not in binary]
     values = packed.value_breakdown(model)
+    stored_as = json.loads((folder / students.CONFIG_FILE).read_text())["binarization"].get("b_packed_values", "fp32")
+    per_value = packed.VALUE_DTYPES[stored_as].itemsize
     return {"parameters": students.parameter_count(model),
             "binary_weights": sum(layer.weight.numel() for layer in binary.values()),
             "two_basis_layers": sum(layer.basis == 2 for layer in binary.values()), "binary_layers": len(binary),
-            "packed_bytes": len(data), "sign_bytes": (sign_bits + 7) // 8, "header_bytes": header,
-            "value_bytes": 4 * sum(values.values()), "values_by_kind": values,
+            "packed_bytes": len(data), "sign_bytes": sign_bytes, "header_bytes": header,
+            "value_bytes": per_value * sum(values.values()), "bytes_per_value": per_value, "values_by_kind": values,
             "full_precision_layers": full_precision,
             "times_smaller_than_d_fp32": d["fp32_bytes"] / len(data),
             "times_smaller_than_d_fp16": d["fp16_bytes"] / len(data)}
@@ -290,9 +292,11 @@ def _size_lines(r) -> list:
               f"B's packed file is **{b['times_smaller_than_d_fp32']:.1f}x** smaller than D in fp32 and "
               f"{b['times_smaller_than_d_fp16']:.1f}x smaller than D in fp16: {b['sign_bytes']:,} bytes of sign bits "
               f"({b['binary_layers']} binary layers, {b['two_basis_layers']} of them with two bases), "
-              f"{b['value_bytes']:,} bytes of fp32 values, {b['header_bytes']:,} bytes of safetensors header. "
+              f"{b['value_bytes']:,} bytes of {8 * b['bytes_per_value']}-bit float values, {b['header_bytes']:,} bytes of "
+              f"safetensors header. "
               f"The values by kind:", "", "| full-precision values in the packed file | count | bytes |", "|---|---|---|"]
-    lines += [f"| {kind} | {count:,} | {4 * count:,} |" for kind, count in sorted(b["values_by_kind"].items())]
+    lines += [f"| {kind} | {count:,} | {b['bytes_per_value'] * count:,} |"
+              for kind, count in sorted(b["values_by_kind"].items())]
     lines += ["", "Layers kept in full precision (configuration `b_full_precision`; norms, activations and the folded "
               "constant time embedding are full precision too):", "", "| layer | parameters |", "|---|---|"]
     lines += [f"| `{row['name']}` | {row['parameters']:,} |" for row in b["full_precision_layers"]]

@@ -7,9 +7,11 @@ bytes (one tensor per layer made it 14 % of a small model's file):
 * ``signs`` (uint8): for every binary layer in module order, the signs of its n weights in C order
   packed by ``numpy.packbits`` (ceil(n / 8) bytes, 1 = +1), then for a two-basis layer the signs of its
   residual; the metadata ``sign_bytes`` lists each layer's byte count;
-* ``values`` (float32): every other tensor of the state dict (scales, full-precision layers, norms,
-  folded time constants, biases, W1A1 thresholds, k filters, shortcut convolutions), flattened in
-  state-dict order.
+* ``values`` (float16 by default, ``b_packed_values=fp32`` keeps float32): every other tensor of the
+  state dict (scales, full-precision layers, norms, folded time constants, biases, W1A1 thresholds,
+  k filters, shortcut convolutions), flattened in state-dict order. ``export_packed`` first rounds
+  the model's own values to that precision, so the model it was given and the reloaded one agree
+  exactly.
 
 The config rebuilds the model, which fixes every name, shape and offset; ``load_packed`` checks the
 blobs against it and rebuilds B with the same operations as training, so its outputs equal the trained
@@ -28,7 +30,8 @@ from .errors import UserError
 
 KIND = "one-step-student-b-packed"
 PACKED_FILE = "packed.safetensors"
-BINARIZATION_KEYS = ("b_full_precision", "b_lmb", "b_lmb_min_size", "b_centre", "b_activations")
+BINARIZATION_KEYS = ("b_full_precision", "b_lmb", "b_lmb_min_size", "b_centre", "b_activations", "b_packed_values")
+VALUE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 SKIPPED_BUFFERS = ("started", "active")
 
 
@@ -81,19 +84,24 @@ def export_packed(model, config: dict, folder) -> dict:
     """Write the packed folder; returns the byte breakdown (signs, values, header, file)."""
     folder = Path(folder)
     binary = dict(student_b.binary_layers(model))
+    state, keys = model.state_dict(), _value_keys(model, binary)
+    dtype = VALUE_DTYPES[config["binarization"].get("b_packed_values", "fp32")]
+    values = torch.cat([state[k].detach().float().cpu().flatten() for k in keys]).to(dtype)
+    if not torch.isfinite(values).all():
+        raise UserError(f"a full-precision value of B does not fit {dtype}; export with b_packed_values=fp32")
+    # the model now holds exactly what is stored; signs come after, since a residual's sign depends on sigma_I
+    _load_values(state, keys, values)
     parts, counts = [], []
     for layer in binary.values():
         for signs in layer.signs():
             if signs is not None:
                 parts.append(_pack(signs))
         counts.append(sum(len(p) for p in parts) - sum(counts))
-    state = model.state_dict()
-    values = torch.cat([state[k].detach().float().cpu().flatten() for k in _value_keys(model, binary)])
     tensors = {"signs": torch.from_numpy(np.concatenate(parts)), "values": values.contiguous()}
     data = save(tensors, metadata={"format": KIND, "version": "1", "sign_bytes": json.dumps(counts)})
     atomic.write_bytes(folder / PACKED_FILE, data)
     atomic.write_json(folder / students.CONFIG_FILE, config)
-    sign_bytes, value_bytes = tensors["signs"].numel(), values.numel() * 4
+    sign_bytes, value_bytes = tensors["signs"].numel(), values.numel() * values.element_size()
     return {"sign_bytes": sign_bytes, "value_bytes": value_bytes, "header_bytes": len(data) - sign_bytes - value_bytes,
             "file_bytes": len(data)}
 
@@ -105,6 +113,7 @@ def _read(packed_path):
         header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
         counts = json.loads(header["__metadata__"]["sign_bytes"])
         assert set(tensors) == {"signs", "values"} and tensors["signs"].dtype == torch.uint8
+        assert tensors["values"].dtype in VALUE_DTYPES.values()
         return tensors["signs"].numpy(), tensors["values"], counts
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AssertionError) as err:
         raise UserError(f"{packed_path} cannot be read ({type(err).__name__}: truncated or damaged); "
@@ -145,12 +154,17 @@ def load_packed(folder):
     if offset != len(signs) or needed != values.numel():
         raise UserError(f"{packed_path} holds {len(signs)} sign bytes and {values.numel()} values, the config needs "
                         f"{offset} and {needed}; the file and the config do not belong together (re-export B)")
+    _load_values(state, keys, values)
+    return model.eval()
+
+
+@torch.no_grad()
+def _load_values(state: dict, keys, values: torch.Tensor):
     at = 0
     for key in keys:
         target = state[key]
         target.copy_(values[at:at + target.numel()].view(target.shape))
         at += target.numel()
-    return model.eval()
 
 
 def _unpack(packed: np.ndarray, shape) -> torch.Tensor:

@@ -6,8 +6,8 @@ every ``nn.Conv2d`` / ``nn.Linear`` of D by its binary counterpart, except the l
 matches a pattern of ``b_full_precision`` (by default the first convolution and the heads' output
 convolutions and rin paths). Layers whose input is at least ``b_lmb_min_size`` times the image size
 (default one half) use the two-basis LMB binarizer when ``b_lmb`` is on (BinaryDM puts it on the
-first and last layers); the others one basis. Norms, activations and the attention softmax are not weights and
-stay in full precision.
+first and last layers); the others one basis. Norms, activations and the attention softmax are not
+weights and stay in full precision.
 
 Progressive binarization switches rings of blocks on from the middle outwards: ring 0 is the UNet's
 mid block, ring i the i-th down block from the bottom together with the i-th up block from the

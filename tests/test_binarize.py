@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline import checkpoint, config, generate, packed, student_b, train_d
 from pipeline.binarize import BTrainer
@@ -44,9 +45,12 @@ def test_binarize_lowers_its_loss_and_exports_a_packed_b(small_teacher, with_d, 
     assert all(0 <= s["sign_flip_fraction"] <= 1 for s in stats) and any(s["sign_flip_fraction"] > 0 for s in stats)
     assert stats[0]["binary_layers_active"] < stats[-1]["binary_layers_active"] == len(trainer.binary_layers)
     assert stats[0]["loss_spd"] > 0 and stats[0]["loss_lrm"] > 0
-    # the packed file is the EMA B, fully binary, and reloads to the same outputs
-    loaded = packed.load_packed(folder)
+    # the packed file is the EMA B, fully binary (values rounded to fp16), and reloads to the same outputs
     ema_b = trainer.ema_b()
+    packed.export_packed(ema_b, trainer.b_config, tmp_path / "again")
+    again, saved = (load_file(f / packed.PACKED_FILE) for f in (tmp_path / "again", folder))
+    assert all(torch.equal(again[k], saved[k]) for k in ("signs", "values"))
+    loaded = packed.load_packed(folder)
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(ema_b(x)["chunks"], loaded(x)["chunks"])

@@ -39,6 +39,19 @@ def test_packed_export_reloads_bit_exactly_and_its_signs_take_one_bit(trained_b,
     data = (tmp_path / "b" / packed.PACKED_FILE).read_bytes()
     assert sizes["file_bytes"] == len(data) == sizes["sign_bytes"] + sizes["value_bytes"] + sizes["header_bytes"]
     assert sizes["header_bytes"] < 2000  # two tensors and a list of byte counts
+    assert tensors["values"].dtype == torch.float16 and sizes["value_bytes"] == 2 * tensors["values"].numel()
+
+
+def test_fp32_values_leave_the_model_untouched(trained_b, tmp_path):
+    model, b_config, _ = trained_b
+    b_config = dict(b_config, binarization=dict(b_config["binarization"], b_packed_values="fp32"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    packed.export_packed(model, b_config, tmp_path / "b")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert load_file(tmp_path / "b" / packed.PACKED_FILE)["values"].dtype == torch.float32
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x)["chunks"], packed.load_packed(tmp_path / "b")(x)["chunks"])
 
 
 def _rewrite(path, signs=None, values=None, counts=None):
