@@ -28,6 +28,8 @@ VARIANTS = {
     "no_lmb": ("without LMB (one basis everywhere)", {"b_lmb": False}),
     "lmb_full_res": ("LMB only at full resolution", {"b_lmb_min_size": 1.0}),
     "no_d_outputs": ("without D's outputs as targets", {"lambda_d_outputs": 0.0}),
+    "lr_1e-3": ("peak learning rate 1e-3 (5x)", {"b_lr": 0.001}),
+    "lrm_1e-2": ("LRM weight 1e-2 (100x)", {"lambda_lrm": 0.01}),
 }
 
 
