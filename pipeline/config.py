@@ -89,7 +89,7 @@ DEFAULTS = {
     "b_run_dir": "",                    # "" = Checkpoints/binarize/<name>; the packed B goes to <b_run_dir>/packed
     "b_train_steps": 500,
     "b_batch_size": 64,
-    "b_lr": 0.0002,                     # peak of the one-cycle schedule (latent weights and scales alike)
+    "b_lr": 0.001,                      # peak of the one-cycle schedule (latent weights and scales alike)
     "b_lr_warmup_fraction": 0.05,
     "b_weight_decay": 0.0,              # latent weights only; scales, thresholds and k are never decayed
     "b_checkpoint_every": 100,
