@@ -20,7 +20,7 @@ from pipeline import binarize, config, evaluate, train_d  # noqa: E402
 from pipeline.config import output_dir  # noqa: E402
 
 VARIANTS = {
-    "w1a32": ("W1A32: SPD + LRM + progressive + LMB (the preset)", {}),
+    "w1a32": ("W1A32: the preset's recipe", {}),
     "w1a1": ("W1A1: binary activations too", {"b_activations": "binary"}),
     "no_spd": ("without SPD", {"lambda_spd": 0.0}),
     "no_lrm": ("without LRM", {"lambda_lrm": 0.0}),
