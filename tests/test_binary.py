@@ -99,7 +99,7 @@ def _small_student():
 
 
 def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its_scales():
-    from pipeline import config, student_b, students
+    from pipeline import config, student_b
     cfg = config.resolve("tiny")
     model = _small_student()
     table = student_b.to_binary(model, cfg)
