@@ -43,9 +43,10 @@ def load_d(cfg, manifest):
         if run.get("data") != data_fingerprint(manifest):
             raise UserError(f"the student D in {folder} was trained on other teacher data than {manifest.folder}; "
                             f"binarize the D of this data (d_weights=) or point data_dir= at its data")
-        if run["holdout_indices"] != list(teacher_data.split(cfg, manifest)[0]):
+        holdout = list(teacher_data.split(cfg, manifest)[0])
+        if run["holdout_indices"] != holdout:
             raise UserError(f"the student D in {folder} held out records {run['holdout_indices']} but this config "
-                            f"holds out {list(teacher_data.split(cfg, manifest)[0])}; use D's holdout_samples")
+                            f"holds out {holdout}; use D's holdout_samples")
     if d.config["head_channels"] != cfg["d_head_channels"]:
         raise UserError(f"the student D in {folder} has d_head_channels={d.config['head_channels']} but the config "
                         f"says {cfg['d_head_channels']}; set d_head_channels={d.config['head_channels']} or retrain D")
@@ -63,6 +64,7 @@ class BTrainer(StudentTrainer):
         self.d.to(self.device)
         self.taps_b, self.taps_d = FeatureTaps(self.model), FeatureTaps(self.d)
         self.bases = LowRankBases(self.model.unet).to(self.device)
+        self._signs = None  # latent signs before the step, for sign_flip_fraction
         print(f"[binarize] B from D {self.d_folder}: {self.binary_count():,} of "
               f"{students.parameter_count(self.model):,} parameters binary in {len(self.binary_layers)} layers, "
               f"{len(self.table) - len(self.binary_layers)} layers full precision ({cfg['b_full_precision']}); "
@@ -108,11 +110,16 @@ class BTrainer(StudentTrainer):
     # --- one step
     def before_step(self):
         student_b.set_progress(self.model, self.step, self.cfg["b_progressive_every"])
-        self._signs = [layer.latent().detach() >= 0 for layer in self.binary_layers]
+        if self._signs is None:  # afterwards the previous step's after_step has taken them
+            self._signs = self._latent_signs()
+
+    def _latent_signs(self):
+        return [layer.latent().detach() >= 0 for layer in self.binary_layers]
 
     def after_step(self):
-        flipped = sum(int((layer.latent().detach() >= 0).ne(old).sum())
-                      for layer, old in zip(self.binary_layers, self._signs))
+        signs = self._latent_signs()
+        flipped = sum(int(new.ne(old).sum()) for new, old in zip(signs, self._signs))
+        self._signs = signs
         active = sum(layer.is_active for layer in self.binary_layers)
         return {"sign_flip_fraction": flipped / self.binary_count(), "binary_layers_active": active}
 

@@ -56,7 +56,7 @@ def _value_keys(model, binary: dict):
 def value_breakdown(model) -> dict:
     """How many full-precision values of each kind the packed file holds beside the sign bits."""
     binary = dict(student_b.binary_layers(model))
-    modules = dict(model.named_modules())
+    modules, state = dict(model.named_modules()), model.state_dict()
     counts = {}
     for key in _value_keys(model, binary):
         owner, _, leaf = key.rpartition(".")
@@ -72,7 +72,7 @@ def value_breakdown(model) -> dict:
             kind = "norms"
         else:
             kind = "full-precision layers"
-        counts[kind] = counts.get(kind, 0) + model.state_dict()[key].numel()
+        counts[kind] = counts.get(kind, 0) + state[key].numel()
     return counts
 
 

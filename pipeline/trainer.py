@@ -31,27 +31,26 @@ LOG_EVERY = 10
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     stage: str
-    steps: int
+    # the fields are the config keys without their stage prefix (d_train_steps -> train_steps)
+    train_steps: int
     batch_size: int
     lr: float
-    warmup_fraction: float
+    lr_warmup_fraction: float
     weight_decay: float
     checkpoint_every: int
     snapshot_every: int
 
     @classmethod
     def from_config(cls, cfg, prefix: str, stage: str):
-        recipe = cls(stage, cfg[f"{prefix}_train_steps"], cfg[f"{prefix}_batch_size"], cfg[f"{prefix}_lr"],
-                     cfg[f"{prefix}_lr_warmup_fraction"], cfg[f"{prefix}_weight_decay"],
-                     cfg[f"{prefix}_checkpoint_every"], cfg[f"{prefix}_snapshot_every"])
-        for field in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(recipe, field) <= 0:
-                raise UserError(f"{prefix}_{field.replace('steps', 'train_steps')} must be positive, "
-                                f"got {getattr(recipe, field)}")
+        names = [f.name for f in dataclasses.fields(cls)][1:]
+        recipe = cls(stage, *(cfg[f"{prefix}_{name}"] for name in names))
+        for name in ("train_steps", "batch_size", "checkpoint_every"):
+            if getattr(recipe, name) <= 0:
+                raise UserError(f"{prefix}_{name} must be positive, got {getattr(recipe, name)}")
         if recipe.snapshot_every < 0:
             raise UserError(f"{prefix}_snapshot_every must be zero or positive")
-        if not 0 < recipe.warmup_fraction < 1:
-            raise UserError(f"{prefix}_lr_warmup_fraction must be within (0, 1), got {recipe.warmup_fraction}")
+        if not 0 < recipe.lr_warmup_fraction < 1:
+            raise UserError(f"{prefix}_lr_warmup_fraction must be within (0, 1), got {recipe.lr_warmup_fraction}")
         if cfg["data_workers"] < 0 or cfg["shuffle_buffer"] <= 0:
             raise UserError("data_workers must be zero or positive and shuffle_buffer positive")
         return recipe
@@ -64,9 +63,9 @@ def data_fingerprint(manifest) -> dict:
 
 def one_cycle(opt, recipe: Recipe):
     # torch needs at least one step in each phase: very short (test) runs get a longer warm-up share
-    total = max(recipe.steps, 4)
+    total = max(recipe.train_steps, 4)
     return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=recipe.lr, total_steps=total, pct_start=max(recipe.warmup_fraction, 2.0 / total),
+        opt, max_lr=recipe.lr, total_steps=total, pct_start=max(recipe.lr_warmup_fraction, 2.0 / total),
         anneal_strategy="cos", div_factor=1e4, final_div_factor=1e4)
 
 
@@ -177,16 +176,16 @@ class StudentTrainer:
                                       batch_size=recipe.batch_size)
         if self.step == 0:
             self.first_batch({k: v.to(self.device) for k, v in next(stream).items()})
-        bar = tqdm(total=recipe.steps, initial=self.step, desc=stage, dynamic_ncols=True)
+        bar = tqdm(total=recipe.train_steps, initial=self.step, desc=stage, dynamic_ncols=True)
         window, waited, started = [], 0.0, time.time()
         with checkpoint.saved_on_exit(self.save, bar):
-            while self.step < recipe.steps:
+            while self.step < recipe.train_steps:
                 t0 = time.time()
                 batch = next(stream)
                 waited += time.time() - t0
                 window.append(self.train_step(batch))
                 bar.update(1)
-                if self.step % LOG_EVERY == 0 or self.step == recipe.steps:
+                if self.step % LOG_EVERY == 0 or self.step == recipe.train_steps:
                     self._log(window, waited, time.time() - started, bar)
                     window, waited, started = [], 0.0, time.time()
                 if self.step % recipe.checkpoint_every == 0:
