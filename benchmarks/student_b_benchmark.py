@@ -9,14 +9,23 @@ of its own from that D (the preset's recipe is the preset's run ``<b_run_dir>``,
 ``<b_run_dir>-<variant>``; each resumed or reused if it exists), then a full eval_d of D and
 that B (same held-out records, same N, same reference set), so the D and teacher figures of every row
 come from the same run as its B.
+
+Split across two machines (say, a GPU without the FID Inception weights, then this CPU):
+``--samples-only DIR`` trains and writes ``DIR/<variant>.npz`` (the teacher's, D's and B's first N
+held-out images as uint8, with fidelity, speed and sizes measured there); ``--score DIR`` scores
+those files here and prints the same table.
 """
 import argparse
+import io
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import binarize, config, evaluate, train_d  # noqa: E402
+from pipeline import atomic, binarize, config, evaluate, fid, train_d  # noqa: E402
 from pipeline.config import output_dir  # noqa: E402
 
 VARIANTS = {
@@ -43,6 +52,51 @@ def run_variant(cfg, key):
     return evaluate.eval_d(point)
 
 
+def sample_variant(cfg, key, folder: Path):
+    """Train the variant and save its images and measured figures, without any FID."""
+    _, overrides = VARIANTS[key]
+    b_root = output_dir(cfg, "b_run_dir", "Checkpoints/binarize")
+    suffix = "" if key == "w1a32" else f"-{key}"
+    point = dict(cfg, **overrides, b_run_dir=f"{b_root}{suffix}", b_weights="")
+    binarize.binarize(point)
+    run = evaluate.Evaluation(point, with_fid=False)
+    records, fidelity, uint8, teacher_uint8 = run.samples()
+    d = evaluate.d_size(run.models["d"], run.folders["d"])
+    meta = {"variant": key, "fid_samples": run.n, "held_out_records": [run.lo, run.hi - 1],
+            "b_train_steps": point["b_train_steps"], "fidelity_vs_teacher": fidelity, "throughput": run.speed(records),
+            "size": {"d": d, "b": evaluate.b_size(run.models["b"], run.folders["b"], d)}}
+    buf = io.BytesIO()
+    np.savez(buf, teacher=teacher_uint8, d=uint8["d"], b=uint8["b"], meta=np.array(json.dumps(meta)))
+    atomic.write_bytes(folder / f"{key}.npz", buf.getvalue())
+    print(f"[benchmark] {key}: images and figures in {folder / f'{key}.npz'}", flush=True)
+
+
+def score_variants(cfg, folder: Path, keys):
+    """FID and the other sample scores of files written by ``--samples-only``; one report per variant."""
+    files = [folder / f"{key}.npz" for key in keys if (folder / f"{key}.npz").is_file()]
+    if not files:
+        raise SystemExit(f"no <variant>.npz in {folder}; write them with --samples-only first")
+    features, reports = fid.InceptionFeatures(), []
+    first = np.load(files[0])
+    n = len(first["d"])
+    _, train, real, floor = fid.reference_features(cfg, features, n, cfg["fid_reference_count"])
+    fixed = {}  # the teacher's and D's images are the same in every file of one run: score them once
+    for path in files:
+        data, scores = np.load(path), {}
+        meta = json.loads(str(data["meta"]))
+        for name in ("teacher", "d", "b"):
+            images_ = data[name]
+            if name != "b" and name in fixed and np.array_equal(fixed[name][0], images_):
+                scores[name] = fixed[name][1]
+                continue
+            feats = fid.extract(features, images_, cfg["fid_batch_size"], f"inception: {meta['variant']} {name}")
+            scores[name] = evaluate.sample_scores(feats, images_, real, train, n)
+            fixed[name] = (images_, scores[name])
+        scores["real"] = {"fid": fid.frechet_distance(real, floor)}
+        reports.append(dict(meta, scores=scores, fid_reference=f"{cfg['dataset']} test split, first {len(real)} images"))
+    return reports
+
+
 def row(label, report):
     s, t, size, fidelity = report["scores"], report["throughput"], report["size"], report["fidelity_vs_teacher"]
     b = size["b"]
@@ -56,6 +110,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="fashion_mnist_bench")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--samples-only", metavar="DIR", type=Path,
+                        help="train and write DIR/<variant>.npz (images, fidelity, speed, sizes); no FID")
+    parser.add_argument("--score", metavar="DIR", type=Path, help="score the DIR/<variant>.npz files of --samples-only")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     cfg = config.resolve(args.config, args.overrides)
@@ -63,14 +120,24 @@ def main():
     unknown = [k for k in keys if k not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant {unknown[0]}; choose from {', '.join(VARIANTS)}")
+    if args.score:
+        print_table(cfg, ((VARIANTS[r["variant"]][0], r) for r in score_variants(cfg, args.score, keys)))
+        return
     train_d.train_d(cfg)
+    if args.samples_only:
+        for key in keys:
+            sample_variant(cfg, key, args.samples_only)
+        return
+    print_table(cfg, ((VARIANTS[key][0], run_variant(cfg, key)) for key in keys))
+
+
+def print_table(cfg, labelled_reports):
     header = ["| B variant | FID B | FID D | B / D | precision / recall B | PSNR B (dB) | PSNR D (dB) | packed bytes | "
               "x smaller than D fp32 | images/s B / D / teacher |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows, last = [], None
-    for key in keys:
-        last = run_variant(cfg, key)
-        rows.append(row(VARIANTS[key][0], last))
-        print("\n".join(header + rows), flush=True)  # the table so far, in case a later variant is stopped
+    for label, last in labelled_reports:  # a generator of runs: the table so far is printed after each
+        rows.append(row(label, last))
+        print("\n".join(header + rows), flush=True)
     t = last["throughput"]
     print(f"\nFID N={last['fid_samples']} against {last['fid_reference']}; floor {last['scores']['real']['fid']:.2f}; "
           f"teacher {last['scores']['teacher']['fid']:.2f}; {cfg['b_train_steps']} binarize steps per variant; "

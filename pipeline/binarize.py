@@ -68,8 +68,10 @@ class BTrainer(StudentTrainer):
         print(f"[binarize] B from D {self.d_folder}: {self.binary_count():,} of "
               f"{students.parameter_count(self.model):,} parameters binary in {len(self.binary_layers)} layers, "
               f"{len(self.table) - len(self.binary_layers)} layers full precision ({cfg['b_full_precision']}); "
-              f"activations {cfg['b_activations']}; progressive rings every {cfg['b_progressive_every']} steps; "
-              f"autocast={self.amp or 'off (fp32)'}")
+              f"activations {cfg['b_activations']}; "
+              + (f"progressive rings every {cfg['b_progressive_every']} steps; " if cfg["b_progressive_every"]
+                 else "all layers binary from step 0; ")
+              + f"autocast={self.amp or 'off (fp32)'}")
         self.resume()
 
     # --- the model

@@ -141,7 +141,9 @@ def b_size(model, folder, d: dict) -> dict:
 
 
 class Evaluation:
-    def __init__(self, cfg):
+    def __init__(self, cfg, with_fid=True):
+        """``with_fid=False`` skips the Inception network: only ``samples()`` is usable then (a machine
+        without the FID weights can sample and time; the images are scored elsewhere)."""
         self.cfg = cfg
         self.device = runtime.configure(cfg)
         self.manifest = teacher_data.open_data(cfg)
@@ -164,7 +166,7 @@ class Evaluation:
         self.teacher, self.ddpm, self.teacher_source = teacher_data.teacher_of(cfg, self.manifest, self.device)
         self.out_dir = output_dir(cfg, "eval_dir", "SampledImgs/distill")
         self.cache_dir = self.manifest.folder / "eval"
-        self.features = fid.InceptionFeatures()
+        self.features = fid.InceptionFeatures() if with_fid else None
 
     def reference(self):
         """Inception features of the FID reference set (test split) and of N training images (floor)."""
@@ -188,14 +190,24 @@ class Evaluation:
         atomic.write_json(path, scores)
         return scores
 
-    def run(self):
-        cfg, n = self.cfg, self.n
+    def samples(self):
+        """One-step images of every student on the held-out x_T: (records, fidelity vs the teacher on all
+        of them, the first N of each student as uint8, the teacher's first N as uint8)."""
         records = teacher_data.read_range(self.manifest, self.lo, self.hi)
-        samples = {key: one_step_images(model, records["x_T"], cfg["fid_batch_size"], self.device, NAMES[key])
+        samples = {key: one_step_images(model, records["x_T"], self.cfg["fid_batch_size"], self.device, NAMES[key])
                    for key, model in self.models.items()}
         fidelity = {key: metrics.fidelity(images_, records["x0"]) for key, images_ in samples.items()}
-        uint8 = {key: datasets.to_uint8(images_[:n]) for key, images_ in samples.items()}
-        teacher_uint8 = datasets.to_uint8(records["x0"][:n])
+        uint8 = {key: datasets.to_uint8(images_[:self.n]) for key, images_ in samples.items()}
+        return records, fidelity, uint8, datasets.to_uint8(records["x0"][:self.n])
+
+    def speed(self, records):
+        batch_x = records["x_T"][:self.cfg["throughput_batch"]]
+        return throughput(self.models, self.teacher, self.ddpm, batch_x, self.manifest.data["generator"]["steps"],
+                          self.device)
+
+    def run(self):
+        cfg, n = self.cfg, self.n
+        records, fidelity, uint8, teacher_uint8 = self.samples()
         real, floor, test_uint8 = self.reference()
         rows = {"teacher": self.teacher_scores(teacher_uint8, real)}
         for key, images_ in uint8.items():
@@ -204,10 +216,7 @@ class Evaluation:
         rows["real"] = {"fid": fid.frechet_distance(real, floor), "fid_of": f"{n} training images (floor)",
                         "memorization": metrics.memorization_score(test_uint8, self.train_images),
                         "diversity": metrics.diversity_score(test_uint8), "n": n}
-        batch_x = records["x_T"][:cfg["throughput_batch"]]
-        speed = throughput(self.models, self.teacher, self.ddpm, batch_x, self.manifest.data["generator"]["steps"],
-                           self.device)
-        report = self.report(rows, fidelity, speed)
+        report = self.report(rows, fidelity, self.speed(records))
         self.write(report, uint8, teacher_uint8, records["index"][:n].numpy())
         self.walk(records["x_T"][0], records["x_T"][1])
         return report

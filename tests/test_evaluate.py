@@ -77,3 +77,20 @@ def test_eval_refuses_what_it_cannot_measure(trained, tmp_path):
     generate.generate(config.resolve("tiny", [*args[2:], f"data_dir={other}", "chunks=2"]))
     result = run_cli("Main_Distill.py", "--mode", "eval_d", *args, f"data_dir={other}")
     assert_one_sentence_error(result, "chunks=5", "has 2")
+
+
+def test_split_benchmark_scores_as_eval_d(trained, tmp_path):
+    """Images sampled on one machine (--samples-only, no Inception) and scored on another (--score)
+    give the figures eval_d gives in one go."""
+    root, args = trained
+    bench = ["benchmarks/student_b_benchmark.py", *args, "--variants", "w1a32"]
+    sampled = run_cli(*bench, "--samples-only", str(tmp_path / "samples"))
+    assert sampled.returncode == 0, sampled.stderr
+    with np.load(tmp_path / "samples" / "w1a32.npz") as npz:
+        assert npz["d"].shape == npz["b"].shape == npz["teacher"].shape == (4, 1, 32, 32)
+        assert json.loads(str(npz["meta"]))["size"]["b"]["packed_bytes"] > 0
+    scored = run_cli(*bench, "--score", str(tmp_path / "samples"))
+    assert scored.returncode == 0, scored.stderr
+    assert run_cli("Main_Distill.py", "--mode", "eval_d", *args, f"eval_dir={tmp_path / 'eval'}").returncode == 0
+    s = json.loads((tmp_path / "eval" / "report.json").read_text())["scores"]
+    assert f"| W1A32: the preset's recipe | {s['b']['fid']:.2f} | {s['d']['fid']:.2f} |" in scored.stdout
