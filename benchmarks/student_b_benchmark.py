@@ -42,22 +42,24 @@ VARIANTS = {
 }
 
 
-def run_variant(cfg, key):
+def variant_config(cfg, key):
+    """The config of one variant: its overrides, its own binarize run and evaluation folders."""
     _, overrides = VARIANTS[key]
     b_root = output_dir(cfg, "b_run_dir", "Checkpoints/binarize")
     eval_root = output_dir(cfg, "eval_dir", "SampledImgs/distill")
     suffix = "" if key == "w1a32" else f"-{key}"  # the preset's recipe is the preset's own binarize run
-    point = dict(cfg, **overrides, b_run_dir=f"{b_root}{suffix}", eval_dir=f"{eval_root}-b-{key}", b_weights="")
+    return dict(cfg, **overrides, b_run_dir=f"{b_root}{suffix}", eval_dir=f"{eval_root}-b-{key}", b_weights="")
+
+
+def run_variant(cfg, key):
+    point = variant_config(cfg, key)
     binarize.binarize(point)
     return evaluate.eval_d(point)
 
 
 def sample_variant(cfg, key, folder: Path):
     """Train the variant and save its images and measured figures, without any FID."""
-    _, overrides = VARIANTS[key]
-    b_root = output_dir(cfg, "b_run_dir", "Checkpoints/binarize")
-    suffix = "" if key == "w1a32" else f"-{key}"
-    point = dict(cfg, **overrides, b_run_dir=f"{b_root}{suffix}", b_weights="")
+    point = variant_config(cfg, key)
     binarize.binarize(point)
     run = evaluate.Evaluation(point, with_fid=False)
     records, fidelity, uint8, teacher_uint8 = run.samples()
@@ -77,8 +79,7 @@ def score_variants(cfg, folder: Path, keys):
     if not files:
         raise SystemExit(f"no <variant>.npz in {folder}; write them with --samples-only first")
     features, reports = fid.InceptionFeatures(), []
-    first = np.load(files[0])
-    n = len(first["d"])
+    n = len(np.load(files[0])["d"])
     _, train, real, floor = fid.reference_features(cfg, features, n, cfg["fid_reference_count"])
     fixed = {}  # the teacher's and D's images are the same in every file of one run: score them once
     for path in files:
