@@ -34,6 +34,7 @@ VARIANTS = {
     "no_spd": ("without SPD", {"lambda_spd": 0.0}),
     "no_lrm": ("without LRM", {"lambda_lrm": 0.0}),
     "no_progressive": ("without progressive binarization", {"b_progressive_every": 0}),
+    "rings_20": ("progressive rings every 20 steps", {"b_progressive_every": 20}),
     "no_lmb": ("without LMB (one basis everywhere)", {"b_lmb": False}),
     "lmb_full_res": ("LMB only at full resolution", {"b_lmb_min_size": 1.0}),
     "no_d_outputs": ("without D's outputs as targets", {"lambda_d_outputs": 0.0}),
