@@ -64,10 +64,9 @@ def sample_variant(cfg, key, folder: Path):
     binarize.binarize(point)
     run = evaluate.Evaluation(point, with_fid=False)
     records, fidelity, uint8, teacher_uint8 = run.samples()
-    d = evaluate.d_size(run.models["d"], run.folders["d"])
     meta = {"variant": key, "fid_samples": run.n, "held_out_records": [run.lo, run.hi - 1],
             "b_train_steps": point["b_train_steps"], "fidelity_vs_teacher": fidelity, "throughput": run.speed(records),
-            "size": {"d": d, "b": evaluate.b_size(run.models["b"], run.folders["b"], d)}}
+            "size": run.student_sizes()}
     buf = io.BytesIO()
     np.savez(buf, teacher=teacher_uint8, d=uint8["d"], b=uint8["b"], meta=np.array(json.dumps(meta)))
     atomic.write_bytes(folder / f"{key}.npz", buf.getvalue())
@@ -91,8 +90,8 @@ def score_variants(cfg, folder: Path, keys):
             if name != "b" and name in fixed and np.array_equal(fixed[name][0], images_):
                 scores[name] = fixed[name][1]
                 continue
-            feats = fid.extract(features, images_, cfg["fid_batch_size"], f"inception: {meta['variant']} {name}")
-            scores[name] = evaluate.sample_scores(feats, images_, real, train, n)
+            scores[name] = evaluate.sample_scores(features, images_, real, train, n, cfg["fid_batch_size"],
+                                                  f"inception: {meta['variant']} {name}")
             fixed[name] = (images_, scores[name])
         scores["real"] = {"fid": fid.frechet_distance(real, floor)}
         reports.append(dict(meta, scores=scores, fid_reference=f"{cfg['dataset']} test split, first {len(real)} images"))

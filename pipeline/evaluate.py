@@ -103,7 +103,9 @@ def throughput(models: dict, teacher, ddpm, x_T, steps, device) -> dict:
     return speed
 
 
-def sample_scores(feats, images_uint8, real_feats, train_uint8, n):
+def sample_scores(features, images_uint8, real_feats, train_uint8, n, batch_size, desc):
+    """FID, precision / recall, memorization and diversity of one set of uint8 images."""
+    feats = fid.extract(features, images_uint8, batch_size, desc)
     precision, recall = metrics.precision_recall(real_feats[:n], feats)
     return {"fid": fid.frechet_distance(real_feats, feats), "precision": precision, "recall": recall,
             "memorization": metrics.memorization_score(images_uint8, train_uint8),
@@ -185,8 +187,8 @@ class Evaluation:
         path = self.cache_dir / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        feats = fid.extract(self.features, teacher_uint8, self.cfg["fid_batch_size"], "inception: teacher")
-        scores = sample_scores(feats, teacher_uint8, real, self.train_images, self.n)
+        scores = sample_scores(self.features, teacher_uint8, real, self.train_images, self.n,
+                               self.cfg["fid_batch_size"], "inception: teacher")
         atomic.write_json(path, scores)
         return scores
 
@@ -211,8 +213,8 @@ class Evaluation:
         real, floor, test_uint8 = self.reference()
         rows = {"teacher": self.teacher_scores(teacher_uint8, real)}
         for key, images_ in uint8.items():
-            feats = fid.extract(self.features, images_, cfg["fid_batch_size"], f"inception: {NAMES[key]} samples")
-            rows[key] = sample_scores(feats, images_, real, self.train_images, n)
+            rows[key] = sample_scores(self.features, images_, real, self.train_images, n, cfg["fid_batch_size"],
+                                      f"inception: {NAMES[key]} samples")
         rows["real"] = {"fid": fid.frechet_distance(real, floor), "fid_of": f"{n} training images (floor)",
                         "memorization": metrics.memorization_score(test_uint8, self.train_images),
                         "diversity": metrics.diversity_score(test_uint8), "n": n}
@@ -229,13 +231,17 @@ class Evaluation:
                   for key, model in self.models.items()}
         latent_walk.save_walk(frames, self.out_dir / "latent_walk.gif", self.out_dir / "latent_walk.png")
 
+    def student_sizes(self) -> dict:
+        """D's file bytes (fp32, fp16) and, when evaluated, B's packed bytes with their breakdown."""
+        size = {"d": d_size(self.models["d"], self.folders["d"])}
+        if "b" in self.models:
+            size["b"] = b_size(self.models["b"], self.folders["b"], size["d"])
+        return size
+
     def report(self, rows, fidelity, speed):
         gen = self.manifest.data["generator"]
         size = {"teacher_parameters": teachers.parameter_count(self.teacher),
-                "teacher_file_bytes": teachers.safetensors_bytes(self.teacher),
-                "d": d_size(self.models["d"], self.folders["d"])}
-        if "b" in self.models:
-            size["b"] = b_size(self.models["b"], self.folders["b"], size["d"])
+                "teacher_file_bytes": teachers.safetensors_bytes(self.teacher), **self.student_sizes()}
         return {
             "students": {key: str(folder) for key, folder in self.folders.items()}, "teacher": self.teacher_source,
             "data_dir": str(self.manifest.folder), "teacher_sampler": f"DDIM eta=0, {gen['steps']} steps",
