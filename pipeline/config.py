@@ -67,6 +67,7 @@ DEFAULTS = {
     "data_dir": "",                     # "" = data/<name>
     # --- reference layout (one file per sample), for export and import
     "reference_dir": "",
+    "import_teacher": "",               # teacher folder that made the imported data ("" = unknown; train_d then refuses)
     # --- student D: train_d (uses ema_decay, grad_clip, precision and seed above)
     "d_run_dir": "",                    # "" = Checkpoints/distill/<name>
     "d_init": "teacher",                # teacher (backbone copied from the teacher UNet) | random
@@ -110,7 +111,11 @@ DEFAULTS = {
     "fid_reference_count": 0,           # test-split images in the FID reference set (0 = all)
     "eval_dir": "",                     # "" = SampledImgs/distill/<name>
     "throughput_batch": 64,
-    "verify_dataset_md5": True,         # check the published MD5 sums of the image dataset
+    "verify_dataset_md5": True,
+    # --- sample: one-step images of a trained student, no teacher data needed (uses seed, d_weights, b_weights)
+    "sample_student": "b",              # b (the packed B) | d (the full-precision D)
+    "sample_first": 0,                  # x_T of sample indices first..first+sample_count-1, as generate draws them
+    "student_samples_dir": "",          # "" = SampledImgs/sample/<name>         # check the published MD5 sums of the image dataset
 }
 
 CHOICES = {
@@ -123,6 +128,7 @@ CHOICES = {
     "d_init": ("teacher", "random"),
     "b_activations": ("fp", "binary"),
     "b_packed_values": ("fp16", "fp32"),
+    "sample_student": ("b", "d"),
 }
 
 
