@@ -1,4 +1,5 @@
-"""``Main_Distill.py --mode generate``: offline teacher trajectories as INT8 + zstd shards (DESIGN §2-§3).
+"""``Main_Distill.py --mode generate``: offline teacher trajectories as INT8 + zstd shards
+(docs/design.md §2-§3).
 
 Sample i starts from x_T drawn by a generator seeded with (seed, i), so its x_T never depends on
 batch, shard or process layout (its floats after the chain can, at rounding level, with another
@@ -17,8 +18,7 @@ from tqdm import tqdm
 from . import atomic, quant, runtime, store, teachers
 from .config import output_dir
 from .errors import UserError
-from .trajectory import pixel_residual_record
-from .verify import layout_problem
+from .trajectory import draw_x_T, pixel_residual_record
 
 # Keys of the generator config that decide the content of a record: a folder made with other
 # values cannot be extended or resumed.
@@ -66,17 +66,6 @@ def generator_info(cfg, unet, scheduler, source) -> dict:
             "x_T": "torch.randn(image_shape) from torch.Generator seeded by sample_seed(seed, index), rounded to float16"}
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """A 64-bit seed for sample ``index``: independent streams for every (seed, index) pair."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
-
-
-def draw_x_T(seed: int, indices, shape) -> torch.Tensor:
-    """x_T for the given sample indices, rounded to float16 so that the stored x_T is the chain's start."""
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, int(i)))) for i in indices]
-    return torch.stack(noise).half().float()
-
-
 def quantized_record(x_T, rin0, r_chunks, z_final, T, chunk_size, percentile) -> dict:
     """One batch of records with the reference keys (numpy, leading sample axis)."""
     rin0_q, rin0_scale = quant.quantize(rin0.cpu().numpy(), percentile)
@@ -103,7 +92,7 @@ def open_manifest(folder, cfg, codec, generator, spec):
         if old_codec.get(key) != codec[key]:
             raise UserError(f"{folder} holds data written with codec {key}={json.dumps(old_codec.get(key))}, not "
                             f"{json.dumps(codec[key])}; use another data_dir or the original config")
-    problem = layout_problem(manifest)
+    problem = store.layout_problem(manifest)
     if problem:
         raise UserError(f"{folder / store.MANIFEST} {problem}, so it was edited by hand; restore it or use another "
                         f"data_dir")

@@ -1,4 +1,4 @@
-"""Per-channel symmetric INT8 quantizer of the teacher data (DESIGN §3, research/seed002.md §2).
+"""Per-channel symmetric INT8 quantizer of the teacher data (docs/design.md §3).
 
     scale_c = max(P_p(|x_c|) / 127, 1e-8)         float32, P = numpy's linear percentile, p = 99.5
     q       = clip(round_half_even(x / scale_c), -127, 127)    int8, zero point 0, -128 never used

@@ -1,4 +1,4 @@
-"""The reference's one-file-per-sample layout, both ways (DESIGN §3).
+"""The reference's one-file-per-sample layout, both ways (docs/design.md §3).
 
 Each sample is ``sample_{i:08d}.zst``: the same keys as a shard without the sample axis (``T`` and
 ``chunk_size`` are int16 arrays of shape [1]), packed with uncompressed ``np.savez`` and compressed
@@ -14,7 +14,6 @@ from tqdm import tqdm
 from . import atomic, store
 from .config import output_dir, project_path
 from .errors import UserError
-from .verify import layout_problem, load_manifest
 
 REFERENCE_ZSTD_LEVEL = 10
 SAMPLE_NAME = re.compile(r"sample_(\d{8})\.zst")
@@ -36,8 +35,8 @@ def reference_dir(cfg, must_exist: bool) -> Path:
 def export_command(cfg):
     """Write every sample into ``<reference_dir>.partial`` and rename it when complete, so an
     interrupted export never looks like a smaller finished one."""
-    manifest = load_manifest(cfg)
-    problem = layout_problem(manifest)
+    manifest = store.load_manifest(cfg)
+    problem = store.layout_problem(manifest)
     if problem:
         raise UserError(f"{manifest.folder / store.MANIFEST} {problem}; run '--mode verify' for details")
     target = reference_dir(cfg, must_exist=False)

@@ -1,10 +1,11 @@
-"""The teacher-data files (DESIGN §3): shards of records plus ``manifest.json``.
+"""The teacher-data files (docs/design.md §3): shards of records plus ``manifest.json``.
 
 A shard is the bytes of an uncompressed ``np.savez`` archive compressed as one zstd frame, named
 ``shard-NNNNN.npz.zst``; every key has a leading sample axis and ``index`` holds the global sample
 indices. ``manifest.json`` names every shard with its index range, byte size and sha256, the codec
 and the generating config. Both are replaced atomically, the shard first, so a listed shard is
-always complete.
+always complete. The rules of a folder's layout (names, index coverage) and the one loader of a
+configured folder's manifest live here too, beside the format they describe.
 """
 import hashlib
 import io
@@ -17,6 +18,7 @@ import numpy as np
 import zstandard
 
 from . import atomic
+from .config import output_dir
 from .errors import UserError
 
 FORMAT = "one-step-distill-teacher-data"
@@ -24,6 +26,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-*.npz.zst"
 SHARD_NAME = re.compile(r"shard-(\d{5})\.npz\.zst")
+IMPORTED = "imported from the reference one-file-per-sample layout"  # generator.source of imported folders
 
 
 def record_spec(image_channels, size, latent_channels, chunks):
@@ -158,7 +161,7 @@ class Manifest:
         problem, arrays = _inspect_shard(self, entry, deep=True)
         if problem:
             raise UserError(f"{self.folder / entry['file']} {problem}; run '--mode verify' to list every damaged "
-                            f"shard and '--mode repair' to regenerate them")
+                            f"shard, then {damage_advice(self)}")
         return arrays
 
 
@@ -191,3 +194,60 @@ def _inspect_shard(manifest: Manifest, entry: dict, deep: bool):
     if not np.array_equal(arrays["index"], expected):
         return f"holds indices other than {entry['first_index']}..{expected[-1]}", None
     return None, arrays
+
+
+def index_text(first, count):
+    return f"indices {first}..{first + count - 1}"
+
+
+def coverage_problems(shards):
+    """[(file, indices, what is wrong)] for the gaps and overlaps of the shards' index ranges against 0..N-1."""
+    problems, expected = [], 0
+    for s in sorted(shards, key=lambda s: s["first_index"]):
+        if s["first_index"] > expected:
+            problems.append(("-", index_text(expected, s["first_index"] - expected), "are in no shard"))
+        elif s["first_index"] < expected:
+            overlap = min(expected, s["first_index"] + s["count"]) - s["first_index"]
+            problems.append((s["file"], index_text(s["first_index"], overlap), "are also in an earlier shard"))
+        expected = max(expected, s["first_index"] + s["count"])
+    return problems
+
+
+def layout_problem(manifest: Manifest):
+    """The first problem of the shard list itself (names, gaps, overlaps), as text, or None."""
+    bad_name = next((s["file"] for s in manifest.shards if not SHARD_NAME.fullmatch(s["file"])), None)
+    if bad_name:
+        return f"lists '{bad_name}', which is not a shard file name"
+    problems = coverage_problems(manifest.shards)
+    if problems:
+        return f"lists shards whose {problems[0][1]} {problems[0][2]}"
+    names = [s["file"] for s in manifest.shards]
+    if len(set(names)) != len(names):
+        return "lists a shard file more than once"
+    return None
+
+
+def stray_files(manifest: Manifest):
+    """Shard files in the folder that the manifest does not list (left by an interrupted run)."""
+    listed = {s["file"] for s in manifest.shards}
+    return sorted(p.name for p in manifest.folder.glob(SHARD_PATTERN) if p.name not in listed)
+
+
+def load_manifest(cfg) -> Manifest:
+    """The manifest of the configured ``data_dir``; one sentence where there is none."""
+    folder = output_dir(cfg, "data_dir", "data")
+    manifest = Manifest.load(folder)
+    if manifest is None:
+        raise UserError(f"{folder} has no {MANIFEST}; generate data there first or set data_dir=")
+    return manifest
+
+
+def is_imported(manifest: Manifest) -> bool:
+    return manifest.data["generator"].get("source") == IMPORTED
+
+
+def damage_advice(manifest: Manifest) -> str:
+    """What to do about a damaged shard: imported records cannot be regenerated, only imported again."""
+    if is_imported(manifest):
+        return "import the reference folder again into a new data_dir to restore it"
+    return "run '--mode repair' with the generating config to regenerate damaged shards"

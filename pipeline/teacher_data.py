@@ -13,15 +13,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import quant, store, teachers
-from .config import output_dir
 from .errors import UserError
 
 
 def open_data(cfg) -> store.Manifest:
     """The manifest of the configured teacher-data folder, refused when it holds nothing usable."""
-    folder = output_dir(cfg, "data_dir", "data")
-    manifest = store.Manifest.load(folder)
-    if manifest is None or not manifest.shards:
+    manifest = store.load_manifest(cfg)
+    folder = manifest.folder
+    if not manifest.shards:
         raise UserError(f"{folder} holds no teacher data; run '--mode generate' with the same config first")
     if manifest.data["generator"].get("space") != "pixel":
         raise UserError(f"{folder} holds {manifest.data['generator'].get('space')}-space data; only pixel-space "

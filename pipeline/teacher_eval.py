@@ -11,8 +11,7 @@ from tqdm import tqdm
 
 from . import atomic, datasets, fid, images, runtime, teachers
 from .config import output_dir
-from .generate import draw_x_T
-from .trajectory import ddim_sample
+from .trajectory import ddim_sample, draw_x_T
 
 
 def teacher_samples(cfg, unet, scheduler, device, count):

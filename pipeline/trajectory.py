@@ -1,5 +1,19 @@
-"""Teacher trajectories: the deterministic DDIM chain and its residual record (DESIGN §2, pixel space)."""
+"""Teacher trajectories: the start noise of every sample, the deterministic DDIM chain and its residual
+record (docs/design.md §2, pixel space)."""
+import numpy as np
 import torch
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for sample ``index``: independent streams for every (seed, index) pair."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def draw_x_T(seed: int, indices, shape) -> torch.Tensor:
+    """x_T for the given sample indices, rounded to float16 so that the stored x_T is the chain's start;
+    sample i's noise depends only on (seed, i), never on the batch it is drawn in (docs/design.md §3)."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, int(i)))) for i in indices]
+    return torch.stack(noise).half().float()
 
 
 @torch.no_grad()

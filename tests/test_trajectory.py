@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from pipeline import generate, teachers
-from pipeline.trajectory import ddim_sample, pixel_residual_record
+from pipeline.trajectory import ddim_sample, draw_x_T, pixel_residual_record
 
 
 def _teacher(small_teacher):
@@ -13,7 +13,7 @@ def _teacher(small_teacher):
 
 def test_telescoping_identity_and_chunk_order(small_teacher):
     unet, scheduler = _teacher(small_teacher)
-    x_T = generate.draw_x_T(0, range(3), [1, 32, 32])
+    x_T = draw_x_T(0, range(3), [1, 32, 32])
     rin0, r_chunks, z_final = pixel_residual_record(unet, scheduler, x_T, steps=12, chunks=4)
     assert r_chunks.shape == (3, 4, 1, 32, 32)
     torch.testing.assert_close(rin0, x_T)
@@ -24,16 +24,16 @@ def test_telescoping_identity_and_chunk_order(small_teacher):
 
 
 def test_x_T_depends_only_on_seed_and_index():
-    a = generate.draw_x_T(7, [0, 1, 2, 3], [1, 8, 8])
-    b = generate.draw_x_T(7, [2, 3], [1, 8, 8])
+    a = draw_x_T(7, [0, 1, 2, 3], [1, 8, 8])
+    b = draw_x_T(7, [2, 3], [1, 8, 8])
     torch.testing.assert_close(a[2:], b, atol=0, rtol=0)
-    assert not torch.equal(a[0], generate.draw_x_T(8, [0], [1, 8, 8])[0])
+    assert not torch.equal(a[0], draw_x_T(8, [0], [1, 8, 8])[0])
     assert a.dtype == torch.float32 and torch.equal(a, a.half().float())  # exactly representable in float16
 
 
 def test_record_keys_and_dtypes(small_teacher):
     unet, scheduler = _teacher(small_teacher)
-    x_T = generate.draw_x_T(0, range(2), [1, 32, 32])
+    x_T = draw_x_T(0, range(2), [1, 32, 32])
     rec = generate.quantized_record(x_T, *pixel_residual_record(unet, scheduler, x_T, 4, 2), T=1000,
                                     chunk_size=500, percentile=99.5)
     dtypes = {k: str(v.dtype) for k, v in rec.items()}
