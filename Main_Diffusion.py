@@ -2,30 +2,25 @@
 from a teacher and measures its FID."""
 import sys
 
-from pipeline import cli
+from pipeline import cli, pretrain, teacher_eval
+from pipeline.config import output_dir
 
 
-def _pretrain(cfg, dry_run):
-    from pipeline.pretrain import pretrain
-    if dry_run:
-        print(f"[dry-run] would train a UNet2DModel for {cfg['train_steps']} steps on {cfg['dataset']} "
-              f"and write it to {cfg['teacher_path']}")
-        return
-    pretrain(cfg)
+def _pretrain_plan(cfg):
+    return [f"would train a UNet2DModel for {cfg['train_steps']} steps on {cfg['dataset']} (checkpoints in "
+            f"{output_dir(cfg, 'run_dir')}) and write it to {cfg['teacher_path']}"]
 
 
-def _sample(cfg, dry_run):
-    from pipeline.teacher_eval import sample_and_score
-    if dry_run:
-        print(f"[dry-run] would draw {cfg['fid_samples']} {cfg['steps']}-step DDIM samples from "
-              f"{cfg['teacher_path']} and compute FID against the {cfg['dataset']} test split")
-        return
-    sample_and_score(cfg)
+def _sample_plan(cfg):
+    return [f"would draw {cfg['fid_samples']} {cfg['steps']}-step DDIM samples from {cfg['teacher_path']} and "
+            f"compute FID against the {cfg['dataset']} test split"]
 
 
 MODES = {
-    "pretrain": ("train a teacher DDPM (diffusers UNet2DModel) on the configured dataset", _pretrain),
-    "sample": ("draw a sample grid from the teacher and measure its FID against the test split", _sample),
+    "pretrain": cli.Mode("train a teacher DDPM (diffusers UNet2DModel) on the configured dataset", ("pretrain",),
+                         pretrain.pretrain, _pretrain_plan),
+    "sample": cli.Mode("draw a sample grid from the teacher and measure its FID against the test split",
+                       ("teacher_sample",), teacher_eval.sample_and_score, _sample_plan),
 }
 
 if __name__ == "__main__":

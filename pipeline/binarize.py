@@ -1,4 +1,4 @@
-"""``Main_Distill.py --mode binarize``: the 1-bit student B, trained with D as its teacher (DESIGN §4).
+"""``Main_Distill.py --mode binarize``: the 1-bit student B, trained with D as its teacher (docs/design.md §4).
 
 B starts as a copy of the D that ``d_weights`` names (by default the EMA student of the train_d run)
 with its time path folded and its convolutions and linears binarized (``student_b.to_binary``). Its
@@ -12,7 +12,7 @@ against D's own predictions for the same x_T; SPD and LRM compare the block feat
 (``feature_losses``); LRM's channel-PCA bases are fitted on D's features of the first batch and kept
 in the checkpoint. Progressive binarization switches rings of blocks to 1 bit from the middle
 outwards every ``b_progressive_every`` steps. The statistics add the fraction of latent weights whose
-sign flipped in each step. The training machinery is ``trainer.StudentTrainer``; the EMA B is
+sign flipped in each step. The training machinery is ``student_trainer.StudentTrainer``; the EMA B is
 exported bit-packed to ``<b_run_dir>/packed`` at every checkpoint, beside the layer table.
 """
 import json
@@ -23,7 +23,7 @@ from . import atomic, binary, packed, runtime, student_b, students, teacher_data
 from .errors import UserError
 from .feature_losses import FeatureTaps, LowRankBases, spd_loss
 from .losses import d_losses
-from .trainer import Recipe, StudentTrainer, data_fingerprint
+from .student_trainer import StudentTrainer, data_fingerprint
 
 RUN_KEYS = ("data_dir", "b_train_steps", "b_batch_size", "b_lr", "b_lr_warmup_fraction", "b_weight_decay",
             "lambda_rin", "lambda_chunks", "lambda_x0", "lambda_d_outputs", "lambda_spd", "lambda_lrm",
@@ -58,9 +58,7 @@ class BTrainer(StudentTrainer):
     export_name = "packed"
 
     def __init__(self, cfg):
-        if cfg["b_progressive_every"] < 0 or min(cfg["lambda_d_outputs"], cfg["lambda_spd"], cfg["lambda_lrm"]) < 0:
-            raise UserError("b_progressive_every and the lambda_* weights must be zero or positive")
-        super().__init__(cfg, Recipe.from_config(cfg, "b", "binarize"), "b_run_dir", "Checkpoints/binarize")
+        super().__init__(cfg, "b", "binarize")
         self.d.to(self.device)
         self.taps_b, self.taps_d = FeatureTaps(self.model), FeatureTaps(self.d)
         self.bases = LowRankBases(self.model.unet).to(self.device)
@@ -155,9 +153,7 @@ class BTrainer(StudentTrainer):
     # --- export
     def ema_b(self):
         """A fully binary B holding the EMA weights (the training model is untouched)."""
-        copy = packed.build_b(self.b_config)
-        copy.load_state_dict(self.model.state_dict())
-        self.ema.copy_to(copy.parameters())
+        copy = self.ema_model(packed.build_b(self.b_config))
         student_b.set_progress(copy, EVERYTHING, 0)
         return copy.to(self.device).eval()
 

@@ -1,135 +1,22 @@
 """Configuration: flat ``key = value`` presets in ``configs/*.toml`` plus ``key=value`` overrides.
 
-Every key, its type and its default live in ``DEFAULTS``; a preset or an override naming any other key
-is refused with the closest valid key named. The resolved config is a plain dict, printed and saved as
-JSON beside every output.
+Every key, its type, default, accepted values and the stages that read it live in one table,
+``config_keys.KEYS`` (docs/design.md §9); a preset or an override naming any other key is refused with the
+closest valid key named. ``validate`` checks every key the stages about to run will read, before any of
+them starts. The resolved config is a plain dict, printed and saved as JSON beside every output.
 """
 import difflib
 import json
 import tomllib
 from pathlib import Path
 
+from .config_keys import KEYS, STAGES
 from .errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = PROJECT_ROOT / "configs"
 
-DEFAULTS = {
-    # --- what to work on
-    "name": "fashion_mnist",            # run name: output folders are named after it
-    "dataset": "fashion_mnist",         # fashion_mnist | cifar10
-    "dataset_dir": "/usr/share/datasets/fashion-mnist",
-    "teacher_path": "Diffusion/fashion_mnist",  # diffusers layout: <path>/unet, <path>/scheduler
-    "teacher_hub_id": "",               # tried when teacher_path holds no weights ("" = never)
-    # --- machine
-    "device": "auto",                   # auto | cpu | cuda | cuda:N
-    "precision": "auto",                # training autocast: auto | fp32 | bf16 | fp16
-    "num_threads": 0,                   # CPU threads for torch (0 = torch's default)
-    "seed": 0,
-    # --- pretrain: a new teacher UNet2DModel (only when none exists)
-    "unet_channels": [32, 64, 64],
-    "unet_layers_per_block": 1,
-    "unet_attention_levels": [],        # indices of resolution levels with self-attention
-    "unet_norm_groups": 16,
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "train_steps": 4000,
-    "batch_size": 64,
-    "lr": 0.0005,
-    "lr_warmup_steps": 200,
-    "weight_decay": 0.0,
-    "ema_decay": 0.999,
-    "grad_clip": 1.0,
-    "hflip": True,
-    "checkpoint_every": 250,
-    "sample_every": 1000,
-    "run_dir": "",                      # "" = Checkpoints/diffusion/<name>
-    "overwrite_teacher": False,
-    # --- teacher sampling and FID (Main_Diffusion.py --mode sample)
-    "sample_count": 64,
-    "fid_samples": 1000,
-    "fid_batch_size": 100,
-    "fid_cache_dir": "data/fid_stats",  # Inception features of dataset images, computed once
-    "samples_dir": "",                  # "" = SampledImgs/diffusion/<name>
-    # --- generate: offline teacher data
-    "space": "pixel",                   # pixel | latent
-    "steps": 100,                       # deterministic DDIM steps (eta = 0)
-    "chunks": 10,                       # residual chunks; must divide steps
-    "samples_total": 1024,
-    "shard_size": 256,
-    "gen_batch_size": 64,
-    "gen_precision": "fp32",            # teacher precision while generating: fp32 | bf16 | fp16
-    "codec": "int8+zstd",
-    "percentile": 99.5,
-    "zstd_level": 10,
-    "data_dir": "",                     # "" = data/<name>
-    # --- reference layout (one file per sample), for export and import
-    "reference_dir": "",
-    "import_teacher": "",               # teacher folder that made the imported data ("" = unknown; train_d then refuses)
-    # --- student D: train_d (uses ema_decay, grad_clip, precision and seed above)
-    "d_run_dir": "",                    # "" = Checkpoints/distill/<name>
-    "d_init": "teacher",                # teacher (backbone copied from the teacher UNet) | random
-    "d_head_channels": 16,              # width of the readout heads
-    "d_train_steps": 500,
-    "d_batch_size": 64,
-    "d_lr": 0.0005,                     # peak of the one-cycle schedule
-    "d_lr_warmup_fraction": 0.05,       # one-cycle warm-up share of the steps
-    "d_weight_decay": 0.0001,
-    "lambda_rin": 1.0,                  # latent space only: in pixel space rin0 = x_T is passed through
-    "lambda_chunks": 1.0,
-    "lambda_x0": 0.1,
-    "holdout_samples": 256,             # records 0..N-1 are never trained on; eval_d measures D on them
-    "train_samples": 0,                 # training records after the held-out ones (0 = all)
-    "data_workers": 1,                  # DataLoader processes decoding shards (0 = in the training process)
-    "shuffle_buffer": 512,              # records mixed across shards before batching
-    "d_checkpoint_every": 100,
-    "d_snapshot_every": 0,              # keep the EMA student every N steps for learning curves (0 = off)
-    # --- student B: binarize (1-bit weights, started from the D that d_weights names, trained with D as its teacher)
-    "b_run_dir": "",                    # "" = Checkpoints/binarize/<name>; the packed B goes to <b_run_dir>/packed
-    "b_train_steps": 500,
-    "b_batch_size": 64,
-    "b_lr": 0.001,                      # peak of the one-cycle schedule (latent weights and scales alike)
-    "b_lr_warmup_fraction": 0.05,
-    "b_weight_decay": 0.0,              # latent weights only; scales, thresholds and k are never decayed
-    "b_checkpoint_every": 100,
-    "b_snapshot_every": 0,              # keep the packed EMA B every N steps (0 = off)
-    "lambda_d_outputs": 1.0,            # D's own predictions as a second target of B's output losses
-    "lambda_spd": 0.01,                 # Space Patched Distillation (BiDM's code value)
-    "lambda_lrm": 0.0001,               # Low-rank Representation Mimicking (BinaryDM's code value)
-    "b_full_precision": "unet.conv_in,heads.*.out,heads.*.rin_skip,rin_head.out",  # fnmatch patterns
-    "b_lmb": True,                      # the two-basis (LMB) binarizer on the high-resolution layers
-    "b_lmb_min_size": 0.5,              # LMB where a layer's input is at least this fraction of the image size
-    "b_centre": False,                  # subtract each output channel's mean weight before the sign
-    "b_activations": "fp",              # fp (W1A32) | binary (W1A1, BiDM's activation binarizer)
-    "b_packed_values": "fp16",          # precision of everything but the sign bits in the packed file: fp16 | fp32
-    "b_progressive_every": 0,           # steps between progressive-binarization rings (0 = all at once)
-    # --- eval_d (uses fid_samples as N and fid_batch_size)
-    "d_weights": "",                    # a student folder ("" = <d_run_dir>/student, the EMA weights)
-    "b_weights": "",                    # a packed B folder ("" = <b_run_dir>/packed when it exists; "none" = D only)
-    "fid_reference_count": 0,           # test-split images in the FID reference set (0 = all)
-    "eval_dir": "",                     # "" = SampledImgs/distill/<name>
-    "throughput_batch": 64,
-    "verify_dataset_md5": True,
-    # --- sample: one-step images of a trained student, no teacher data needed (uses seed, d_weights, b_weights)
-    "sample_student": "b",              # b (the packed B) | d (the full-precision D)
-    "sample_first": 0,                  # x_T of sample indices first..first+sample_count-1, as generate draws them
-    "student_samples_dir": "",          # "" = SampledImgs/sample/<name>         # check the published MD5 sums of the image dataset
-}
-
-CHOICES = {
-    "dataset": ("fashion_mnist", "cifar10"),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "gen_precision": ("fp32", "bf16", "fp16"),
-    "space": ("pixel", "latent"),
-    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
-    "codec": ("int8+zstd",),
-    "d_init": ("teacher", "random"),
-    "b_activations": ("fp", "binary"),
-    "b_packed_values": ("fp16", "fp32"),
-    "sample_student": ("b", "d"),
-}
+DEFAULTS = {name: key.default for name, key in KEYS.items()}
 
 
 def source_of(config_name) -> str:
@@ -227,10 +114,106 @@ def resolve(config_name, overrides=()):
     for key, value in parse_overrides(overrides):
         _check_key(key, "the command line")
         cfg[key] = _coerce(key, value, "the command line")
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}, got '{cfg[key]}'")
+    for key, spec in KEYS.items():
+        if spec.choices and cfg[key] not in spec.choices:
+            raise UserError(f"config key '{key}' must be one of {', '.join(spec.choices)}, got '{cfg[key]}'")
     return cfg
+
+
+def keys_of(stages):
+    """The keys that the given stages read, in table order."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage {sorted(unknown)[0]}")
+    return [name for name, spec in KEYS.items() if set(spec.stages) & set(stages)]
+
+
+def validate(cfg, stages) -> None:
+    """Refuse, with one sentence, the first key of these stages whose value is out of range, breaks a
+    rule between keys, or names a folder where a file is; called before the first stage starts."""
+    for name in keys_of(stages):
+        spec, value = KEYS[name], cfg[name]
+        if spec.range is not None and not spec.range.accepts(value):
+            raise UserError(f"config key '{name}' must be {spec.range.text}, got {value!r}")
+        problem = spec.check(value) if spec.check else None
+        if problem:
+            raise UserError(f"config key '{name}' {problem}, got {value!r}")
+        if spec.folder is not None:
+            _check_folder(cfg, name)
+    for rule_stages, rule in RULES:
+        if set(rule_stages) & set(stages):
+            problem = rule(cfg)
+            if problem:
+                raise UserError(problem)
+
+
+def folder_of(cfg, name) -> Path:
+    """The folder a folder key names: its value, or <default parent>/<name> when it is empty."""
+    parent = KEYS[name].folder
+    if cfg[name] or parent == ".":
+        return project_path(cfg[name])
+    return project_path(Path(parent) / cfg["name"])
+
+
+def _check_folder(cfg, name) -> None:
+    if not cfg[name] and KEYS[name].folder == "." or cfg[name] == "none":
+        return
+    path = folder_of(cfg, name)
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "" if blocker == path else f" (its parent {blocker} is a file)"
+        raise UserError(f"config key '{name}' names {path}, which is not a folder{where}; point {name}= at a folder")
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0][:12]
+
+
+def _chunks_divide_steps(cfg):
+    if cfg["steps"] % cfg["chunks"]:
+        return (f"chunks={cfg['chunks']} does not divide steps={cfg['steps']}; pick chunks among "
+                f"{_divisors(cfg['steps'])}")
+    return None
+
+
+def _latent_not_built(cfg):
+    if cfg["space"] == "latent":
+        return ("space=latent needs the rectified latent recurrence (Main_Diffusion.py --mode rectify), which is "
+                "not built yet; use space=pixel")
+    return None
+
+
+def _beta_order(cfg):
+    if cfg["beta_start"] >= cfg["beta_end"]:
+        return f"beta_start={cfg['beta_start']} must be below beta_end={cfg['beta_end']}"
+    return None
+
+
+def _unet_shape(cfg):
+    channels, groups = cfg["unet_channels"], cfg["unet_norm_groups"]
+    if any(c % groups for c in channels):
+        return f"unet_norm_groups={groups} must divide every entry of unet_channels={channels}"
+    if any(level >= len(channels) for level in cfg["unet_attention_levels"]):
+        return (f"unet_attention_levels={cfg['unet_attention_levels']} names a level beyond the "
+                f"{len(channels)} of unet_channels; use indices 0..{len(channels) - 1}")
+    return None
+
+
+def _holdout_before_fid(cfg):
+    if cfg["fid_samples"] > cfg["holdout_samples"]:
+        return (f"fid_samples={cfg['fid_samples']} needs that many held-out records but holdout_samples="
+                f"{cfg['holdout_samples']}; lower fid_samples or raise holdout_samples")
+    return None
+
+
+# Rules between keys: (stages that need the rule, rule returning what is wrong or None).
+RULES = (
+    (("generate", "repair"), _chunks_divide_steps),
+    (("generate", "repair"), _latent_not_built),
+    (("pretrain",), _beta_order),
+    (("pretrain",), _unet_shape),
+    (("eval_d",), _holdout_before_fid),
+)
 
 
 def project_path(path):
@@ -239,7 +222,10 @@ def project_path(path):
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def output_dir(cfg, key, default_parent):
+def output_dir(cfg, key, default_parent=None):
+    """The folder of a folder key (``default_parent`` is the table's unless given)."""
+    if default_parent is None:
+        return folder_of(cfg, key)
     return project_path(cfg[key] or Path(default_parent) / cfg["name"])
 
 

@@ -3,13 +3,12 @@
 D starts from the teacher's UNet (or at random) and learns rin0 and every chunk of the teacher's
 trajectory from x_T in one call (``losses.d_losses``). The first batch of a fresh run is spent on the
 least-squares start of the heads' linear rin paths. The training machinery (schedule, EMA, resume,
-stats) is ``trainer.StudentTrainer``; the EMA student is written to ``<run>/student`` at every
+stats, data checks) is ``student_trainer.StudentTrainer``; the EMA student is written to ``<run>/student`` at every
 checkpoint.
 """
 from . import atomic, runtime, students, teacher_data
-from .errors import UserError
 from .losses import d_losses
-from .trainer import Recipe, StudentTrainer
+from .student_trainer import StudentTrainer
 
 # Keys whose change makes a saved run a different experiment: resuming with other values is refused.
 RUN_KEYS = ("data_dir", "d_init", "d_head_channels", "d_train_steps", "d_batch_size", "d_lr",
@@ -17,21 +16,11 @@ RUN_KEYS = ("data_dir", "d_init", "d_head_channels", "d_train_steps", "d_batch_s
             "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed")
 
 
-def ema_copy(model, ema):
-    """A new model of the same config holding the EMA weights (the training model is untouched)."""
-    copy = students.StudentD.from_config(model.config)
-    copy.load_state_dict(model.state_dict())
-    ema.copy_to(copy.parameters())
-    return copy.eval()
-
-
 class DTrainer(StudentTrainer):
     run_keys = RUN_KEYS
 
     def __init__(self, cfg):
-        if cfg["d_head_channels"] <= 0:
-            raise UserError(f"d_head_channels must be positive, got {cfg['d_head_channels']}")
-        super().__init__(cfg, Recipe.from_config(cfg, "d", "train_d"), "d_run_dir", "Checkpoints/distill")
+        super().__init__(cfg, "d", "train_d")
         print(f"[train_d] D: {students.parameter_count(self.model):,} parameters ({cfg['d_init']} init), "
               f"chunk groups by decoder depth {self.model.groups}; autocast={self.amp or 'off (fp32)'}; "
               f"held-out records {self.holdout[0]}..{self.holdout[1] - 1}, training records "
@@ -58,7 +47,7 @@ class DTrainer(StudentTrainer):
         return loss, {**{f"loss_{k}": v.item() for k, v in parts.items()}, "chunk_losses": per_chunk.tolist()}
 
     def export(self, folder):
-        students.save_student(ema_copy(self.model, self.ema), folder)
+        students.save_student(self.ema_model(students.StudentD.from_config(self.model.config)), folder)
         atomic.write_json(folder / "run.json", dict(self.record(), step=self.step))
 
 

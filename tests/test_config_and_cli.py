@@ -1,17 +1,68 @@
 import json
+import re
 
 import pytest
 
-from pipeline import config
+from pipeline import config, config_keys
 from pipeline.errors import UserError
 
-from conftest import assert_one_sentence_error, run_cli
+from conftest import ROOT, assert_one_sentence_error, run_cli
 
 
-@pytest.mark.parametrize("preset", ["fashion_mnist", "cifar10", "tiny"])
-def test_every_preset_resolves(preset):
+@pytest.mark.parametrize("preset", config.preset_names())
+def test_every_preset_is_valid_for_every_stage(preset):
     cfg = config.resolve(preset)
-    assert cfg["name"] == preset and set(config.DEFAULTS) <= set(cfg)
+    assert cfg["name"] == preset
+    config.validate(cfg, config.STAGES)
+
+
+@pytest.mark.parametrize("name", list(config.KEYS))
+def test_every_key_is_read_by_a_stage_and_its_default_is_accepted(name):
+    spec = config.KEYS[name]
+    assert spec.stages and set(spec.stages) <= set(config.STAGES) and spec.help
+    assert spec.range is None or spec.range.accepts(spec.default)
+    assert not spec.choices or spec.default in spec.choices
+    assert spec.check is None or spec.check(spec.default) is None
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("b_train_steps=0", "'b_train_steps' must be positive"), ("d_lr_warmup_fraction=1", "within (0, 1)"),
+    ("percentile=40", "within [50, 100]"), ("zstd_level=23", "within [1, 22]"), ("lambda_spd=-1", "zero or positive"),
+    ("chunks=3", "does not divide steps=10"), ("unet_channels=", "at least one value"),
+    ("unet_norm_groups=5", "must divide every entry"), ("unet_attention_levels=2", "beyond the 2"),
+    ("beta_start=0.5", "below beta_end"), ("fid_samples=5", "holdout_samples=4"), ("device=gpu", "cuda:N"),
+    ("space=latent", "rectify"), ("ema_decay=1", "within [0, 1)")])
+def test_out_of_range_values_are_refused_for_the_stages_that_read_them(override, fragment):
+    cfg = config.resolve("tiny", [override])
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        config.validate(cfg, config.STAGES)
+
+
+def test_a_stage_does_not_validate_keys_it_never_reads():
+    config.validate(config.resolve("tiny", ["b_train_steps=0"]), ["generate", "train_d"])
+
+
+@pytest.mark.parametrize("key", [name for name, spec in config.KEYS.items() if spec.folder])
+def test_a_folder_key_naming_a_file_is_refused(key, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for value in (blocker, blocker / "below"):
+        with pytest.raises(UserError, match=f"config key '{key}' names .*not a folder"):
+            config.validate(config.resolve("tiny", [f"{key}={value}"]), config.STAGES)
+
+
+def test_the_default_folder_under_a_file_is_refused(tmp_path, monkeypatch):
+    blocker = tmp_path / "data"
+    blocker.write_text("")
+    cfg = config.resolve("tiny", [f"name=x"])
+    monkeypatch.setitem(cfg, "data_dir", str(blocker / "x"))
+    with pytest.raises(UserError, match="its parent .*a-file|its parent .*data is a file"):
+        config.validate(cfg, ["generate"])
+
+
+def test_docs_config_md_is_the_table():
+    assert (ROOT / "docs" / "config.md").read_text() == config_keys.markdown(), \
+        "regenerate it: python -m pipeline.config_keys > docs/config.md"
 
 
 def test_overrides_are_typed():
@@ -41,11 +92,27 @@ def test_a_saved_config_json_runs_again(tiny_cfg, tmp_path):
     assert again == json.loads((folder / "config.json").read_text())
 
 
-def test_help_lists_every_mode():
-    out = run_cli("Main_Distill.py", "--help").stdout
-    for mode in ("all", "generate", "verify", "repair", "export", "import", "train_d", "eval_d"):
-        assert f"  {mode} " in out
-    assert "  pretrain " in run_cli("Main_Diffusion.py", "--help").stdout
+def test_help_lists_every_mode_and_every_key():
+    distill, diffusion = run_cli("Main_Distill.py", "--help").stdout, run_cli("Main_Diffusion.py", "--help").stdout
+    for mode in ("all", "generate", "verify", "repair", "export", "import", "train_d", "binarize", "eval_d", "sample"):
+        assert f"  {mode} " in distill
+    assert "  pretrain " in diffusion and "  sample " in diffusion
+    for name in config.KEYS:
+        assert f"\n  {name} = " in distill + diffusion, name
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_bad_late_stage_key_stops_all_before_generate_starts(tmp_path, dry_run):
+    result = run_cli("Main_Distill.py", "--config", "tiny", f"data_dir={tmp_path / 'd'}", "b_lmb_min_size=-1",
+                     *(["--dry-run"] if dry_run else []))
+    assert_one_sentence_error(result, "b_lmb_min_size", "zero or positive")
+    assert result.returncode == 2 and not (tmp_path / "d").exists()
+
+
+def test_a_run_folder_that_is_a_file_is_one_sentence(tmp_path):
+    (tmp_path / "run").write_text("")
+    result = run_cli("Main_Distill.py", "--mode", "train_d", "--config", "tiny", f"d_run_dir={tmp_path / 'run'}")
+    assert_one_sentence_error(result, "d_run_dir", "not a folder")
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):

@@ -1,0 +1,89 @@
+"""What ``train_d`` and ``binarize`` add to the shared loop: teacher data (docs/design.md §11).
+
+The held-out split is never trained on; the shards a run will read are checked (size and sha256)
+before step 1; batches stream from DataLoader workers (``teacher_data.batches``); the learning rate
+follows a one-cycle schedule (cosine, warm-up share of the recipe, start and end at lr / 1e4 as the
+reference). A run records which data it reads (generator fingerprint, index ranges and every shard's
+sha256), and resuming on data that grew or changed is refused. The EMA student is exported at every
+checkpoint, and every ``snapshot_every`` steps into ``snapshots/``.
+"""
+import torch
+
+from . import teacher_data
+from .config import output_dir
+from .errors import UserError
+from .trainer import Recipe, Trainer
+
+DATA_KEYS = ("teacher_sha256", "space", "steps", "chunks", "T", "image_shape", "latent_channels", "percentile", "seed")
+
+
+def data_fingerprint(manifest) -> dict:
+    generator = manifest.data["generator"]
+    return {k: generator.get(k) for k in DATA_KEYS}
+
+
+def one_cycle(opt, train_steps: int, lr: float, warmup_fraction: float):
+    # torch needs at least one step in each phase: very short (test) runs get a longer warm-up share
+    total = max(train_steps, 4)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=total, pct_start=max(warmup_fraction, 2.0 / total),
+        anneal_strategy="cos", div_factor=1e4, final_div_factor=1e4)
+
+
+class StudentTrainer(Trainer):
+    """Subclasses set ``run_keys`` and implement ``build_model``, ``loss`` and ``export``."""
+
+    export_name = "student"  # the EMA student is written to <run>/<export_name> at every checkpoint
+
+    def __init__(self, cfg, prefix: str, stage: str):
+        self.prefix = prefix
+        self.manifest = teacher_data.open_data(cfg)
+        self.holdout, self.train_range = teacher_data.split(cfg, self.manifest)
+        teacher_data.check_shards(self.manifest, *self.train_range)
+        super().__init__(cfg, Recipe.from_config(cfg, f"{prefix}_", stage), output_dir(cfg, f"{prefix}_run_dir"))
+
+    # --- what a student stage provides
+    def export(self, folder):
+        raise NotImplementedError
+
+    def first_batch(self, batch):
+        """Called once on a fresh run with the first batch, which is then not trained on."""
+
+    # --- the loop's hooks
+    def make_schedule(self):
+        return one_cycle(self.opt, self.recipe.train_steps, self.recipe.lr,
+                         self.cfg[f"{self.prefix}_lr_warmup_fraction"])
+
+    def batches(self):
+        stream = teacher_data.batches(self.cfg, self.manifest, *self.train_range, seed=[self.cfg["seed"], self.step],
+                                      batch_size=self.recipe.batch_size)
+        if self.step == 0:
+            self.first_batch({k: v.to(self.device) for k, v in next(stream).items()})
+        return stream
+
+    def record(self) -> dict:
+        return {"config": self.cfg, "data": data_fingerprint(self.manifest), "data_dir": str(self.manifest.folder),
+                "data_read": teacher_data.data_identity(self.manifest, *self.train_range),
+                "holdout_indices": list(self.holdout), "train_indices": list(self.train_range)}
+
+    def check_resume(self, saved: dict):
+        if saved["data"] != data_fingerprint(self.manifest):
+            raise UserError(f"{self.run_dir} was trained on teacher data made by another generator config than "
+                            f"{self.manifest.folder}; use the original data or another run folder")
+        if saved.get("data_read") != teacher_data.data_identity(self.manifest, *self.train_range):
+            raise UserError(f"the teacher data in {self.manifest.folder} grew or changed since {self.run_dir} "
+                            f"started (it trained on records {saved['train_indices'][0]}.."
+                            f"{saved['train_indices'][1] - 1} of other shards); resume on the original data, "
+                            f"fix the training range with train_samples=, or start another run folder")
+
+    def on_checkpoint(self):
+        self.export(self.run_dir / self.export_name)
+
+    def periodic(self):
+        every = self.cfg[f"{self.prefix}_snapshot_every"]
+        if every and self.step % every == 0:
+            self.export(self.run_dir / "snapshots" / f"step-{self.step:06d}")
+
+    def finish(self):
+        print(f"[{self.recipe.stage}] EMA student written to {self.run_dir / self.export_name}")
+        return self.run_dir / self.export_name
