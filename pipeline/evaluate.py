@@ -1,5 +1,5 @@
 """``Main_Distill.py --mode eval_d``: the one-step students D and B against the teacher, in numbers
-(DESIGN §5).
+(docs/design.md §5).
 
 D (``d_weights``) and, when one exists, the packed 1-bit B (``b_weights``) run on the x_T of the
 held-out records, which training never saw; the teacher's images for the same x_T are those records'
@@ -11,7 +11,7 @@ the teacher. Throughput is measured on one batch of the same x_T, each student's
 the teacher's whole DDIM chain, in this run. Sizes: D's safetensors in fp32 and fp16, B's packed file
 with the breakdown of what is not sign bits, and the layers B keeps in full precision. Everything lands
 in ``SampledImgs/distill/<run>/``: grids, every sample as PNG and in one npz, a latent walk of D and B
-side by side, report.json and report.md.
+side by side, report.json and report.md (rendered by ``report``).
 """
 import io
 import json
@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from . import (atomic, datasets, fid, images, latent_walk, metrics, packed, runtime, student_b, students, teacher_data,
                teachers)
+from . import report as report_text
 from .config import output_dir, project_path
 from .errors import UserError
 from .trajectory import ddim_sample
 
 THROUGHPUT_REPEATS = 7  # single calls; the teacher's chain is timed twice
-NAMES = {"d": "D", "b": "B"}
+NAMES = report_text.NAMES
 
 
 def held_out_range(cfg, folder, manifest, n):
@@ -120,26 +121,23 @@ def d_size(model, folder) -> dict:
 
 
 def b_size(model, folder, d: dict) -> dict:
-    """B's packed file: bytes by part, the ratio to D, and the layers kept in full precision."""
-    data = (folder / packed.PACKED_FILE).read_bytes()
-    header = int.from_bytes(data[:8], "little") + 8
+    """B's packed file: bytes by part (the packed format's own breakdown), the ratio to D, and the layers
+    kept in full precision."""
     binary = dict(student_b.binary_layers(model))
-    sign_bytes = sum((layer.weight.numel() + 7) // 8 * layer.basis for layer in binary.values())
     full_precision = [{"name": name, "parameters": sum(p.numel() for p in m.parameters(recurse=False))}
                       for name, m in model.named_modules()
                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and name not in binary
                       and name.rpartition(".")[0] not in binary]
-    values = packed.value_breakdown(model)
-    stored_as = json.loads((folder / students.CONFIG_FILE).read_text())["binarization"].get("b_packed_values", "fp32")
-    per_value = packed.VALUE_DTYPES[stored_as].itemsize
+    parts = packed.byte_breakdown(folder, model)
+    file_bytes = parts["file_bytes"]
     return {"parameters": students.parameter_count(model),
             "binary_weights": sum(layer.weight.numel() for layer in binary.values()),
-            "two_basis_layers": sum(layer.basis == 2 for layer in binary.values()), "binary_layers": len(binary),
-            "packed_bytes": len(data), "sign_bytes": sign_bytes, "header_bytes": header,
-            "value_bytes": per_value * sum(values.values()), "bytes_per_value": per_value, "values_by_kind": values,
+            "two_basis_layers": sum(layer.binarizer_name == "lmb2" for layer in binary.values()), "binary_layers": len(binary),
+            "packed_bytes": file_bytes, **{k: parts[k] for k in ("sign_bytes", "header_bytes", "value_bytes",
+                                                                 "bytes_per_value", "values_by_kind")},
             "full_precision_layers": full_precision,
-            "times_smaller_than_d_fp32": d["fp32_bytes"] / len(data),
-            "times_smaller_than_d_fp16": d["fp16_bytes"] / len(data)}
+            "times_smaller_than_d_fp32": d["fp32_bytes"] / file_bytes,
+            "times_smaller_than_d_fp16": d["fp16_bytes"] / file_bytes}
 
 
 class Evaluation:
@@ -269,113 +267,10 @@ class Evaluation:
         atomic.write_bytes(out / "samples.npz", buf.getvalue())
         atomic.write_json(out / "report.json", report)
         atomic.write_json(out / "config.json", self.cfg)
-        atomic.write_bytes(out / "report.md", render_markdown(report).encode())
-
-
-def _f(value, digits=2):
-    return "–" if value is None else f"{value:,.{digits}f}"
-
-
-def _score_rows(r) -> list:
-    s, t, size = r["scores"], r["throughput"], r["size"]
-    rows = [("Teacher", r["teacher_sampler"], s["teacher"], t["teacher_images_per_s"], t["teacher_steps"],
-             size["teacher_parameters"])]
-    for key in ("d", "b"):
-        if key in s:
-            label = "Student D (full precision)" if key == "d" else "Student B (1-bit weights)"
-            rows.append((label, "one step", s[key], t[key]["images_per_s"], 1, size[key]["parameters"]))
-    lines = ["| model | sampler | FID | precision | recall | memorization | diversity | images/s | network calls | "
-             "parameters |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, sampler, sc, speed, calls, params in rows:
-        lines.append(f"| {name} | {sampler} | {_f(sc['fid'])} | {_f(sc['precision'], 3)} | {_f(sc['recall'], 3)} | "
-                     f"{_f(sc['memorization'], 3)} | {_f(sc['diversity'], 3)} | {speed:.1f} | {calls} | {params:,} |")
-    lines.append(f"| real test images | – | {_f(s['real']['fid'])} (floor) | – | – | {_f(s['real']['memorization'], 3)} | "
-                 f"{_f(s['real']['diversity'], 3)} | – | – | – |")
-    return lines
-
-
-def _size_lines(r) -> list:
-    size = r["size"]
-    d = size["d"]
-    lines = ["| model | parameters | fp32 bytes | fp16 bytes | packed bytes |", "|---|---|---|---|---|",
-             f"| teacher | {size['teacher_parameters']:,} | {size['teacher_file_bytes']:,} | – | – |",
-             f"| D | {d['parameters']:,} | {d['fp32_bytes']:,} | {d['fp16_bytes']:,} | – |"]
-    if "b" not in size:
-        return lines
-    b = size["b"]
-    lines += [f"| B | {b['parameters']:,} ({b['binary_weights']:,} binary) | – | – | **{b['packed_bytes']:,}** |", "",
-              f"B's packed file is **{b['times_smaller_than_d_fp32']:.1f}x** smaller than D in fp32 and "
-              f"{b['times_smaller_than_d_fp16']:.1f}x smaller than D in fp16: {b['sign_bytes']:,} bytes of sign bits "
-              f"({b['binary_layers']} binary layers, {b['two_basis_layers']} of them with two bases), "
-              f"{b['value_bytes']:,} bytes of {8 * b['bytes_per_value']}-bit float values, {b['header_bytes']:,} bytes of "
-              f"safetensors header. "
-              f"The values by kind:", "", "| full-precision values in the packed file | count | bytes |", "|---|---|---|"]
-    lines += [f"| {kind} | {count:,} | {b['bytes_per_value'] * count:,} |"
-              for kind, count in sorted(b["values_by_kind"].items())]
-    lines += ["", "Layers kept in full precision (configuration `b_full_precision`; norms, activations and the folded "
-              "constant time embedding are full precision too):", "", "| layer | parameters |", "|---|---|"]
-    lines += [f"| `{row['name']}` | {row['parameters']:,} |" for row in b["full_precision_layers"]]
-    return lines
-
-
-def render_markdown(r) -> str:
-    s, t = r["scores"], r["throughput"]
-    has_b = "b" in s
-    title = "One-step students D and B against their teacher" if has_b else "One-step student D against its teacher"
-    students_line = "; ".join(f"student {NAMES[k]} `{v}`" for k, v in r["students"].items())
-    lines = [f"# {title}", "",
-             f"{students_line}; teacher `{r['teacher']}`; data `{r['data_dir']}`, held-out records "
-             f"{r['held_out_records'][0]}..{r['held_out_records'][1]} (never trained on).", "",
-             f"FID: N = {r['fid_samples']} samples against {r['fid_reference']}; the floor at the same N "
-             f"(N real training images) is **{_f(s['real']['fid'])}**.", "", *_score_rows(r), "",
-             f"FID ratio D / teacher: **{s['d']['fid'] / s['teacher']['fid']:.2f}**."]
-    if has_b:
-        lines[-1] += f" FID ratio B / D: **{s['b']['fid'] / s['d']['fid']:.2f}**."
-    lines.append("")
-    for key, fidelity in r["fidelity_vs_teacher"].items():
-        lines.append(f"Distillation fidelity of {NAMES[key]} on {fidelity['records']} held-out records (same x_T): "
-                     f"PSNR **{fidelity['psnr_db']:.2f} dB**, MSE {fidelity['mse']:.5f}.")
-    lines += ["", f"Speed ({t['device']}, {t['threads']} threads, batch {t['batch']}, same run): the teacher makes "
-              f"{t['teacher_images_per_s']:.1f} images/s with {t['teacher_steps']} DDIM steps."]
-    for key in ("d", "b"):
-        if key in t:
-            lines[-1] += (f" {NAMES[key]} makes {t[key]['images_per_s']:.1f} images/s in one call, "
-                          f"**{t[key]['speedup']:.1f}x** faster (one call costs {t[key]['cost_in_teacher_calls']:.2f} "
-                          f"teacher calls).")
-    if has_b:
-        lines[-1] += (" B runs here as float convolutions of its +-scale weights (PyTorch has no 1-bit kernel), so "
-                      "its speed is that of D plus rebuilding the binary weights, not that of 1-bit hardware.")
-    lines += ["", "## Size", "", *_size_lines(r), "",
-              "Metrics: " + "; ".join(f"{k}: {v}" for k, v in r["metrics"].items()) + ".", "", "## Samples", "",
-              "D, one step (`grid.png`):", "", "![D](grid.png)", ""]
-    if has_b:
-        lines += ["B, one step, same x_T (`b_grid.png`):", "", "![B](b_grid.png)", ""]
-    order = "the teacher, then D" + (", then B" if has_b else "")
-    shown = "D and B side by side" if has_b else "D"
-    lines += ["Teacher from the same x_T (`teacher_grid.png`):", "", "![teacher](teacher_grid.png)", "",
-              f"Rows of {order}, from the same x_T (`comparison.png`):", "", "![comparison](comparison.png)", "",
-              f"A {latent_walk.FRAMES}-frame latent walk of {shown} (spherical interpolation between the x_T of the "
-              f"first two held-out records): `latent_walk.gif`, and {latent_walk.STRIP_FRAMES} evenly spaced frames "
-              f"(one row per model):", "", "![latent walk](latent_walk.png)", "",
-              "Every sample: `samples/<record index>.png` (D), `b_samples/` (B) and `samples.npz` (keys teacher, "
-              "index, d, b).", ""]
-    return "\n".join(lines)
+        atomic.write_bytes(out / "report.md", report_text.render_markdown(report).encode())
 
 
 def eval_d(cfg):
     report = Evaluation(cfg).run()
-    out = output_dir(cfg, "eval_dir", "SampledImgs/distill")
-    s, t = report["scores"], report["throughput"]
-    for key in ("d", "b"):
-        if key in s:
-            print(f"[eval_d] FID {NAMES[key]} {s[key]['fid']:.2f} vs teacher {s['teacher']['fid']:.2f} "
-                  f"(N={report['fid_samples']}, floor {s['real']['fid']:.2f}); PSNR vs teacher "
-                  f"{report['fidelity_vs_teacher'][key]['psnr_db']:.2f} dB; {t[key]['speedup']:.1f}x faster than the "
-                  f"{t['teacher_steps']}-step teacher")
-    if "b" in report["size"]:
-        b = report["size"]["b"]
-        print(f"[eval_d] packed B: {b['packed_bytes']:,} bytes, {b['times_smaller_than_d_fp32']:.1f}x smaller than D "
-              f"in fp32; FID ratio B / D {s['b']['fid'] / s['d']['fid']:.2f}")
-    print(f"[eval_d] report: {out / 'report.md'}\n[eval_d] sample grids: {out / 'grid.png'}"
-          + (f", {out / 'b_grid.png'}" if "b" in s else ""))
+    print("\n".join(report_text.console_lines(report, output_dir(cfg, "eval_dir", "SampledImgs/distill"))))
     return report

@@ -1,12 +1,12 @@
-"""Feature distillation from D to B (research/binarization.md §3, §6).
+"""Feature distillation from D to B (docs/design.md §4).
 
-* SPD (Space Patched Distillation, BiDM): each block feature [B, C, H, W] is cut into p x p = 16
-  non-overlapping patches; per patch the Gram map A = P P^T over its last two axes ([B, C, h, h]) is
-  divided by its Frobenius norm (over batch and channels), and the loss is the mean over patches of
-  the L2 norm (not squared) of the difference between D's and B's normalised maps.
-* LRM (Low-rank Representation Mimicking, BinaryDM): a channel PCA of D's block features on the first
-  training batch gives a basis E [C, round(C / 4)], frozen from then on (a buffer, saved in the
-  checkpoint); the loss is the MSE between D's and B's features projected on E.
+* SPD (Space Patched Distillation; BiDM, Zheng et al. 2024): each block feature [B, C, H, W] is cut
+  into p x p = 16 non-overlapping patches; per patch the Gram map A = P P^T over its last two axes
+  ([B, C, h, h]) is divided by its Frobenius norm (over batch and channels), and the loss is the mean
+  over patches of the L2 norm (not squared) of the difference between D's and B's normalised maps.
+* LRM (Low-rank Representation Mimicking; BinaryDM, Zheng et al. 2024): a channel PCA of D's block
+  features on the first training batch gives a basis E [C, round(C / 4)], frozen from then on (a
+  buffer, saved in the checkpoint); the loss is the MSE between D's and B's features projected on E.
 
 Both are averaged over the tapped blocks: the outputs of every down block, the mid block and every up
 block of the UNet (the diffusers counterparts of the blocks both papers distil).

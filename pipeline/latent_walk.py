@@ -1,4 +1,4 @@
-"""Latent walks (DESIGN §5, seed 000): a student's images along a spherical interpolation between two
+"""Latent walks (docs/design.md §5): a student's images along a spherical interpolation between two
 x_T, saved as an animated GIF and as a strip of evenly spaced frames."""
 import io
 

@@ -1,4 +1,4 @@
-"""Distillation losses of student D (DESIGN §4, research/seed002.md §3).
+"""Distillation losses of student D (docs/design.md §4).
 
     L = lambda_rin * MSE(rin, rin0) + lambda_chunks * MSE(chunks, r_chunks) + lambda_x0 * MSE(readout(z_hat), x0)
 

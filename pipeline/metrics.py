@@ -1,11 +1,11 @@
-"""Sample-quality figures besides FID (DESIGN §5).
+"""Sample-quality figures besides FID (docs/design.md §5).
 
 * precision / recall: the k-nearest-neighbour manifold estimate of Kynkäänniemi et al. (2019), k = 3,
   in the Inception feature space FID uses: precision is the share of generated samples inside some
   real sample's k-NN ball, recall the share of real samples inside some generated sample's ball.
 * memorization score: mean L2 distance from each sample to its nearest training image; diversity
-  score: mean L2 distance over all pairs of distinct samples (both as seed 000 defines them), on
-  pixels scaled to [0, 1]. Higher memorization score = less copying.
+  score: mean L2 distance over all pairs of distinct samples; both on pixels scaled to [0, 1]. Higher
+  memorization score = less copying.
 * PSNR / MSE of a student against the teacher's image from the same x_T (distillation fidelity).
 """
 import numpy as np

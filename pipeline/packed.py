@@ -1,38 +1,42 @@
-"""Packed export of student B (DESIGN §4): sign bits 8 per byte, everything else in full precision.
+"""Packed export of student B (docs/design.md §6): sign bits 8 per byte, everything else in full precision.
 
 A packed folder holds ``student_config.json`` (D's constructor arguments plus the binarization
 settings) and ``packed.safetensors`` with two tensors, so that the file's header stays a few hundred
 bytes (one tensor per layer made it 14 % of a small model's file):
 
-* ``signs`` (uint8): for every binary layer in module order, the signs of its n weights in C order
-  packed by ``numpy.packbits`` (ceil(n / 8) bytes, 1 = +1), then for a two-basis layer the signs of its
-  residual; the metadata ``sign_bytes`` lists each layer's byte count;
+* ``signs`` (uint8): for every binary layer in module order, each sign plane of its binarizer
+  (``sign_planes``: sign(W), then for ``lmb2`` the sign of the residual) as its n signs in C order
+  packed by ``numpy.packbits`` (ceil(n / 8) bytes, 1 = +1); the metadata ``sign_bytes`` lists each
+  layer's byte count;
 * ``values`` (float16 by default, ``b_packed_values=fp32`` keeps float32): every other tensor of the
   state dict (scales, full-precision layers, norms, folded time constants, biases, W1A1 thresholds,
   k filters, shortcut convolutions), flattened in state-dict order. ``export_packed`` first rounds
   the model's own values to that precision, so the model it was given and the reloaded one agree
   exactly.
 
-The config rebuilds the model, which fixes every name, shape and offset; ``load_packed`` checks the
-blobs against it and rebuilds B with the same operations as training, so its outputs equal the trained
-B's exactly.
+The metadata ``sha256`` is ``students.content_sha256`` of the two tensors, the byte counts and the
+config, so one changed byte in the file or in ``student_config.json`` is refused instead of silently
+giving another B. The config rebuilds the model, which fixes every name, shape and offset;
+``load_packed`` checks the blobs against it and rebuilds B with the same operations as training, so its
+outputs equal the trained B's exactly. ``byte_breakdown`` answers how the file's bytes are spent.
 """
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from . import atomic, student_b, students
 from .errors import UserError
 
 KIND = "one-step-student-b-packed"
+FORMAT_VERSION = "2"  # 2: with the sha256 checksum
 PACKED_FILE = "packed.safetensors"
 BINARIZATION_KEYS = ("b_full_precision", "b_lmb", "b_lmb_min_size", "b_centre", "b_activations", "b_packed_values")
 VALUE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 SKIPPED_BUFFERS = ("started", "active")
+REDO = "rerun '--mode binarize' on its run folder to re-export it"
 
 
 def b_config(d_config: dict, cfg: dict) -> dict:
@@ -80,6 +84,17 @@ def _pack(bits: torch.Tensor) -> np.ndarray:
     return np.packbits(bits.flatten().cpu().numpy().astype(np.uint8))
 
 
+def checksum(tensors: dict, counts: list, config: dict) -> str:
+    """The checksum of a packed B: its tensors, its per-layer sign byte counts and its config."""
+    return students.content_sha256(tensors, {"config": config, "sign_bytes": counts})
+
+
+def _sizes(file_bytes: int, signs: torch.Tensor, values: torch.Tensor) -> dict:
+    sign_bytes, value_bytes = signs.numel(), values.numel() * values.element_size()
+    return {"sign_bytes": sign_bytes, "value_bytes": value_bytes,
+            "header_bytes": file_bytes - sign_bytes - value_bytes, "file_bytes": file_bytes}
+
+
 def export_packed(model, config: dict, folder) -> dict:
     """Write the packed folder; returns the byte breakdown (signs, values, header, file)."""
     folder = Path(folder)
@@ -93,69 +108,89 @@ def export_packed(model, config: dict, folder) -> dict:
     _load_values(state, keys, values)
     parts, counts = [], []
     for layer in binary.values():
-        for signs in layer.signs():
-            if signs is not None:
-                parts.append(_pack(signs))
-        counts.append(sum(len(p) for p in parts) - sum(counts))
+        planes = [_pack(plane) for plane in layer.signs()]
+        parts += planes
+        counts.append(sum(len(p) for p in planes))
     tensors = {"signs": torch.from_numpy(np.concatenate(parts)), "values": values.contiguous()}
-    data = save(tensors, metadata={"format": KIND, "version": "1", "sign_bytes": json.dumps(counts)})
+    data = save(tensors, metadata={"format": KIND, "version": FORMAT_VERSION, "sign_bytes": json.dumps(counts),
+                                   "sha256": checksum(tensors, counts, config)})
     atomic.write_bytes(folder / PACKED_FILE, data)
     atomic.write_json(folder / students.CONFIG_FILE, config)
-    sign_bytes, value_bytes = tensors["signs"].numel(), values.numel() * values.element_size()
-    return {"sign_bytes": sign_bytes, "value_bytes": value_bytes, "header_bytes": len(data) - sign_bytes - value_bytes,
-            "file_bytes": len(data)}
+    return _sizes(len(data), tensors["signs"], values)
 
 
-def _read(packed_path):
+def _read_config(config_path) -> dict:
     try:
-        data = packed_path.read_bytes()
-        tensors = load(data)
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-        counts = json.loads(header["__metadata__"]["sign_bytes"])
-        assert set(tensors) == {"signs", "values"} and tensors["signs"].dtype == torch.uint8
-        assert tensors["values"].dtype in VALUE_DTYPES.values()
-        return tensors["signs"].numpy(), tensors["values"], counts
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+        config = json.loads(config_path.read_text())
+        if isinstance(config, dict) and config.get("kind") == KIND:
+            return config
+    except (OSError, ValueError):
+        pass
+    raise UserError(f"{config_path} is not a packed-B config; restore it or {REDO}")
+
+
+def _read(packed_path, config: dict):
+    """(signs as uint8 numpy, values, per-layer sign byte counts), checked against the checksum."""
+    try:
+        tensors, metadata, _ = students.read_safetensors(packed_path)
+        counts = json.loads(metadata["sign_bytes"])
+        signs, values = tensors["signs"], tensors["values"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{packed_path} cannot be read ({type(err).__name__}: truncated or damaged); "
-                        f"re-export B") from None
+                        f"restore it or {REDO}") from None
+    if set(tensors) != {"signs", "values"} or signs.dtype != torch.uint8 or values.dtype not in VALUE_DTYPES.values():
+        raise UserError(f"{packed_path} does not hold a packed B (tensors {sorted(tensors)}); {REDO}")
+    students.verify_checksum(packed_path, metadata, checksum(tensors, counts, config), REDO)
+    return signs.numpy(), values, counts
 
 
 def load_packed(folder):
+    """B rebuilt from a packed folder; a missing, damaged or mismatched folder is one sentence."""
     folder = Path(folder)
     config_path, packed_path = folder / students.CONFIG_FILE, folder / PACKED_FILE
     if not config_path.is_file() or not packed_path.is_file():
         raise UserError(f"{folder} holds no packed B (expected {students.CONFIG_FILE} and {PACKED_FILE}); export one "
                         f"with '--mode binarize'")
+    config = _read_config(config_path)
+    signs, values, counts = _read(packed_path, config)
     try:
-        config = json.loads(config_path.read_text())
-        assert config["kind"] == KIND
         model = build_b(config)
-    except (ValueError, AssertionError, KeyError, TypeError):
-        raise UserError(f"{config_path} is not a packed-B config; restore it or re-export B") from None
-    signs, values, counts = _read(packed_path)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{config_path} is not a packed-B config; restore it or {REDO}") from None
     binary = dict(student_b.binary_layers(model))
+    mismatch = f"the file and the config do not belong together ({REDO})"
     if len(counts) != len(binary):
         raise UserError(f"{packed_path} holds signs of {len(counts)} layers but {config_path.name} builds "
-                        f"{len(binary)} binary layers; the file and the config do not belong together (re-export B)")
+                        f"{len(binary)} binary layers; {mismatch}")
     offset = 0
     for (name, layer), count in zip(binary.items(), counts):
-        n = layer.weight.numel()
-        if count != layer.basis * ((n + 7) // 8):
+        n, planes = layer.weight.numel(), layer.basis
+        if count != planes * ((n + 7) // 8):
             raise UserError(f"layer {name} has {count} bytes of signs in {packed_path} but its {n} weights in "
-                            f"{layer.basis} basis(es) need {layer.basis * ((n + 7) // 8)}; the file and the config "
-                            f"do not belong together (re-export B)")
-        per_basis = count // layer.basis
-        planes = [_unpack(signs[offset + i * per_basis: offset + (i + 1) * per_basis], layer.weight.shape)
-                  for i in range(layer.basis)]
-        layer.freeze_signs(planes[0], planes[1] if layer.basis == 2 else None)
+                            f"{planes} sign plane(s) need {planes * ((n + 7) // 8)}; {mismatch}")
+        per_plane = count // planes
+        layer.freeze_signs(*(_unpack(signs[offset + i * per_plane: offset + (i + 1) * per_plane], layer.weight.shape)
+                             for i in range(planes)))
         offset += count
     state, keys = model.state_dict(), _value_keys(model, binary)
     needed = sum(state[k].numel() for k in keys)
     if offset != len(signs) or needed != values.numel():
         raise UserError(f"{packed_path} holds {len(signs)} sign bytes and {values.numel()} values, the config needs "
-                        f"{offset} and {needed}; the file and the config do not belong together (re-export B)")
+                        f"{offset} and {needed}; {mismatch}")
     _load_values(state, keys, values)
     return model.eval()
+
+
+def byte_breakdown(folder, model=None) -> dict:
+    """How a packed folder's file spends its bytes: sign bits, values (their count by kind and bytes per
+    value), safetensors header, whole file. ``model`` is the B loaded from it (loaded and checked here
+    when not given)."""
+    folder = Path(folder)
+    model = load_packed(folder) if model is None else model
+    tensors, _, file_bytes = students.read_safetensors(folder / PACKED_FILE)
+    values = tensors["values"]
+    return {**_sizes(file_bytes, tensors["signs"], values), "bytes_per_value": values.element_size(),
+            "values_by_kind": value_breakdown(model)}
 
 
 @torch.no_grad()

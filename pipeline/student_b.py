@@ -1,13 +1,13 @@
-"""Student B: student D with 1-bit convolutions and linears (DESIGN §4, research/binarization.md).
+"""Student B: student D with 1-bit convolutions and linears (docs/design.md §4).
 
 ``to_binary`` first folds the time path: at D's fixed t the time-embedding MLP and every block's
 projection of it are constants, so they become per-channel full-precision biases. It then replaces
 every ``nn.Conv2d`` / ``nn.Linear`` of D by its binary counterpart, except the layers whose name
 matches a pattern of ``b_full_precision`` (by default the first convolution and the heads' output
 convolutions and rin paths). Layers whose input is at least ``b_lmb_min_size`` times the image size
-(default one half) use the two-basis LMB binarizer when ``b_lmb`` is on (BinaryDM puts it on the
-first and last layers); the others one basis. Norms, activations and the attention softmax are not
-weights and stay in full precision.
+(default one half) use the two-basis binarizer ``lmb2`` when ``b_lmb`` is on (BinaryDM puts its LMB on
+the first and last layers); the others the one-basis ``scaled_sign`` (``binary.BINARIZERS``). Norms,
+activations and the attention softmax are not weights and stay in full precision.
 
 Progressive binarization switches rings of blocks on from the middle outwards: ring 0 is the UNet's
 mid block, ring i the i-th down block from the bottom together with the i-th up block from the
@@ -104,6 +104,12 @@ def _replace(model, name, new):
     setattr(parent, child, new)
 
 
+def weight_binarizer(cfg, input_size: int, image_size: int) -> str:
+    """The binarizer of a layer whose input is ``input_size`` pixels wide: LMB's two bases where the
+    feature maps are large (``b_lmb``, ``b_lmb_min_size``), one basis elsewhere."""
+    return "lmb2" if cfg["b_lmb"] and input_size >= cfg["b_lmb_min_size"] * image_size else "scaled_sign"
+
+
 def to_binary(model, cfg):
     """Turn D (in place) into B; returns the layer table [{name, kind, parameters, bits, ring}]."""
     fold_time_embedding(model)
@@ -120,14 +126,14 @@ def to_binary(model, cfg):
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
             table.append({"name": name, "kind": "full precision", "parameters": params, "bits": 32, "ring": None})
             continue
-        basis = 2 if cfg["b_lmb"] and sizes[name] >= cfg["b_lmb_min_size"] * image_shape[-1] else 1
+        name_of = weight_binarizer(cfg, sizes[name], image_shape[-1])
         if isinstance(module, torch.nn.Conv2d):
-            new = binary.BinaryConv2d.from_conv(module, basis, cfg["b_centre"], w1a1)
+            new = binary.BinaryConv2d.from_conv(module, name_of, cfg["b_centre"], w1a1)
         else:
-            new = binary.BinaryLinear.from_linear(module, basis, cfg["b_centre"], w1a1)
+            new = binary.BinaryLinear.from_linear(module, name_of, cfg["b_centre"], w1a1)
         _replace(model, name, new)
-        table.append({"name": name, "kind": f"binary, {'two bases (LMB)' if basis == 2 else 'one basis'}",
-                      "parameters": params, "bits": basis, "ring": ring_of(name, levels)})
+        table.append({"name": name, "kind": f"binary, {new.binarizer.label}", "parameters": params,
+                      "bits": new.basis, "ring": ring_of(name, levels)})
     if not any(row["ring"] is not None for row in table):
         raise UserError("b_full_precision keeps every layer in full precision; name fewer layers")
     return table

@@ -1,4 +1,4 @@
-"""Student D: a one-step network that predicts a teacher trajectory's residual chunks (DESIGN §4).
+"""Student D: a one-step network that predicts a teacher trajectory's residual chunks (docs/design.md §4).
 
 The backbone is a diffusers ``UNet2DModel`` without its output convolution, always called at the fixed
 timestep T-1 on x_T. Readout heads turn decoder features of several depths into the chunks: the
@@ -12,8 +12,10 @@ and is passed through; in latent space a head on the coarsest features predicts 
     z_hat = rin + sum_j chunk_j            one-step sample = readout(z_hat)
 
 The constructor's arguments are the model's config: ``save_student`` writes them as JSON beside the
-safetensors weights and ``load_student`` rebuilds the model from the two.
+safetensors weights, whose metadata holds a sha256 of both (``content_sha256``), and ``load_student``
+rebuilds the model from the two after checking it, so a changed byte is refused, not silently used.
 """
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -21,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import UNet2DModel
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import nn
 
 from . import atomic
@@ -181,13 +184,55 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def content_sha256(tensors: dict, config: dict) -> str:
+    """sha256 over the canonical JSON of ``config`` and every tensor's name, dtype, shape and bytes, in
+    name order: what a student file's checksum covers (D here, the packed B in ``packed``)."""
+    digest = hashlib.sha256()
+
+    def add(part: bytes):
+        digest.update(len(part).to_bytes(8, "little") + part)  # length-prefixed: no two inputs hash alike
+
+    add(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        add(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        add(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_safetensors(path):
+    """(tensors, metadata, file bytes) of a safetensors file; ValueError when it is truncated or damaged."""
+    data = Path(path).read_bytes()
+    try:
+        tensors = load(data)
+        metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, AttributeError) as err:
+        raise ValueError(type(err).__name__) from None
+    return tensors, metadata, len(data)
+
+
+def verify_checksum(path, metadata: dict, expected: str, redo: str) -> None:
+    """One sentence unless the file's stored checksum is ``expected``."""
+    stored = metadata.get("sha256")
+    if stored is None:
+        raise UserError(f"{path} carries no checksum (written by an older version); {redo}")
+    if stored != expected:
+        raise UserError(f"{path} or the {CONFIG_FILE} beside it was changed or damaged after it was written "
+                        f"(checksum mismatch); restore the folder or {redo}")
+
+
 def save_student(model: StudentD, folder) -> int:
-    """Write ``student_config.json`` and ``model.safetensors`` (fp32); returns the weights' byte size."""
+    """Write ``student_config.json`` and ``model.safetensors`` (fp32, with the checksum of both); returns
+    the weights' byte size."""
     folder = Path(folder)
-    data = save({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()})
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = save(state, metadata={"format": KIND, "sha256": content_sha256(state, model.config)})
     atomic.write_bytes(folder / WEIGHTS_FILE, data)
     atomic.write_json(folder / CONFIG_FILE, model.config)
     return len(data)
+
+
+REWRITE = "rerun '--mode train_d' on the run folder that wrote it to rewrite it"
 
 
 def load_student(folder) -> StudentD:
@@ -197,16 +242,22 @@ def load_student(folder) -> StudentD:
     if not config_path.is_file() or not weights_path.is_file():
         raise UserError(f"{folder} holds no student (expected {CONFIG_FILE} and {WEIGHTS_FILE}); train one with "
                         f"'--mode train_d' or set d_weights= to a student folder")
+    not_d = f"{config_path} is not a student D config; restore it or {REWRITE}"
     try:
         config = json.loads(config_path.read_text())
-        assert config["kind"] == KIND
-        model = StudentD.from_config(config)
-    except (ValueError, AssertionError, KeyError, TypeError, AttributeError):
-        raise UserError(f"{config_path} is not a student D config; restore it or retrain") from None
+    except (OSError, ValueError):
+        raise UserError(not_d) from None
+    if not isinstance(config, dict) or config.get("kind") != KIND:
+        raise UserError(not_d)
     try:
-        state = load_file(weights_path)
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise UserError(f"{weights_path} cannot be read ({type(err).__name__}); restore it or retrain") from None
+        state, metadata, _ = read_safetensors(weights_path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{weights_path} cannot be read ({err}: truncated or damaged); restore it or {REWRITE}") from None
+    verify_checksum(weights_path, metadata, content_sha256(state, config), REWRITE)
+    try:
+        model = StudentD.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(not_d) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:

@@ -1,9 +1,12 @@
 """Binarizers: forward values and gradients against a NumPy statement of each STE."""
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline import binary
+from pipeline.errors import UserError
 
 
 def _np_sign(x):
@@ -19,44 +22,69 @@ def _weights(seed=0):
 
 
 def _reference(name, w, s1, s2, g):
-    """(forward, grad_w, grad_s1, grad_s2) written out with NumPy."""
+    """(forward, grad_w, grad_s1, grad_s2) written out with NumPy, for every registered binarizer."""
     a, b = s1[:, None, None, None], s2[:, None, None, None]
     m1 = (np.abs(w) <= 1).astype(float)
-    if name == "sign":
+    if name == "ste_sign":
         return _np_sign(w), g * m1, None, None
     if name == "approx_sign":  # Bi-Real's piecewise-linear derivative of sign
         slope = np.where(w < 0, 2 + 2 * w, 2 - 2 * w) * (np.abs(w) < 1)
         return _np_sign(w), g * slope, None, None
-    if name == "scaled":
+    if name == "scaled_sign":
         return a * _np_sign(w), g * a * m1, (g * _np_sign(w)).sum((1, 2, 3)), None
-    r = w - a * _np_sign(w)
-    m2 = (np.abs(r) <= 1).astype(float)
-    return (a * _np_sign(w) + b * _np_sign(r), g * (a * m1 + b * m2 * (1 - a * m1)),
-            (g * _np_sign(w) * (1 - b * m2)).sum((1, 2, 3)), (g * _np_sign(r)).sum((1, 2, 3)))
+    if name == "lmb2":
+        r = w - a * _np_sign(w)
+        m2 = (np.abs(r) <= 1).astype(float)
+        return (a * _np_sign(w) + b * _np_sign(r), g * (a * m1 + b * m2 * (1 - a * m1)),
+                (g * _np_sign(w) * (1 - b * m2)).sum((1, 2, 3)), (g * _np_sign(r)).sum((1, 2, 3)))
+    raise KeyError(f"no NumPy reference for the binarizer {name}: write one")
 
 
-@pytest.mark.parametrize("name", ["sign", "approx_sign", "scaled", "two_basis"])
+@pytest.mark.parametrize("name", sorted(binary.BINARIZERS))
 def test_binarizer_forward_and_gradient_match_numpy(name):
+    fn = binary.get(name)
     w = _weights()
     s1, s2 = np.array([0.5, 0.3, 0.8, 0.1]), np.array([0.2, 0.05, 0.4, 0.0])
     g = np.random.default_rng(1).normal(size=w.shape)
     tw, ts1, ts2 = (torch.tensor(v, requires_grad=True) for v in (w, s1, s2))
-    if name == "sign":
-        out = binary.SignSTE.apply(tw)
-    elif name == "approx_sign":
-        out = binary.ApproxSign.apply(tw)
-    elif name == "scaled":
-        out = binary.ScaledSign.apply(tw, ts1)
-    else:
-        out = binary.TwoBasisSign.apply(tw, ts1, ts2)
+    out = fn.apply(tw, *(ts1, ts2)[:fn.bases])
     out.backward(torch.tensor(g))
     forward, grad_w, grad_s1, grad_s2 = _reference(name, w, s1, s2, g)
     np.testing.assert_allclose(out.detach().numpy(), forward)
     np.testing.assert_allclose(tw.grad.numpy(), grad_w)
-    if grad_s1 is not None:
-        np.testing.assert_allclose(ts1.grad.numpy(), grad_s1)
-    if grad_s2 is not None:
-        np.testing.assert_allclose(ts2.grad.numpy(), grad_s2)
+    for scale, expected in zip((ts1, ts2), (grad_s1, grad_s2)):
+        if expected is None:
+            assert scale.grad is None
+        else:
+            np.testing.assert_allclose(scale.grad.numpy(), expected)
+
+
+@pytest.mark.parametrize("name", sorted(binary.BINARIZERS))
+def test_every_binarizer_states_its_formula_and_paper(name):
+    doc = binary.BINARIZERS[name].__doc__ or ""
+    assert "q(" in doc and "dq/d" in doc, doc  # forward and pseudo-gradient side by side
+    assert re.search(r"et al\. (19|20)\d\d", doc), doc
+
+
+@pytest.mark.parametrize("name", binary.WEIGHT_BINARIZERS)
+def test_stored_sign_planes_rebuild_the_binary_weight_exactly(name):
+    """What the packed file stores (sign planes and scales) gives the very weight training used."""
+    fn = binary.get(name)
+    w = torch.tensor(_weights(4), dtype=torch.float32)
+    scales = [torch.tensor([0.5, 0.3, 0.8, 0.1]), torch.tensor([0.2, 0.05, 0.4, 0.3])][:fn.bases]
+    planes = fn.sign_planes(w, *scales)
+    assert len(planes) == fn.bases and all(set(p.unique().tolist()) <= {-1.0, 1.0} for p in planes)
+    assert torch.equal(binary.from_planes(planes, scales), fn.apply(w, *scales))
+
+
+def test_binarizers_are_picked_by_name():
+    with pytest.raises(UserError, match="unknown binarizer 'lmb3'.*lmb2"):
+        binary.get("lmb3")
+    conv = torch.nn.Conv2d(2, 4, 3)
+    assert binary.BinaryConv2d.from_conv(conv, "lmb2").basis == 2
+    assert binary.BinaryConv2d.from_conv(conv, "scaled_sign").basis == 1
+    with pytest.raises(UserError, match="activations, not weights"):
+        binary.BinaryConv2d.from_conv(conv, "approx_sign")
 
 
 def test_approx_sign_has_the_bi_real_slope():
@@ -109,8 +137,9 @@ def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its
     assert isinstance(model.unet.conv_in, torch.nn.Conv2d) and not isinstance(model.unet.conv_in, binary.BinaryConv2d)
     assert isinstance(model.unet.mid_block.resnets[0].conv1, binary.BinaryConv2d)
     # LMB only where the input is at least half the image size (16 px here: 16 and 8 qualify, 4 not)
-    assert model.unet.down_blocks[0].resnets[0].conv1.basis == 2
-    assert model.unet.mid_block.resnets[0].conv1.basis == 1
+    assert model.unet.down_blocks[0].resnets[0].conv1.binarizer_name == "lmb2"
+    assert model.unet.mid_block.resnets[0].conv1.binarizer_name == "scaled_sign"
+    assert {row["kind"] for row in table if row["ring"] is not None} == {"binary, two bases (LMB)", "binary, one basis"}
     x = torch.randn(2, 1, 16, 16)
     out = model(x)["chunks"]
     trained = {k: v.clone() for k, v in model.state_dict().items()}

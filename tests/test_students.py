@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
 
 from pipeline import students
 from pipeline.errors import UserError
@@ -56,31 +57,71 @@ def test_heads_start_at_zero_and_the_backbone_can_start_from_the_teacher():
         students.init_from_teacher(model, other)
 
 
-def test_save_and_load_reproduce_the_outputs_and_refuse_damage(tmp_path):
+def _saved_student(folder):
     torch.manual_seed(0)
     model = students.new_student(SMALL_BACKBONE, _generator(3, 1), head_channels=8)
     for p in model.parameters():
         p.data.normal_(0, 0.1)
-    nbytes = students.save_student(model, tmp_path / "d")
+    return model.eval(), students.save_student(model, folder)
+
+
+def test_save_and_load_reproduce_the_outputs(tmp_path):
+    model, nbytes = _saved_student(tmp_path / "d")
     assert (tmp_path / "d" / students.WEIGHTS_FILE).stat().st_size == nbytes
     loaded = students.load_student(tmp_path / "d")
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x)["chunks"], loaded(x)["chunks"])
+        assert torch.equal(model(x)["chunks"], loaded(x)["chunks"])
 
+
+def _rewrite_weights(path, config, signed=True):
+    """Rewrite D's weights as a faulty writer would, with a checksum that matches ``config``."""
+    state = load_file(path)
+    metadata = {"sha256": students.content_sha256(state, config)} if signed else {}
+    save_file(state, str(path), metadata=metadata)
+
+
+def test_one_changed_byte_of_the_weights_or_the_config_is_refused(tmp_path):
+    _saved_student(tmp_path / "d")
+    weights, config_path = tmp_path / "d" / students.WEIGHTS_FILE, tmp_path / "d" / students.CONFIG_FILE
+    good_weights, good_config = weights.read_bytes(), config_path.read_text()
+    at = len(good_weights) // 2  # inside the tensor bytes
+    weights.write_bytes(good_weights[:at] + bytes([good_weights[at] ^ 0x10]) + good_weights[at + 1:])
+    with pytest.raises(UserError, match="model.safetensors or the student_config.json.*checksum mismatch.*train_d"):
+        students.load_student(tmp_path / "d")
+    weights.write_bytes(good_weights)
+    config_path.write_text(good_config.replace('"timestep": 999', '"timestep": 998'))  # same shapes, other outputs
+    assert config_path.read_text() != good_config
+    with pytest.raises(UserError, match="checksum mismatch"):
+        students.load_student(tmp_path / "d")
+    config_path.write_text(good_config)
+    students.load_student(tmp_path / "d")
+
+
+def test_missing_damaged_or_foreign_students_are_one_sentence(tmp_path):
+    _saved_student(tmp_path / "d")
     with pytest.raises(UserError, match="holds no student"):
         students.load_student(tmp_path / "nothing")
-    config_path = tmp_path / "d" / students.CONFIG_FILE
+    weights, config_path = tmp_path / "d" / students.WEIGHTS_FILE, tmp_path / "d" / students.CONFIG_FILE
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps(dict(config, head_channels=16)))
+    good_weights = weights.read_bytes()
+    _rewrite_weights(weights, config, signed=False)
+    with pytest.raises(UserError, match="carries no checksum"):
+        students.load_student(tmp_path / "d")
+    wider = dict(config, head_channels=16)
+    config_path.write_text(json.dumps(wider))
+    _rewrite_weights(weights, wider)
     with pytest.raises(UserError, match="does not fit the architecture"):
         students.load_student(tmp_path / "d")
+    weights.write_bytes(good_weights)
     config_path.write_text(json.dumps(dict(config, kind="something else")))
     with pytest.raises(UserError, match="not a student D config"):
         students.load_student(tmp_path / "d")
+    config_path.write_text("[1, 2")
+    with pytest.raises(UserError, match="not a student D config"):
+        students.load_student(tmp_path / "d")
     config_path.write_text(json.dumps(config))
-    weights = tmp_path / "d" / students.WEIGHTS_FILE
-    weights.write_bytes(weights.read_bytes()[:1000])
+    weights.write_bytes(good_weights[:1000])
     with pytest.raises(UserError, match="cannot be read"):
         students.load_student(tmp_path / "d")
 

@@ -1,0 +1,114 @@
+"""The eval_d report in words (docs/design.md §5): ``report.md`` and the closing console lines, rendered
+from the ``report.json`` dict that ``evaluate`` computes. Nothing here measures anything."""
+from . import latent_walk
+
+NAMES = {"d": "D", "b": "B"}
+
+
+def _f(value, digits=2):
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _score_rows(r) -> list:
+    s, t, size = r["scores"], r["throughput"], r["size"]
+    rows = [("Teacher", r["teacher_sampler"], s["teacher"], t["teacher_images_per_s"], t["teacher_steps"],
+             size["teacher_parameters"])]
+    for key in ("d", "b"):
+        if key in s:
+            label = "Student D (full precision)" if key == "d" else "Student B (1-bit weights)"
+            rows.append((label, "one step", s[key], t[key]["images_per_s"], 1, size[key]["parameters"]))
+    lines = ["| model | sampler | FID | precision | recall | memorization | diversity | images/s | network calls | "
+             "parameters |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, sampler, sc, speed, calls, params in rows:
+        lines.append(f"| {name} | {sampler} | {_f(sc['fid'])} | {_f(sc['precision'], 3)} | {_f(sc['recall'], 3)} | "
+                     f"{_f(sc['memorization'], 3)} | {_f(sc['diversity'], 3)} | {speed:.1f} | {calls} | {params:,} |")
+    lines.append(f"| real test images | – | {_f(s['real']['fid'])} (floor) | – | – | {_f(s['real']['memorization'], 3)} | "
+                 f"{_f(s['real']['diversity'], 3)} | – | – | – |")
+    return lines
+
+
+def _size_lines(r) -> list:
+    size = r["size"]
+    d = size["d"]
+    lines = ["| model | parameters | fp32 bytes | fp16 bytes | packed bytes |", "|---|---|---|---|---|",
+             f"| teacher | {size['teacher_parameters']:,} | {size['teacher_file_bytes']:,} | – | – |",
+             f"| D | {d['parameters']:,} | {d['fp32_bytes']:,} | {d['fp16_bytes']:,} | – |"]
+    if "b" not in size:
+        return lines
+    b = size["b"]
+    lines += [f"| B | {b['parameters']:,} ({b['binary_weights']:,} binary) | – | – | **{b['packed_bytes']:,}** |", "",
+              f"B's packed file is **{b['times_smaller_than_d_fp32']:.1f}x** smaller than D in fp32 and "
+              f"{b['times_smaller_than_d_fp16']:.1f}x smaller than D in fp16: {b['sign_bytes']:,} bytes of sign bits "
+              f"({b['binary_layers']} binary layers, {b['two_basis_layers']} of them with two bases), "
+              f"{b['value_bytes']:,} bytes of {8 * b['bytes_per_value']}-bit float values, {b['header_bytes']:,} bytes of "
+              f"safetensors header. "
+              f"The values by kind:", "", "| full-precision values in the packed file | count | bytes |", "|---|---|---|"]
+    lines += [f"| {kind} | {count:,} | {b['bytes_per_value'] * count:,} |"
+              for kind, count in sorted(b["values_by_kind"].items())]
+    lines += ["", "Layers kept in full precision (configuration `b_full_precision`; norms, activations and the folded "
+              "constant time embedding are full precision too):", "", "| layer | parameters |", "|---|---|"]
+    lines += [f"| `{row['name']}` | {row['parameters']:,} |" for row in b["full_precision_layers"]]
+    return lines
+
+
+def render_markdown(r) -> str:
+    s, t = r["scores"], r["throughput"]
+    has_b = "b" in s
+    title = "One-step students D and B against their teacher" if has_b else "One-step student D against its teacher"
+    students_line = "; ".join(f"student {NAMES[k]} `{v}`" for k, v in r["students"].items())
+    lines = [f"# {title}", "",
+             f"{students_line}; teacher `{r['teacher']}`; data `{r['data_dir']}`, held-out records "
+             f"{r['held_out_records'][0]}..{r['held_out_records'][1]} (never trained on).", "",
+             f"FID: N = {r['fid_samples']} samples against {r['fid_reference']}; the floor at the same N "
+             f"(N real training images) is **{_f(s['real']['fid'])}**.", "", *_score_rows(r), "",
+             f"FID ratio D / teacher: **{s['d']['fid'] / s['teacher']['fid']:.2f}**."]
+    if has_b:
+        lines[-1] += f" FID ratio B / D: **{s['b']['fid'] / s['d']['fid']:.2f}**."
+    lines.append("")
+    for key, fidelity in r["fidelity_vs_teacher"].items():
+        lines.append(f"Distillation fidelity of {NAMES[key]} on {fidelity['records']} held-out records (same x_T): "
+                     f"PSNR **{fidelity['psnr_db']:.2f} dB**, MSE {fidelity['mse']:.5f}.")
+    lines += ["", f"Speed ({t['device']}, {t['threads']} threads, batch {t['batch']}, same run): the teacher makes "
+              f"{t['teacher_images_per_s']:.1f} images/s with {t['teacher_steps']} DDIM steps."]
+    for key in ("d", "b"):
+        if key in t:
+            lines[-1] += (f" {NAMES[key]} makes {t[key]['images_per_s']:.1f} images/s in one call, "
+                          f"**{t[key]['speedup']:.1f}x** faster (one call costs {t[key]['cost_in_teacher_calls']:.2f} "
+                          f"teacher calls).")
+    if has_b:
+        lines[-1] += (" B runs here as float convolutions of its +-scale weights (PyTorch has no 1-bit kernel), so "
+                      "its speed is that of D plus rebuilding the binary weights, not that of 1-bit hardware.")
+    lines += ["", "## Size", "", *_size_lines(r), "",
+              "Metrics: " + "; ".join(f"{k}: {v}" for k, v in r["metrics"].items()) + ".", "", "## Samples", "",
+              "D, one step (`grid.png`):", "", "![D](grid.png)", ""]
+    if has_b:
+        lines += ["B, one step, same x_T (`b_grid.png`):", "", "![B](b_grid.png)", ""]
+    order = "the teacher, then D" + (", then B" if has_b else "")
+    shown = "D and B side by side" if has_b else "D"
+    lines += ["Teacher from the same x_T (`teacher_grid.png`):", "", "![teacher](teacher_grid.png)", "",
+              f"Rows of {order}, from the same x_T (`comparison.png`):", "", "![comparison](comparison.png)", "",
+              f"A {latent_walk.FRAMES}-frame latent walk of {shown} (spherical interpolation between the x_T of the "
+              f"first two held-out records): `latent_walk.gif`, and {latent_walk.STRIP_FRAMES} evenly spaced frames "
+              f"(one row per model):", "", "![latent walk](latent_walk.png)", "",
+              "Every sample: `samples/<record index>.png` (D), `b_samples/` (B) and `samples.npz` (keys teacher, "
+              "index, d, b).", ""]
+    return "\n".join(lines)
+
+
+def console_lines(r, out) -> list:
+    """What eval_d prints at the end: each student's headline figures and where the report and grids are."""
+    s, t = r["scores"], r["throughput"]
+    lines = []
+    for key in ("d", "b"):
+        if key in s:
+            lines.append(f"[eval_d] FID {NAMES[key]} {s[key]['fid']:.2f} vs teacher {s['teacher']['fid']:.2f} "
+                         f"(N={r['fid_samples']}, floor {s['real']['fid']:.2f}); PSNR vs teacher "
+                         f"{r['fidelity_vs_teacher'][key]['psnr_db']:.2f} dB; {t[key]['speedup']:.1f}x faster than "
+                         f"the {t['teacher_steps']}-step teacher")
+    if "b" in r["size"]:
+        b = r["size"]["b"]
+        lines.append(f"[eval_d] packed B: {b['packed_bytes']:,} bytes, {b['times_smaller_than_d_fp32']:.1f}x smaller "
+                     f"than D in fp32; FID ratio B / D {s['b']['fid'] / s['d']['fid']:.2f}")
+    lines.append(f"[eval_d] report: {out / 'report.md'}")
+    lines.append(f"[eval_d] sample grids: {out / 'grid.png'}" + (f", {out / 'b_grid.png'}" if "b" in s else ""))
+    return lines
