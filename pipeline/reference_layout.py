@@ -2,21 +2,47 @@
 
 Each sample is ``sample_{i:08d}.zst``: the same keys as a shard without the sample axis (``T`` and
 ``chunk_size`` are int16 arrays of shape [1]), packed with uncompressed ``np.savez`` and compressed
-with zstd level 10, as the reference writes them.
+with zstd level 10. The reference compresses through a zstd stream writer, whose frame does not
+record its content size; import reads both kinds. Import checks every file on its own (keys, dtypes,
+shapes that agree with each other, chunks = T // chunk_size) before comparing it with the first one,
+and writes into ``<data_dir>.importing``, renamed to ``data_dir`` only once complete.
 """
+import os
 import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-from . import atomic, store
+from . import atomic, store, teachers
 from .config import output_dir, project_path
 from .errors import UserError
 
 REFERENCE_ZSTD_LEVEL = 10
 SAMPLE_NAME = re.compile(r"sample_(\d{8})\.zst")
+# Decoded bytes of one sample file: far above any real sample, so that a damaged one cannot exhaust memory.
+SAMPLE_MAX_BYTES = 1 << 28
+DTYPES = {key: dtype for key, (dtype, _) in store.record_spec(1, 1, 1, 1).items()}
+FLOAT_KEYS = ("x_T_f16", "x0_teacher_f16", "rin0_scale_f16", "r_chunks_scale_f16")
+
+
+class Layout(NamedTuple):
+    """What every sample file of one folder must share."""
+    image_channels: int
+    size: int
+    latent_channels: int
+    chunks: int
+    T: int
+    chunk_size: int
+
+    def spec(self) -> dict:
+        return store.record_spec(self.image_channels, self.size, self.latent_channels, self.chunks)
+
+    def text(self) -> str:
+        return (f"{self.image_channels}x{self.size}x{self.size} images, {self.latent_channels} latent channels, "
+                f"{self.chunks} chunks, T={self.T}, chunk_size={self.chunk_size}")
 
 
 def sample_name(index: int) -> str:
@@ -61,71 +87,177 @@ def export_command(cfg):
     print(f"[export] {bar.n} files written to {target}")
 
 
-def read_sample(path: Path) -> dict:
-    try:
-        return store.decode_npz(path.read_bytes())
-    except ValueError as err:
-        raise UserError(f"{path} cannot be decoded as a zstd-compressed npz ({err}); remove or replace it") from None
-
-
-def _spec_of(sample: dict, path: Path) -> dict:
-    needed = ("x_T_f16", "rin0_q", "r_chunks_q")
-    missing = [k for k in needed if k not in sample]
+def sample_problem(sample: dict):
+    """The first way one decoded sample file disagrees with itself, or None."""
+    missing = [key for key in DTYPES if key not in sample]
     if missing:
-        raise UserError(f"{path} has no key {missing[0]}, so it is not a reference sample file")
-    c, size = sample["x_T_f16"].shape[0], sample["x_T_f16"].shape[-1]
+        return f"has no key {missing[0]}, so it is not a reference sample file"
+    wrong = next((key for key, dtype in DTYPES.items() if str(sample[key].dtype) != dtype), None)
+    if wrong:
+        return f"has {wrong} of dtype {sample[wrong].dtype}, not {DTYPES[wrong]}"
+    x_T, chunks = sample["x_T_f16"].shape, sample["r_chunks_q"].shape
+    if len(x_T) != 3 or x_T[1] != x_T[2] or 0 in x_T:
+        return f"has x_T_f16 of shape {list(x_T)}, not [channels, size, size]"
+    if len(chunks) != 4 or 0 in chunks:
+        return f"has r_chunks_q of shape {list(chunks)}, not [chunks, channels, size, size]"
+    spec = store.record_spec(x_T[0], x_T[1], chunks[1], chunks[0])
+    for key, (_, shape) in spec.items():
+        if list(sample[key].shape) != shape:
+            return (f"has {key} of shape {list(sample[key].shape)}, but its x_T_f16 {list(x_T)} and r_chunks_q "
+                    f"{list(chunks)} make it {shape}")
+    T, chunk_size = int(sample["T"][0]), int(sample["chunk_size"][0])
+    if T <= 0 or chunk_size <= 0:
+        return f"has T={T} and chunk_size={chunk_size}, which must both be positive"
+    if T // chunk_size != chunks[0]:
+        return (f"has {chunks[0]} chunks in r_chunks_q, but its T={T} and chunk_size={chunk_size} make "
+                f"T // chunk_size = {T // chunk_size}")
+    bad = next((key for key in FLOAT_KEYS if not np.isfinite(sample[key]).all()), None)
+    if bad:
+        return f"has NaN or inf in {bad}"
+    return None
+
+
+def layout_of(sample: dict) -> Layout:
+    """The layout of a sample that ``sample_problem`` accepted."""
+    c, size = sample["x_T_f16"].shape[:2]
     chunks, latent = sample["r_chunks_q"].shape[:2]
-    return store.record_spec(c, size, latent, chunks)
+    return Layout(c, size, latent, chunks, int(sample["T"][0]), int(sample["chunk_size"][0]))
+
+
+def read_sample(path: Path) -> dict:
+    """One sample file, checked on its own; one sentence naming the file where it is bad."""
+    try:
+        sample = store.decode_npz(path.read_bytes(), SAMPLE_MAX_BYTES)
+        problem = sample_problem(sample)
+    except OSError as err:
+        problem = f"cannot be read ({err.strerror or err})"
+    except ValueError as err:
+        problem = str(err)
+    if problem:
+        raise UserError(f"{path} {problem}; replace it with an intact copy of that sample")
+    return sample
+
+
+def sample_files(source: Path) -> list:
+    """The sample files of a reference folder in index order, refused where the numbering has a gap."""
+    files = sorted((int(m.group(1)), p) for p in source.iterdir() if (m := SAMPLE_NAME.fullmatch(p.name)))
+    if not files:
+        raise UserError(f"{source} holds no sample_XXXXXXXX.zst files; point reference_dir at a folder of them")
+    gap = next((i for i, (index, _) in enumerate(files) if index != i), None)
+    if gap is not None:
+        raise UserError(f"{source / sample_name(gap)} is missing although {files[gap][1].name} exists; the "
+                        f"reference layout numbers samples from 0 without gaps, so restore it")
+    return [path for _, path in files]
 
 
 def import_command(cfg):
-    """Shards first, the manifest once at the end: an interrupted import leaves no manifest, and
-    rerunning it starts over."""
+    """Every file is checked and written as shards into ``<data_dir>.importing``, which becomes
+    ``data_dir`` only when complete: a failed or interrupted import leaves nothing that looks like data."""
     if cfg["shard_size"] <= 0:
         raise UserError(f"shard_size must be positive, got {cfg['shard_size']}")
     source = reference_dir(cfg, must_exist=True)
-    folder = output_dir(cfg, "data_dir", "data")
-    with atomic.folder_lock(folder, "run"):
-        _import_locked(cfg, source, folder)
+    target = output_dir(cfg, "data_dir", "data")
+    _check_target(target)
+    files = sample_files(source)
+    teacher = _import_teacher(cfg)
+    staging = target.with_name(target.name + ".importing")
+    with atomic.folder_lock(staging, "import"):
+        try:
+            manifest = _import_into(cfg, source, files, staging, teacher)
+            _check_target(target)
+            if target.exists():
+                (target / ".lock").unlink(missing_ok=True)
+                target.rmdir()
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    named = "" if teacher else " (no import_teacher named: name it to train on this data)"
+    print(f"[import] {len(files)} samples from {source} written as {len(manifest.shards)} shard(s) to "
+          f"{target}{named}")
 
 
-def _import_locked(cfg, source, folder):
-    if store.Manifest.load(folder) is not None:
-        raise UserError(f"{folder} already holds a manifest; import into an empty data_dir")
-    files = sorted((int(m.group(1)), p) for p in source.iterdir() if (m := SAMPLE_NAME.fullmatch(p.name)))
-    if not files:
-        raise UserError(f"{source} holds no sample_XXXXXXXX.zst files")
-    gaps = [i for i, (index, _) in enumerate(files) if index != i]
-    if gaps:
-        raise UserError(f"{source} has no {sample_name(gaps[0])}; the reference layout numbers samples from 0 "
-                        f"without gaps")
-    first = read_sample(files[0][1])
-    spec = _spec_of(first, files[0][1])
-    manifest = store.Manifest.create(folder, codec={
-        "name": f"int8-p{cfg['percentile']:g}+zstd", "percentile": cfg["percentile"],
-        "quantizer": "per-channel symmetric int8 (imported: percentile as configured, not recorded by the reference)",
-        "container": "uncompressed npz in one zstd frame", "zstd_level": cfg["zstd_level"]},
-        generator={"source": "imported from the reference one-file-per-sample layout", "reference_dir": str(source),
-                   "T": int(first["T"][0]), "chunk_size": int(first["chunk_size"][0]),
-                   "chunks": spec["r_chunks_q"][1][0], "image_shape": spec["x_T_f16"][1],
-                   "latent_channels": spec["rin0_q"][1][0]},
-        spec=spec)
-    atomic.remove_stale_temporaries(folder)
+def _check_target(target: Path):
+    if (target / store.MANIFEST).exists():
+        raise UserError(f"{target} already holds a manifest; import into a new or empty data_dir")
+    if target.exists() and (not target.is_dir() or any(p.name != ".lock" for p in target.iterdir())):
+        raise UserError(f"{target} is not empty; import into a new or empty data_dir")
+
+
+def _import_teacher(cfg):
+    """(unet, ddpm scheduler, source) of the teacher named by ``import_teacher``, or None."""
+    if not cfg["import_teacher"]:
+        return None
+    path = project_path(cfg["import_teacher"])
+    if not any(teachers.has_weights(folder) for folder in (path / "unet", path)):
+        raise UserError(f"import_teacher={cfg['import_teacher']}: no teacher weights in {path}/unet (diffusers "
+                        f"layout); point import_teacher at the folder of the teacher that made the data")
+    return teachers.load_teacher(dict(cfg, teacher_path=str(path), teacher_hub_id=""))
+
+
+def _import_into(cfg, source, files, staging, teacher) -> store.Manifest:
+    for leftover in staging.iterdir():  # from an import that was killed
+        if leftover.name != ".lock":
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    first = read_sample(files[0])
+    layout = layout_of(first)
+    manifest = store.Manifest.create(staging, codec=_codec(cfg), generator=imported_generator(source, layout, teacher),
+                                     spec=layout.spec())
     bar = tqdm(total=len(files), desc="import", unit="sample", dynamic_ncols=True)
     for number, lo in enumerate(range(0, len(files), cfg["shard_size"])):
         batch = files[lo:lo + cfg["shard_size"]]
-        samples = []
-        for index, path in batch:
-            sample = read_sample(path) if index else first
-            problem = store.check_arrays({k: v[None] for k, v in sample.items()}, spec, 1, with_index=False)
-            if problem:
-                raise UserError(f"{path}: {problem}; every sample of a folder must have the same layout")
-            samples.append(sample)
-            bar.update(1)
-        arrays = {k: np.stack([s[k] for s in samples]) for k in spec}
-        arrays["index"] = np.array([i for i, _ in batch], dtype=np.int64)
-        manifest.add_shard(number, batch[0][0], len(batch), store.encode_npz(arrays, cfg["zstd_level"]), save=False)
+        samples = [first if path == files[0] else _read_like(path, layout, files[0]) for path in batch]
+        arrays = {key: np.stack([s[key] for s in samples]) for key in layout.spec()}
+        arrays["index"] = np.arange(lo, lo + len(batch), dtype=np.int64)
+        manifest.add_shard(number, lo, len(batch), store.encode_npz(arrays, cfg["zstd_level"]), save=False)
+        bar.update(len(batch))
     bar.close()
     manifest.save()
-    atomic.write_json(folder / "config.json", cfg)
-    print(f"[import] {len(files)} samples from {source} written as {len(manifest.shards)} shard(s) to {folder}")
+    atomic.write_json(staging / "config.json", cfg)
+    return manifest
+
+
+def _read_like(path: Path, layout: Layout, first: Path) -> dict:
+    sample = read_sample(path)
+    if layout_of(sample) != layout:
+        raise UserError(f"{path} has {layout_of(sample).text()} but {first.name} has {layout.text()}; every "
+                        f"sample of a folder must have the same layout, so import them separately")
+    return sample
+
+
+def _codec(cfg) -> dict:
+    return {"name": f"int8-p{cfg['percentile']:g}+zstd", "percentile": cfg["percentile"],
+            "quantizer": "per-channel symmetric int8 (imported: percentile as configured, not recorded by the reference)",
+            "container": "uncompressed npz in one zstd frame", "zstd_level": cfg["zstd_level"]}
+
+
+def imported_generator(source, layout: Layout, teacher) -> dict:
+    """The manifest's generator block of imported records: what the files and the named teacher tell.
+    What the reference layout does not record (sampler, steps, seed, percentile) is null; without a
+    teacher, training refuses the data (``teacher_sha256`` null) and says how to name it."""
+    generator = {
+        "source": store.IMPORTED, "reference_dir": str(source), "teacher": None, "teacher_sha256": None,
+        "space": "pixel" if layout.latent_channels == layout.image_channels else "latent",
+        "sampler": None, "steps": None, "chunks": layout.chunks, "T": layout.T, "chunk_size": layout.chunk_size,
+        "percentile": None, "seed": None, "image_shape": [layout.image_channels, layout.size, layout.size],
+        "latent_channels": layout.latent_channels, "gen_precision": None, "scheduler": None,
+        "x_T": "as stored in the imported files"}
+    if teacher is not None:
+        unet, ddpm, where = teacher
+        _check_teacher_fits(unet, ddpm, where, layout, generator["space"])
+        generator.update(teacher=where, teacher_sha256=teachers.weights_sha256(unet), scheduler={
+            k: ddpm.config[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
+                                        "timestep_spacing")})
+    return generator
+
+
+def _check_teacher_fits(unet, ddpm, where, layout: Layout, space: str):
+    size = unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    latent = unet.config.in_channels if space == "pixel" else unet.config.block_out_channels[0]
+    found = {"image channels": (unet.config.in_channels, layout.image_channels), "image size": (size, layout.size),
+             "T": (ddpm.config.num_train_timesteps, layout.T), "latent channels": (latent, layout.latent_channels)}
+    for what, (teacher_value, data_value) in found.items():
+        if teacher_value != data_value:
+            raise UserError(f"the teacher in {where} has {what} {teacher_value} but the imported files have "
+                            f"{data_value}, so it did not make them; set import_teacher= to the teacher that did")

@@ -10,6 +10,7 @@ configured folder's manifest live here too, beside the format they describe.
 import hashlib
 import io
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -26,6 +27,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-*.npz.zst"
 SHARD_NAME = re.compile(r"shard-(\d{5})\.npz\.zst")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 IMPORTED = "imported from the reference one-file-per-sample layout"  # generator.source of imported folders
 
 
@@ -58,14 +61,75 @@ def encode_npz(arrays: dict, level: int) -> bytes:
     return zstandard.ZstdCompressor(level=level).compress(buf.getvalue())
 
 
-def decode_npz(data: bytes) -> dict:
-    """The arrays of a zstd-compressed npz; raises ``ValueError`` on any damage."""
+def npz_bound(spec: dict, count: int) -> int:
+    """An upper bound of the decoded bytes of ``count`` records of ``spec`` plus ``index``: the arrays and
+    ample room for the zip and npy headers, so that damaged data never makes us allocate more."""
+    arrays = sum(count * math.prod(shape) * np.dtype(dtype).itemsize for dtype, shape in spec.values())
+    return arrays + 8 * count + (len(spec) + 1) * 70_000 + 65_536
+
+
+def decode_npz(data: bytes, max_bytes: int) -> dict:
+    """The arrays of a zstd-compressed npz of at most ``max_bytes`` decoded bytes, with or without the
+    content size in its frame header (the reference's stream writer leaves it out). Damage raises
+    ``ValueError`` whose text completes the sentence "<file> ...", before anything a damaged header
+    claims is allocated (docs/design.md §3)."""
+    raw = _decompress(data, max_bytes)
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data)
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"holds zstd data that is not an npz archive ({err})") from None
+    with archive:
+        for info in archive.infolist():
+            problem = _member_problem(archive, info, len(raw))
+            if problem:
+                raise ValueError(f"has an npz member {info.filename} that {problem}")
+    try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
-    except (zstandard.ZstdError, zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as err:
-        raise ValueError(f"{type(err).__name__}: {err}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as err:
+        raise ValueError(f"cannot be read as an npz archive ({type(err).__name__}: {err})") from None
+
+
+def _decompress(data: bytes, max_bytes: int) -> bytes:
+    if data[:4] != ZSTD_MAGIC:
+        raise ValueError("is not zstd data (it does not start with the zstd magic number)")
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as err:
+        raise ValueError(f"has a damaged zstd frame header ({err})") from None
+    if declared > max_bytes:  # -1 where the header does not say
+        raise ValueError(f"claims {declared:,} decoded bytes in its zstd frame header, more than the "
+                         f"{max_bytes:,} its records can take")
+    try:  # the output buffer is bounded where the header gives no size
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=max_bytes)
+    except zstandard.ZstdError as err:
+        raise ValueError(f"is not a complete zstd frame of at most {max_bytes:,} decoded bytes ({err})") from None
+
+
+def _member_problem(archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_bytes: int):
+    """What is wrong with one npz member's container or npy header, or None: checked before numpy
+    allocates the array that the header claims."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return "is compressed (the format stores uncompressed np.savez members)"
+    if info.compress_size != info.file_size or info.header_offset + info.file_size > archive_bytes:
+        return f"claims {info.file_size:,} bytes, more than the archive holds"
+    try:
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = NPY_HEADER_READERS.get(version)
+            if read_header is None:
+                return f"has npy format version {version}, not 1.0 or 2.0"
+            shape, _, dtype = read_header(member)
+            header_bytes = member.tell()
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        return f"has no readable npy header ({err})"
+    if dtype.hasobject:
+        return "holds Python objects, which are never loaded"
+    claimed = math.prod(shape) * dtype.itemsize
+    if header_bytes + claimed != info.file_size:
+        return (f"claims shape {list(shape)} of {dtype} ({claimed:,} bytes) but stores "
+                f"{info.file_size - header_bytes:,} bytes of data")
+    return None
 
 
 def check_arrays(arrays: dict, spec: dict, count: int, with_index: bool = True):
@@ -110,8 +174,9 @@ class Manifest:
             ok = (data.get("format") == FORMAT and isinstance(data.get("format_version"), int)
                   and isinstance(data.get("shards"), list) and all(map(_is_shard_entry, data["shards"]))
                   and all(isinstance(data.get(k), dict) for k in ("codec", "generator", "record"))
-                  and all(isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
-                          for v in data["record"].values()))
+                  and all(isinstance(v, dict) and isinstance(v.get("dtype"), str) and np.dtype(v["dtype"]).kind in "iuf"
+                          and isinstance(v.get("shape"), list)
+                          and all(isinstance(n, int) and n >= 0 for n in v["shape"]) for v in data["record"].values()))
         except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
             ok = False
         if not ok:
@@ -160,9 +225,13 @@ class Manifest:
         """A listed shard's arrays after checking size, sha256, decodability, shapes and indices."""
         problem, arrays = _inspect_shard(self, entry, deep=True)
         if problem:
-            raise UserError(f"{self.folder / entry['file']} {problem}; run '--mode verify' to list every damaged "
-                            f"shard, then {damage_advice(self)}")
+            raise self.shard_error(entry, problem)
         return arrays
+
+    def shard_error(self, entry: dict, problem: str) -> UserError:
+        """The one sentence for a damaged listed shard: which file, what is wrong, what to do."""
+        return UserError(f"{self.folder / entry['file']} {problem}; run '--mode verify' to list every damaged "
+                         f"shard, then {damage_advice(self)}")
 
 
 def shard_problem(manifest: Manifest, entry: dict, deep: bool = True):
@@ -184,9 +253,9 @@ def _inspect_shard(manifest: Manifest, entry: dict, deep: bool):
     if not deep:
         return None, None
     try:
-        arrays = decode_npz(data)
+        arrays = decode_npz(data, npz_bound(manifest.spec, entry["count"]))
     except ValueError as err:
-        return f"cannot be decoded ({err})", None
+        return str(err), None
     problem = check_arrays(arrays, manifest.spec, entry["count"])
     if problem:
         return problem, None

@@ -1,4 +1,5 @@
-"""Teacher data for training and evaluation: held-out split, streaming shard reader, record tensors.
+"""Teacher data for training and evaluation: held-out split, shard checks before training, streaming
+shard reader, record tensors.
 
 The held-out split is the first ``holdout_samples`` indices: it stays the same when a folder is
 extended. Training streams the other records (optionally only the first ``train_samples`` of them):
@@ -15,6 +16,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import quant, store, teachers
 from .errors import UserError
 
+ERROR_KEY = "user_error"  # the key of the one item a stream yields after a UserError
+
 
 def open_data(cfg) -> store.Manifest:
     """The manifest of the configured teacher-data folder, refused when it holds nothing usable."""
@@ -22,6 +25,11 @@ def open_data(cfg) -> store.Manifest:
     folder = manifest.folder
     if not manifest.shards:
         raise UserError(f"{folder} holds no teacher data; run '--mode generate' with the same config first")
+    if not manifest.data["generator"].get("teacher_sha256"):
+        if store.is_imported(manifest):
+            raise UserError(f"{folder} was imported without naming the teacher that made it; import it again "
+                            f"(into a new or emptied data_dir) with import_teacher=<folder of that teacher>")
+        raise UserError(f"{folder / store.MANIFEST} names no teacher (teacher_sha256); regenerate the folder")
     if manifest.data["generator"].get("space") != "pixel":
         raise UserError(f"{folder} holds {manifest.data['generator'].get('space')}-space data; only pixel-space "
                         f"data can be distilled so far")
@@ -69,6 +77,28 @@ def _shards_overlapping(manifest, lo, hi):
     return [s for s in manifest.shards if s["first_index"] < hi and s["first_index"] + s["count"] > lo]
 
 
+def check_shards(manifest, lo, hi) -> None:
+    """Before a run's first step: the shards hold every record of [lo, hi), and each shard that holds
+    some is present with the size and sha256 the manifest lists; one sentence naming the first bad one."""
+    problem = store.layout_problem(manifest)
+    if problem:
+        raise UserError(f"{manifest.folder / store.MANIFEST} {problem}; run '--mode verify' for details")
+    if hi > manifest.next_index():
+        raise UserError(f"{manifest.folder} holds records up to {manifest.next_index() - 1}, not {hi - 1}; "
+                        f"generate more samples or train on fewer")
+    for entry in _shards_overlapping(manifest, lo, hi):
+        problem = store.shard_problem(manifest, entry, deep=False)
+        if problem:
+            raise manifest.shard_error(entry, problem)
+
+
+def data_identity(manifest, lo, hi) -> dict:
+    """Exactly which data a run over records [lo, hi) reads: the range and the (file, sha256) of every
+    shard that holds some of it (JSON-able), so that a resumed run can refuse data that grew or changed."""
+    return {"indices": [lo, hi],
+            "shards": [[s["file"], s["sha256"]] for s in _shards_overlapping(manifest, lo, hi)]}
+
+
 def read_range(manifest, lo, hi) -> dict:
     """Every record with index in [lo, hi), as tensors in index order."""
     parts = []
@@ -100,6 +130,12 @@ class ShardStream(IterableDataset):
                     yield {key: value[i] for key, value in tensors.items()}
 
     def __iter__(self):
+        try:
+            yield from self._batches()
+        except UserError as err:  # a worker's traceback would wrap it: pass the sentence on as data
+            yield {ERROR_KEY: str(err)}
+
+    def _batches(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([*self.seed, worker])
@@ -129,4 +165,22 @@ def batches(cfg, manifest, lo, hi, seed, batch_size):
     workers = cfg["data_workers"]
     loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_quiet_worker,
                         prefetch_factor=4 if workers else None)
-    return iter(loader)
+    return Batches(loader)
+
+
+class Batches:
+    """The loader's batches in the training process: a damaged shard met by a worker ends as the
+    worker's one sentence (``UserError``), not as a worker traceback."""
+
+    def __init__(self, loader):
+        self._batches = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._batches)
+        if ERROR_KEY in batch:
+            self._batches = iter(())  # dropping the loader's iterator stops its workers
+            raise UserError(batch[ERROR_KEY])
+        return batch

@@ -92,14 +92,14 @@ def test_more_steps_than_the_teacher_has_is_one_sentence(small_teacher, tmp_path
     assert_one_sentence_error(result, "steps=2000", "1000")
 
 
-@pytest.mark.parametrize("override,fragment", [("samples_total=0", "samples_total must be positive"),
-                                               ("samples_total=-3", "samples_total must be positive"),
-                                               ("chunks=3", "does not divide steps"),
-                                               ("stepz=3", "did you mean 'steps'")])
-def test_bad_generate_config_is_one_sentence(override, fragment, small_teacher, tmp_path):
+@pytest.mark.parametrize("override,fragments", [("samples_total=0", ("samples_total", "must be positive", "0")),
+                                                ("samples_total=-3", ("samples_total", "must be positive", "-3")),
+                                                ("chunks=3", ("chunks=3 does not divide steps=10",)),
+                                                ("stepz=3", ("did you mean 'steps'",))])
+def test_bad_generate_config_is_one_sentence(override, fragments, small_teacher, tmp_path):
     result = run_cli("Main_Distill.py", "--mode", "generate", "--config", "tiny", f"teacher_path={small_teacher}",
                      f"data_dir={tmp_path}", override)
-    assert_one_sentence_error(result, fragment)
+    assert_one_sentence_error(result, *fragments)
     assert not (tmp_path / "manifest.json").exists()
 
 
