@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import (atomic, datasets, fid, images, latent_walk, metrics, packed, runtime, student_b, students, teacher_data,
                teachers)
 from . import report as report_text
-from .config import output_dir, project_path
+from .config import output_dir
 from .errors import UserError
 from .trajectory import ddim_sample
 
@@ -53,11 +53,8 @@ def b_folder(cfg):
     one), else ``<b_run_dir>/packed`` when binarize has written it; None for D alone."""
     if cfg["b_weights"] == "none":
         return None
-    if not cfg["b_weights"]:
-        default = output_dir(cfg, "b_run_dir", "Checkpoints/binarize") / "packed"
-        return default if (default / packed.PACKED_FILE).is_file() else None
-    path = project_path(cfg["b_weights"])
-    return path / "packed" if (path / "packed" / packed.PACKED_FILE).is_file() else path
+    folder = packed.packed_folder(cfg)
+    return folder if cfg["b_weights"] or (folder / packed.PACKED_FILE).is_file() else None
 
 
 @torch.no_grad()

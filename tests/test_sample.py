@@ -1,0 +1,130 @@
+"""--mode sample: a trained student's one-step images from the x_T that generate draws, its files, and
+refused students. D and B are built untrained (random weights) on tiny teacher data: sampling does not
+care how they were trained, and the data's records say which x_T each index has."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from PIL import Image
+
+from pipeline import config, datasets, generate, packed, sample, student_b, students
+from pipeline.errors import UserError
+
+BACKBONE = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
+            "layers_per_block": 1, "norm_num_groups": 4, "down_block_types": ["DownBlock2D"] * 2,
+            "up_block_types": ["UpBlock2D"] * 2}
+FIRST, COUNT = 3, 5
+
+
+def _records_x_T(folder) -> dict:
+    """index -> x_T of the teacher records, read with numpy + zstandard only."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    x_T = {}
+    for shard in manifest["shards"]:
+        raw = zstandard.ZstdDecompressor().decompress((folder / shard["file"]).read_bytes())
+        arrays = np.load(io.BytesIO(raw))
+        x_T.update({int(i): x.astype(np.float32) for i, x in zip(arrays["index"], arrays["x_T_f16"])})
+    return x_T
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, small_teacher):
+    """Tiny teacher data, and a D and a packed B of its shape with random weights."""
+    root = tmp_path_factory.mktemp("sample")
+    cfg = config.resolve("tiny", [f"teacher_path={small_teacher}", f"data_dir={root / 'data'}"])
+    generate.generate(cfg)
+    generator = json.loads((root / "data" / "manifest.json").read_text())["generator"]
+    torch.manual_seed(0)
+    d = students.new_student(BACKBONE, generator, head_channels=8)
+    for p in d.parameters():  # the heads start at zero: give every layer something to say
+        p.data.normal_(0, 0.05)
+    students.save_student(d, root / "d")
+    b = students.StudentD.from_config(d.config)
+    b.load_state_dict(d.state_dict())
+    student_b.to_binary(b, cfg)
+    student_b.start_scales(b)
+    packed.export_packed(b.eval(), packed.b_config(d.config, cfg), root / "b")
+    return root, _records_x_T(root / "data")
+
+
+def _cfg(root, student, out, **overrides):
+    items = {"d_weights": root / "d", "b_weights": root / "b", "sample_student": student, "sample_first": FIRST,
+             "sample_count": COUNT, "student_samples_dir": out, **overrides}
+    return config.resolve("tiny", [f"{k}={v}" for k, v in items.items()])
+
+
+@pytest.mark.parametrize("student", ["d", "b"])
+def test_image_k_is_the_students_output_on_record_ks_x_T(made, tmp_path, student, capsys):
+    root, records = made
+    out = sample.sample_command(_cfg(root, student, tmp_path / "out"))
+    assert out == tmp_path / "out"
+    index = list(range(FIRST, FIRST + COUNT))
+    x_T = torch.from_numpy(np.stack([records[i] for i in index]))
+    model = sample.LOADERS[student](root / student)
+    with torch.no_grad():
+        expected = datasets.to_uint8(students.one_step(model, x_T))
+    with np.load(out / "samples.npz") as npz:
+        assert npz["index"].tolist() == index and npz["images"].dtype == np.uint8
+        assert np.array_equal(npz["images"], expected)
+        assert npz["images"].std() > 5  # not a blank image: the network spoke
+    assert sorted(p.name for p in out.glob("*.png")) == sorted([f"{i:06d}.png" for i in index] + ["grid.png"])
+    for i, img in zip(index, expected):
+        assert np.array_equal(np.asarray(Image.open(out / f"{i:06d}.png")), img[0])
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 * (8 * 34 + 2), 2 * (34 + 2))  # one row of 8 slots, 2 px padding, enlarged 2x
+    printed = capsys.readouterr().out
+    assert f"{COUNT} one-step images of {student.upper()}" in printed and str(out / "samples.npz") in printed
+
+
+def test_d_and_b_differ_and_x_T_follow_the_index_not_the_batch(made, tmp_path):
+    root, _ = made
+    d = sample.sample_command(_cfg(root, "d", tmp_path / "d"))
+    b = sample.sample_command(_cfg(root, "b", tmp_path / "b"))
+    one = sample.sample_command(_cfg(root, "d", tmp_path / "one", sample_first=FIRST + 2, sample_count=1,
+                                     fid_batch_size=1))
+    with np.load(d / "samples.npz") as dz, np.load(b / "samples.npz") as bz, np.load(one / "samples.npz") as oz:
+        assert not np.array_equal(dz["images"], bz["images"])
+        assert np.array_equal(oz["images"][0], dz["images"][2]) and oz["index"].tolist() == [FIRST + 2]
+
+
+def test_default_output_folder_is_per_student(made):
+    root, _ = made
+    for student in ("d", "b"):
+        cfg = _cfg(root, student, "")
+        assert sample.out_folder(cfg) == config.PROJECT_ROOT / "SampledImgs" / "sample" / "tiny" / student
+
+
+def _flip_middle_byte(path):
+    data = path.read_bytes()
+    at = len(data) // 2 + 3
+    path.write_bytes(data[:at] + bytes([data[at] ^ 0x04]) + data[at + 1:])
+
+
+@pytest.mark.parametrize("student", ["d", "b"])
+def test_missing_and_damaged_students_are_refused_in_one_sentence(made, tmp_path, student):
+    root, _ = made
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    key = f"{student}_weights"
+    with pytest.raises(UserError, match="holds no student" if student == "d" else "holds no packed B") as missing:
+        sample.sample_command(_cfg(root, student, tmp_path / "out", **{key: empty}))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in (root / student).iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    _flip_middle_byte(damaged / (students.WEIGHTS_FILE if student == "d" else packed.PACKED_FILE))
+    with pytest.raises(UserError, match="checksum mismatch") as broken:
+        sample.sample_command(_cfg(root, student, tmp_path / "out", **{key: damaged}))
+    for err in (missing, broken):
+        assert "\n" not in str(err.value) and str(err.value).count(". ") == 0
+    assert not (tmp_path / "out").exists()  # nothing written for a refused student
+
+
+def test_b_weights_none_cannot_be_sampled(made, tmp_path):
+    root, _ = made
+    with pytest.raises(UserError, match="b_weights=none"):
+        sample.plan(_cfg(root, "b", tmp_path / "out", b_weights="none"))
+    assert "one-step images of D" in sample.plan(_cfg(root, "d", tmp_path / "out"))[0]
