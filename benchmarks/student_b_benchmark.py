@@ -18,15 +18,12 @@ those files here and prints the same table.
 import argparse
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import atomic, binarize, config, evaluate, fid, train_d  # noqa: E402
-from pipeline.config import output_dir  # noqa: E402
+from pipeline import atomic, binarize, config, evaluate, fid, train_d
+from pipeline.config import output_dir
 
 VARIANTS = {
     "w1a32": ("W1A32: the preset's recipe", {}),

@@ -12,13 +12,9 @@ records, same N, same reference set), so the teacher's figures are shared.
 """
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline import config, evaluate, train_d  # noqa: E402
-from pipeline.config import output_dir  # noqa: E402
+from pipeline import config, evaluate, train_d
+from pipeline.config import output_dir
 
 
 def evaluate_point(cfg, weights, eval_dir):
