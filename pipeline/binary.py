@@ -3,9 +3,9 @@
 Each binarizer is a tiny ``torch.autograd.Function`` whose docstring states its forward q(x) and its
 pseudo-gradient dq/dx side by side, with the paper it comes from; ``BINARIZERS`` names them, so a layer
 is given a binarizer by name (``"scaled_sign"``, ``"lmb2"``) rather than by branches on a basis count.
-sign never returns 0: sign(0) = +1. A weight binarizer (``bases`` > 0) also says how its scales start,
-which sign planes the packed file stores (``sign_planes``) and how the binary weight is rebuilt from
-those planes (``from_planes``), so export and reload use the same operations as training.
+sign never returns 0: sign(0) = +1. A weight binarizer has ``bases`` per-channel scales (started by
+``first_scales``) and says which sign planes the packed file stores (``sign_planes``); ``from_planes``
+rebuilds its binary weight from them with the same operations as its forward, so reload is bit-exact.
 
 Scales are per output channel, start at mean|W| (and mean|R|) on the first binarized forward, are
 learned, and are excluded from weight decay; the "started" flag is a buffer, so a reloaded checkpoint

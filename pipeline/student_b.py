@@ -126,11 +126,11 @@ def to_binary(model, cfg):
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
             table.append({"name": name, "kind": "full precision", "parameters": params, "bits": 32, "ring": None})
             continue
-        name_of = weight_binarizer(cfg, sizes[name], image_shape[-1])
+        binarizer = weight_binarizer(cfg, sizes[name], image_shape[-1])
         if isinstance(module, torch.nn.Conv2d):
-            new = binary.BinaryConv2d.from_conv(module, name_of, cfg["b_centre"], w1a1)
+            new = binary.BinaryConv2d.from_conv(module, binarizer, cfg["b_centre"], w1a1)
         else:
-            new = binary.BinaryLinear.from_linear(module, name_of, cfg["b_centre"], w1a1)
+            new = binary.BinaryLinear.from_linear(module, binarizer, cfg["b_centre"], w1a1)
         _replace(model, name, new)
         table.append({"name": name, "kind": f"binary, {new.binarizer.label}", "parameters": params,
                       "bits": new.basis, "ring": ring_of(name, levels)})

@@ -34,6 +34,7 @@ from .errors import UserError
 CONFIG_FILE = "student_config.json"
 WEIGHTS_FILE = "model.safetensors"
 KIND = "one-step-student-d"
+REWRITE = "rerun '--mode train_d' on the run folder that wrote it to rewrite it"  # a finished run re-exports
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -230,9 +231,6 @@ def save_student(model: StudentD, folder) -> int:
     atomic.write_bytes(folder / WEIGHTS_FILE, data)
     atomic.write_json(folder / CONFIG_FILE, model.config)
     return len(data)
-
-
-REWRITE = "rerun '--mode train_d' on the run folder that wrote it to rewrite it"
 
 
 def load_student(folder) -> StudentD:
