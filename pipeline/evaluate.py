@@ -129,7 +129,8 @@ def b_size(model, folder, d: dict) -> dict:
     file_bytes = parts["file_bytes"]
     return {"parameters": students.parameter_count(model),
             "binary_weights": sum(layer.weight.numel() for layer in binary.values()),
-            "two_basis_layers": sum(layer.binarizer_name == "lmb2" for layer in binary.values()), "binary_layers": len(binary),
+            "two_basis_layers": sum(layer.binarizer_name == "lmb2" for layer in binary.values()),
+            "binary_layers": len(binary),
             "packed_bytes": file_bytes, **{k: parts[k] for k in ("sign_bytes", "header_bytes", "value_bytes",
                                                                  "bytes_per_value", "values_by_kind")},
             "full_precision_layers": full_precision,

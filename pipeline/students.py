@@ -250,7 +250,8 @@ def load_student(folder) -> StudentD:
     try:
         state, metadata, _ = read_safetensors(weights_path)
     except (OSError, ValueError) as err:
-        raise UserError(f"{weights_path} cannot be read ({err}: truncated or damaged); restore it or {REWRITE}") from None
+        raise UserError(f"{weights_path} cannot be read ({err}: truncated or damaged); restore it or "
+                        f"{REWRITE}") from None
     verify_checksum(weights_path, metadata, content_sha256(state, config), REWRITE)
     try:
         model = StudentD.from_config(config)
