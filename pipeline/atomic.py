@@ -1,5 +1,6 @@
 """Write files so that a crash never leaves a half-written file under its final name."""
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -50,13 +51,18 @@ def remove_stale_temporaries(folder) -> None:
 
 @contextlib.contextmanager
 def folder_lock(folder, what: str):
-    """Hold an exclusive lock on ``folder`` so that two runs never write it at once."""
+    """Hold an exclusive lock on ``folder`` so that two runs never write it at once.
+
+    A POSIX record lock (``lockf``), not ``flock``: forked children such as DataLoader workers do not
+    inherit it, so a killed run frees its folder at once even while its workers are still exiting."""
     from .errors import UserError
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise UserError(f"another {what} is writing {folder}; wait for it to finish or use another folder") from None
         yield

@@ -72,153 +72,189 @@ def _device_name(value):
     return "must be auto, cpu, cuda or cuda:N"
 
 
-def _key_table():
-    keys, section = {}, ""
+class _Table(dict):
+    """Collects keys section by section, in the order --help and the docs show them."""
 
-    def add(name, default, stages, help, **kw):
-        keys[name] = Key(default, tuple(stages), help, section=section, **kw)
+    def __init__(self):
+        super().__init__()
+        self.section = ""
 
-    section = "what to work on"
-    add("name", "fashion_mnist", EVERY, "run name: output folders are named after it")
-    add("dataset", "fashion_mnist", ("pretrain", "teacher_sample", "eval_d"), "image dataset",
-        choices=("fashion_mnist", "cifar10"))
-    add("dataset_dir", "/usr/share/datasets/fashion-mnist", ("pretrain", "teacher_sample", "eval_d"),
-        "folder of the dataset's files", folder=".")
-    add("teacher_path", "Diffusion/fashion_mnist", ("pretrain", "teacher_sample", "generate", "repair", "train_d",
-                                                     "binarize", "eval_d"),
-        "teacher in diffusers layout (<path>/unet, <path>/scheduler)", folder=".")
-    add("teacher_hub_id", "", ("teacher_sample", "generate", "repair", "train_d", "binarize", "eval_d"),
-        "hub id tried when teacher_path holds no weights (\"\" = never)")
+    def add(self, name, default, stages, help, **kw):
+        self[name] = Key(default, tuple(stages), help, section=self.section, **kw)
 
-    section = "machine"
-    add("device", "auto", EVERY, "where to run", check=_device_name)
-    add("precision", "auto", ("pretrain", "train_d", "binarize", "eval_d"),
-        "training autocast (auto: bf16 where the CPU has AMX, fp16 on CUDA, else fp32)",
-        choices=("auto", "fp32", "bf16", "fp16"))
-    add("num_threads", 0, EVERY, "CPU threads for torch (0 = torch's default)", range=NON_NEGATIVE)
-    add("seed", 0, EVERY, "seed of x_T, batch order and initialisation", range=NON_NEGATIVE)
 
-    section = "pretrain: a new teacher UNet2DModel (only where none exists)"
+def _what_to_work_on(table):
+    table.section = "what to work on"
+    table.add("name", "fashion_mnist", EVERY, "run name: output folders are named after it")
+    table.add("dataset", "fashion_mnist", ("pretrain", "teacher_sample", "eval_d"), "image dataset",
+              choices=("fashion_mnist", "cifar10"))
+    table.add("dataset_dir", "/usr/share/datasets/fashion-mnist", ("pretrain", "teacher_sample", "eval_d"),
+              "folder of the dataset's files", folder=".")
+    table.add("teacher_path", "Diffusion/fashion_mnist", ("pretrain", "teacher_sample", "generate", "repair", "train_d",
+                                                           "eval_d"),
+              "teacher in diffusers layout (<path>/unet, <path>/scheduler)", folder=".")
+    table.add("teacher_hub_id", "", ("teacher_sample", "generate", "repair", "train_d", "eval_d"),
+              "hub id tried when teacher_path holds no weights (\"\" = never)")
+
+
+def _machine(table):
+    table.section = "machine"
+    table.add("device", "auto", EVERY, "where to run", check=_device_name)
+    table.add("precision", "auto", ("pretrain",) + TRAINING,
+              "training autocast (auto: bf16 on a CPU with native bf16 or on a GPU that has it, else fp16 on "
+              "CUDA, fp32 elsewhere)",
+              choices=("auto", "fp32", "bf16", "fp16"))
+    table.add("num_threads", 0, EVERY, "CPU threads for torch (0 = torch's default)", range=NON_NEGATIVE)
+    table.add("seed", 0, EVERY, "seed of x_T, batch order and initialisation", range=NON_NEGATIVE)
+
+
+def _pretrain(table):
+    table.section = "pretrain: a new teacher UNet2DModel (only where none exists)"
     pre = ("pretrain",)
-    add("unet_channels", [32, 64, 64], pre, "channels per resolution level", range=POSITIVE, check=_non_empty)
-    add("unet_layers_per_block", 1, pre, "ResNet layers per level", range=POSITIVE)
-    add("unet_attention_levels", [], pre, "indices of resolution levels with self-attention", range=NON_NEGATIVE)
-    add("unet_norm_groups", 16, pre, "GroupNorm groups (must divide every level's channels)", range=POSITIVE)
-    add("num_train_timesteps", 1000, pre, "DDPM timesteps T", range=POSITIVE)
-    add("beta_start", 0.0001, pre, "first beta of the schedule", range=FRACTION_OPEN)
-    add("beta_end", 0.02, pre, "last beta of the schedule", range=FRACTION_OPEN)
-    add("beta_schedule", "linear", pre, "beta schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
-    add("train_steps", 4000, pre, "optimizer steps", range=POSITIVE)
-    add("batch_size", 64, pre, "images per step", range=POSITIVE)
-    add("lr", 0.0005, pre, "peak learning rate (warm-up, then cosine to 10 %)", range=POSITIVE)
-    add("lr_warmup_steps", 200, pre, "linear warm-up steps", range=NON_NEGATIVE)
-    add("weight_decay", 0.0, pre, "AdamW weight decay", range=NON_NEGATIVE)
-    add("ema_decay", 0.999, ("pretrain",) + TRAINING, "EMA decay of the exported weights", range=DECAY)
-    add("grad_clip", 1.0, ("pretrain",) + TRAINING, "gradient-norm clip", range=POSITIVE)
-    add("hflip", True, pre, "random horizontal flips")
-    add("checkpoint_every", 250, pre, "steps between checkpoints", range=POSITIVE)
-    add("sample_every", 1000, pre, "steps between sample grids (0 = never)", range=NON_NEGATIVE)
-    add("run_dir", "", pre, "checkpoints and stats (\"\" = Checkpoints/diffusion/<name>)", folder="Checkpoints/diffusion")
-    add("overwrite_teacher", False, pre, "replace an existing teacher at teacher_path")
+    table.add("unet_channels", [32, 64, 64], pre, "channels per resolution level", range=POSITIVE, check=_non_empty)
+    table.add("unet_layers_per_block", 1, pre, "ResNet layers per level", range=POSITIVE)
+    table.add("unet_attention_levels", [], pre, "indices of resolution levels with self-attention", range=NON_NEGATIVE)
+    table.add("unet_norm_groups", 16, pre, "GroupNorm groups (must divide every level's channels)", range=POSITIVE)
+    table.add("num_train_timesteps", 1000, pre, "DDPM timesteps T", range=POSITIVE)
+    table.add("beta_start", 0.0001, pre, "first beta of the schedule", range=FRACTION_OPEN)
+    table.add("beta_end", 0.02, pre, "last beta of the schedule", range=FRACTION_OPEN)
+    table.add("beta_schedule", "linear", pre, "beta schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    table.add("train_steps", 4000, pre, "optimizer steps", range=POSITIVE)
+    table.add("batch_size", 64, pre, "images per step", range=POSITIVE)
+    table.add("lr", 0.0005, pre, "peak learning rate (warm-up, then cosine to 10 %)", range=POSITIVE)
+    table.add("lr_warmup_steps", 200, pre, "linear warm-up steps", range=NON_NEGATIVE)
+    table.add("weight_decay", 0.0, pre, "AdamW weight decay", range=NON_NEGATIVE)
+    table.add("ema_decay", 0.999, ("pretrain",) + TRAINING, "EMA decay of the exported weights", range=DECAY)
+    table.add("grad_clip", 1.0, ("pretrain",) + TRAINING, "gradient-norm clip", range=POSITIVE)
+    table.add("hflip", True, pre, "random horizontal flips")
+    table.add("checkpoint_every", 250, pre, "steps between checkpoints", range=POSITIVE)
+    table.add("sample_every", 1000, pre, "steps between sample grids (0 = never)", range=NON_NEGATIVE)
+    table.add("run_dir", "", pre, "checkpoints and stats (\"\" = Checkpoints/diffusion/<name>)",
+              folder="Checkpoints/diffusion")
+    table.add("overwrite_teacher", False, pre, "replace an existing teacher at teacher_path")
 
-    section = "teacher samples and FID (Main_Diffusion.py --mode sample)"
-    add("sample_count", 64, ("teacher_sample", "sample"), "images in the grid / images drawn", range=POSITIVE)
-    add("fid_samples", 1000, ("teacher_sample", "eval_d"), "N of every FID (eval_d: held-out records)",
-        range=Range(2))
-    add("fid_batch_size", 100, ("teacher_sample", "eval_d", "sample"), "images per batch while sampling and scoring",
-        range=POSITIVE)
-    add("fid_cache_dir", "data/fid_stats", ("teacher_sample", "eval_d"),
-        "Inception features of dataset images, computed once", folder=".")
-    add("samples_dir", "", ("teacher_sample",), "\"\" = SampledImgs/diffusion/<name>", folder="SampledImgs/diffusion")
 
-    section = "generate: offline teacher data"
+def _teacher_samples(table):
+    table.section = "teacher samples and FID (Main_Diffusion.py --mode sample)"
+    table.add("sample_count", 64, ("teacher_sample", "sample"), "images in the grid / images drawn", range=POSITIVE)
+    table.add("fid_samples", 1000, ("teacher_sample", "eval_d"), "N of every FID (eval_d: held-out records)",
+              range=Range(2))
+    table.add("fid_batch_size", 100, ("teacher_sample", "eval_d", "sample"),
+              "images per batch while sampling and scoring",
+              range=POSITIVE)
+    table.add("fid_cache_dir", "data/fid_stats", ("teacher_sample", "eval_d"),
+              "Inception features of dataset images, computed once", folder=".")
+    table.add("samples_dir", "", ("teacher_sample",), "\"\" = SampledImgs/diffusion/<name>",
+              folder="SampledImgs/diffusion")
+
+
+def _generate(table):
+    table.section = "generate: offline teacher data"
     gen = ("generate", "repair")
-    add("space", "pixel", gen, "trajectory space (latent needs --mode rectify, not built yet)",
-        choices=("pixel", "latent"))
-    add("steps", 100, gen + ("teacher_sample", "eval_d"), "deterministic DDIM steps (eta = 0)", range=POSITIVE)
-    add("chunks", 10, gen, "residual chunks per trajectory; must divide steps", range=POSITIVE)
-    add("samples_total", 1024, ("generate",), "samples the folder holds when generate ends", range=POSITIVE)
-    add("shard_size", 256, gen + ("import",), "samples per shard", range=POSITIVE)
-    add("gen_batch_size", 64, gen, "trajectories computed at once", range=POSITIVE)
-    add("gen_precision", "fp32", gen, "teacher precision while generating", choices=("fp32", "bf16", "fp16"))
-    add("codec", "int8+zstd", gen, "record codec", choices=("int8+zstd",))
-    add("percentile", 99.5, gen + ("import",), "clip of the per-channel INT8 scales", range=Range(50, 100))
-    add("zstd_level", 10, gen + ("import",), "zstd compression level", range=Range(1, 22))
-    add("data_dir", "", DATA_READERS + ("generate", "import"), "teacher-data folder (\"\" = data/<name>)",
-        folder="data")
+    table.add("space", "pixel", gen, "trajectory space (latent needs --mode rectify, not built yet)",
+              choices=("pixel", "latent"))
+    table.add("steps", 100, gen + ("teacher_sample",), "deterministic DDIM steps (eta = 0)", range=POSITIVE)
+    table.add("chunks", 10, gen, "residual chunks per trajectory; must divide steps", range=POSITIVE)
+    table.add("samples_total", 1024, ("generate",), "samples the folder holds when generate ends", range=POSITIVE)
+    table.add("shard_size", 256, gen + ("import",), "samples per shard", range=POSITIVE)
+    table.add("gen_batch_size", 64, gen, "trajectories computed at once", range=POSITIVE)
+    table.add("gen_precision", "fp32", gen, "teacher precision while generating", choices=("fp32", "bf16", "fp16"))
+    table.add("codec", "int8+zstd", gen, "record codec (the reference's per-channel INT8 in zstd shards)",
+              choices=("int8+zstd",))
+    table.add("percentile", 99.5, gen + ("import",), "clip of the per-channel INT8 scales", range=Range(50, 100))
+    table.add("zstd_level", 10, gen + ("import",), "zstd compression level", range=Range(1, 22))
+    table.add("data_dir", "", DATA_READERS + ("generate", "import"), "teacher-data folder (\"\" = data/<name>)",
+              folder="data")
 
-    section = "reference layout (one file per sample), for export and import"
-    add("reference_dir", "", ("export", "import"), "folder of sample_XXXXXXXX.zst files", folder=".")
-    add("import_teacher", "", ("import",),
-        "teacher folder that made the imported data (\"\" = unknown; training then refuses it)", folder=".")
 
-    section = "student D: train_d"
+def _reference_layout(table):
+    table.section = "reference layout (one file per sample), for export and import"
+    table.add("reference_dir", "", ("export", "import"), "folder of sample_XXXXXXXX.zst files", folder=".")
+    table.add("import_teacher", "", ("import",),
+              "teacher folder that made the imported data (\"\" = unknown; training then refuses it)", folder=".")
+
+
+def _student_d(table):
+    table.section = "student D: train_d"
     d = ("train_d",)
-    add("d_run_dir", "", d + ("binarize", "eval_d", "sample"), "\"\" = Checkpoints/distill/<name>",
-        folder="Checkpoints/distill")
-    add("d_init", "teacher", d, "teacher (backbone copied from the teacher UNet) | random",
-        choices=("teacher", "random"))
-    add("d_head_channels", 16, d + ("binarize",), "width of the readout heads", range=POSITIVE)
-    add("d_train_steps", 500, d, "optimizer steps", range=POSITIVE)
-    add("d_batch_size", 64, d, "records per step", range=POSITIVE)
-    add("d_lr", 0.0005, d, "peak of the one-cycle schedule", range=POSITIVE)
-    add("d_lr_warmup_fraction", 0.05, d, "one-cycle warm-up share of the steps", range=FRACTION_OPEN)
-    add("d_weight_decay", 0.0001, d, "AdamW weight decay", range=NON_NEGATIVE)
-    add("lambda_rin", 1.0, TRAINING, "weight of the rin0 loss (latent space only)", range=NON_NEGATIVE)
-    add("lambda_chunks", 1.0, TRAINING, "weight of the chunk losses", range=NON_NEGATIVE)
-    add("lambda_x0", 0.1, TRAINING, "weight of the loss on the read-out image", range=NON_NEGATIVE)
-    add("holdout_samples", 256, TRAINING + ("eval_d",), "records 0..N-1 are never trained on; eval_d uses them",
-        range=POSITIVE)
-    add("train_samples", 0, TRAINING, "training records after the held-out ones (0 = all)", range=NON_NEGATIVE)
-    add("data_workers", 1, TRAINING, "DataLoader processes decoding shards (0 = in the training process)",
-        range=NON_NEGATIVE)
-    add("shuffle_buffer", 512, TRAINING, "records mixed across shards before batching", range=POSITIVE)
-    add("d_checkpoint_every", 100, d, "steps between checkpoints", range=POSITIVE)
-    add("d_snapshot_every", 0, d, "keep the EMA student every N steps (0 = off)", range=NON_NEGATIVE)
+    table.add("d_run_dir", "", d + ("binarize", "eval_d", "sample"), "\"\" = Checkpoints/distill/<name>",
+              folder="Checkpoints/distill")
+    table.add("d_init", "teacher", d, "teacher (backbone copied from the teacher UNet) | random",
+              choices=("teacher", "random"))
+    table.add("d_head_channels", 16, d + ("binarize",), "width of the readout heads", range=POSITIVE)
+    table.add("d_train_steps", 500, d, "optimizer steps", range=POSITIVE)
+    table.add("d_batch_size", 64, d, "records per step", range=POSITIVE)
+    table.add("d_lr", 0.0005, d, "peak of the one-cycle schedule", range=POSITIVE)
+    table.add("d_lr_warmup_fraction", 0.05, d, "one-cycle warm-up share of the steps", range=FRACTION_OPEN)
+    table.add("d_weight_decay", 0.0001, d, "AdamW weight decay", range=NON_NEGATIVE)
+    table.add("lambda_rin", 1.0, TRAINING, "weight of the rin0 loss (latent space only)", range=NON_NEGATIVE)
+    table.add("lambda_chunks", 1.0, TRAINING, "weight of the chunk losses", range=NON_NEGATIVE)
+    table.add("lambda_x0", 0.1, TRAINING, "weight of the loss on the read-out image", range=NON_NEGATIVE)
+    table.add("holdout_samples", 256, TRAINING + ("eval_d",), "records 0..N-1 are never trained on; eval_d uses them",
+              range=POSITIVE)
+    table.add("train_samples", 0, TRAINING, "training records after the held-out ones (0 = all)", range=NON_NEGATIVE)
+    table.add("data_workers", 1, TRAINING, "DataLoader processes decoding shards (0 = in the training process)",
+              range=NON_NEGATIVE)
+    table.add("shuffle_buffer", 512, TRAINING, "records mixed across shards before batching", range=POSITIVE)
+    table.add("d_checkpoint_every", 100, d, "steps between checkpoints", range=POSITIVE)
+    table.add("d_snapshot_every", 0, d, "keep the EMA student every N steps (0 = off)", range=NON_NEGATIVE)
 
-    section = "student B: binarize (1-bit weights, started from D and trained with D as its teacher)"
+
+def _student_b(table):
+    table.section = "student B: binarize (1-bit weights, started from D and trained with D as its teacher)"
     b = ("binarize",)
-    add("b_run_dir", "", b + ("eval_d", "sample"), "\"\" = Checkpoints/binarize/<name>; packed B in <b_run_dir>/packed",
-        folder="Checkpoints/binarize")
-    add("b_train_steps", 500, b, "optimizer steps", range=POSITIVE)
-    add("b_batch_size", 64, b, "records per step", range=POSITIVE)
-    add("b_lr", 0.001, b, "peak of the one-cycle schedule", range=POSITIVE)
-    add("b_lr_warmup_fraction", 0.05, b, "one-cycle warm-up share of the steps", range=FRACTION_OPEN)
-    add("b_weight_decay", 0.0, b, "latent weights only; scales are never decayed", range=NON_NEGATIVE)
-    add("b_checkpoint_every", 100, b, "steps between checkpoints", range=POSITIVE)
-    add("b_snapshot_every", 0, b, "keep the packed EMA B every N steps (0 = off)", range=NON_NEGATIVE)
-    add("lambda_d_outputs", 1.0, b, "D's own predictions as a second target of B's output losses",
-        range=NON_NEGATIVE)
-    add("lambda_spd", 0.01, b, "Space Patched Distillation weight", range=NON_NEGATIVE)
-    add("lambda_lrm", 0.0001, b, "Low-rank Representation Mimicking weight", range=NON_NEGATIVE)
-    add("b_full_precision", "unet.conv_in,heads.*.out,heads.*.rin_skip,rin_head.out", b,
-        "fnmatch patterns of layers kept in full precision")
-    add("b_lmb", True, b, "two-basis (LMB) binarizer on the high-resolution layers")
-    add("b_lmb_min_size", 0.5, b, "LMB where a layer's input is at least this fraction of the image size",
-        range=NON_NEGATIVE)
-    add("b_centre", False, b, "subtract each output channel's mean weight before the sign")
-    add("b_activations", "fp", b, "fp (W1A32) | binary (W1A1, BiDM's activation binarizer)",
-        choices=("fp", "binary"))
-    add("b_packed_values", "fp16", b, "precision of everything but the sign bits in the packed file",
-        choices=("fp16", "fp32"))
-    add("b_progressive_every", 0, b, "steps between progressive-binarization rings (0 = all at once)",
-        range=NON_NEGATIVE)
+    table.add("b_run_dir", "", b + ("eval_d", "sample"),
+              "\"\" = Checkpoints/binarize/<name>; packed B in <b_run_dir>/packed",
+              folder="Checkpoints/binarize")
+    table.add("b_train_steps", 500, b, "optimizer steps", range=POSITIVE)
+    table.add("b_batch_size", 64, b, "records per step", range=POSITIVE)
+    table.add("b_lr", 0.001, b, "peak of the one-cycle schedule", range=POSITIVE)
+    table.add("b_lr_warmup_fraction", 0.05, b, "one-cycle warm-up share of the steps", range=FRACTION_OPEN)
+    table.add("b_weight_decay", 0.0, b, "latent weights only; scales are never decayed", range=NON_NEGATIVE)
+    table.add("b_checkpoint_every", 100, b, "steps between checkpoints", range=POSITIVE)
+    table.add("b_snapshot_every", 0, b, "keep the packed EMA B every N steps (0 = off)", range=NON_NEGATIVE)
+    table.add("lambda_d_outputs", 1.0, b, "D's own predictions as a second target of B's output losses",
+              range=NON_NEGATIVE)
+    table.add("lambda_spd", 0.01, b, "Space Patched Distillation weight", range=NON_NEGATIVE)
+    table.add("lambda_lrm", 0.0001, b, "Low-rank Representation Mimicking weight", range=NON_NEGATIVE)
+    table.add("b_full_precision", "unet.conv_in,heads.*.out,heads.*.rin_skip,rin_head.out", b,
+              "fnmatch patterns of layers kept in full precision")
+    table.add("b_lmb", True, b, "two-basis (LMB) binarizer on the high-resolution layers")
+    table.add("b_lmb_min_size", 0.5, b, "LMB where a layer's input is at least this fraction of the image size",
+              range=NON_NEGATIVE)
+    table.add("b_centre", False, b, "subtract each output channel's mean weight before the sign")
+    table.add("b_activations", "fp", b, "fp (W1A32) | binary (W1A1, BiDM's activation binarizer)",
+              choices=("fp", "binary"))
+    table.add("b_packed_values", "fp16", b, "precision of everything but the sign bits in the packed file",
+              choices=("fp16", "fp32"))
+    table.add("b_progressive_every", 0, b, "steps between progressive-binarization rings (0 = all at once)",
+              range=NON_NEGATIVE)
 
-    section = "eval_d and sample"
-    add("d_weights", "", ("binarize", "eval_d", "sample"), "a D folder (\"\" = <d_run_dir>/student)", folder=".")
-    add("b_weights", "", ("eval_d", "sample"),
-        "a packed B folder (\"\" = <b_run_dir>/packed when it exists; \"none\" = D only)", folder=".")
-    add("fid_reference_count", 0, ("eval_d",), "test-split images in the FID reference set (0 = all)",
-        range=NON_NEGATIVE)
-    add("eval_dir", "", ("eval_d",), "\"\" = SampledImgs/distill/<name>", folder="SampledImgs/distill")
-    add("throughput_batch", 64, ("eval_d",), "batch of the images/s measurement", range=POSITIVE)
-    add("verify_dataset_md5", True, ("pretrain", "teacher_sample", "eval_d"),
-        "check the published MD5 sums of the image dataset")
-    add("sample_student", "b", ("sample",), "b (the packed B) | d (the full-precision D)", choices=("b", "d"))
-    add("sample_first", 0, ("sample",), "x_T of sample indices first..first+sample_count-1, as generate draws them",
-        range=NON_NEGATIVE)
-    add("student_samples_dir", "", ("sample",), "\"\" = SampledImgs/sample/<name>", folder="SampledImgs/sample")
-    return keys
+
+def _evaluation(table):
+    table.section = "eval_d and sample"
+    table.add("d_weights", "", ("binarize", "eval_d", "sample"), "a D folder (\"\" = <d_run_dir>/student)", folder=".")
+    table.add("b_weights", "", ("eval_d", "sample"),
+              "a packed B folder (\"\" = <b_run_dir>/packed when it exists; \"none\" = D only)", folder=".")
+    table.add("fid_reference_count", 0, ("eval_d",), "test-split images in the FID reference set (0 = all)",
+              range=NON_NEGATIVE)
+    table.add("eval_dir", "", ("eval_d",), "\"\" = SampledImgs/distill/<name>", folder="SampledImgs/distill")
+    table.add("throughput_batch", 64, ("eval_d",), "batch of the images/s measurement", range=POSITIVE)
+    table.add("verify_dataset_md5", True, ("pretrain", "teacher_sample", "eval_d"),
+              "check the published MD5 sums of the image dataset")
+    table.add("sample_student", "b", ("sample",), "b (the packed B) | d (the full-precision D)", choices=("b", "d"))
+    table.add("sample_first", 0, ("sample",),
+              "x_T of sample indices first..first+sample_count-1, as generate draws them",
+              range=NON_NEGATIVE)
+    table.add("student_samples_dir", "", ("sample",), "\"\" = SampledImgs/sample/<name>", folder="SampledImgs/sample")
+
+
+def _key_table():
+    table = _Table()
+    for section in (_what_to_work_on, _machine, _pretrain, _teacher_samples, _generate, _reference_layout, _student_d,
+                    _student_b, _evaluation):
+        section(table)
+    return dict(table)
 
 
 KEYS = _key_table()
@@ -242,7 +278,8 @@ def markdown() -> str:
     for name, spec in KEYS.items():
         if spec.section != section:
             section = spec.section
-            lines += ["", f"## {section}", "", "| key | default | accepted | read by | meaning |", "|---|---|---|---|---|"]
+            lines += ["", f"## {section}", "", "| key | default | accepted | read by | meaning |",
+                      "|---|---|---|---|---|"]
         stages = "every stage" if set(spec.stages) == set(EVERY) else ", ".join(spec.stages)
         meaning = spec.help.replace("|", "\\|")
         lines.append(f"| `{name}` | `{spec.default!r}` | {accepted_text(spec)} | {stages} | {meaning} |")

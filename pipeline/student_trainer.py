@@ -2,8 +2,8 @@
 
 The held-out split is never trained on; the shards a run will read are checked (size and sha256)
 before step 1; batches stream from DataLoader workers (``teacher_data.batches``); the learning rate
-follows a one-cycle schedule (cosine, warm-up share of the recipe, start and end at lr / 1e4 as the
-reference). A run records which data it reads (generator fingerprint, index ranges and every shard's
+follows a one-cycle schedule (cosine, warm-up share of the recipe, from lr / 1e4 up to lr and down to
+lr / 1e8, as the reference). A run records which data it reads (generator fingerprint, index ranges and every shard's
 sha256), and resuming on data that grew or changed is refused. The EMA student is exported at every
 checkpoint, and every ``snapshot_every`` steps into ``snapshots/``.
 """

@@ -1,4 +1,4 @@
-"""``Main_Diffusion.py --mode sample``: the teacher's own samples, a grid and its FID (DESIGN §5).
+"""``Main_Diffusion.py --mode sample``: the teacher's own samples, a grid and its FID (docs/design.md §5).
 
 FID of ``fid_samples`` DDIM samples against the test split, beside the floor at the same N: the FID
 of N real training images against the same reference set.

@@ -1,7 +1,7 @@
 """The one training loop that ``pretrain``, ``train_d`` and ``binarize`` share (docs/design.md §11).
 
 A ``Recipe`` reads one stage's keys (steps, batch size, learning rate, weight decay, checkpoint
-period, snapshot period). ``Trainer`` owns everything a run needs besides its model, its batches and
+period). ``Trainer`` owns everything a run needs besides its model, its batches and
 its loss: AdamW, a learning-rate schedule, EMA weights (diffusers ``EMAModel`` with warm-up, so that
 short runs are not dominated by the initial weights), gradient clipping, autocast where it is fast
 (fp16 on CUDA adds a GradScaler), tqdm, ``stats.jsonl`` every ``log_every`` steps (loss parts,
@@ -10,6 +10,7 @@ optimizer, schedule, scaler, step, RNG, config, record) every ``checkpoint_every
 Ctrl-C / SIGTERM, and resuming from it when the same command is run again. A stage subclasses it
 and provides ``build_model``, ``make_schedule``, ``batches``, ``loss`` and what to write when.
 """
+import contextlib
 import dataclasses
 import json
 import time
@@ -107,6 +108,9 @@ class Trainer:
 
     # --- the shared machinery
     def resume(self):
+        # held until the process ends: a second run writing the same folder is refused at once
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(atomic.folder_lock(self.run_dir, f"{self.recipe.stage} run"))
         state = checkpoint.load(self.run_dir)
         if state is not None:
             checkpoint.check_same_config(state["config"], self.cfg, self.run_keys, self.run_dir)
@@ -174,7 +178,9 @@ class Trainer:
                 if self.step % recipe.checkpoint_every == 0:
                     self.save()
                 self.periodic()
-        return self.finish()
+        result = self.finish()
+        self._lock.close()
+        return result
 
     def _log(self, window, waited, elapsed, bar):
         n = len(window)

@@ -49,3 +49,22 @@ def assert_one_sentence_error(result, *fragments):
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def tiny_items(teacher, root, **overrides):
+    """The tiny preset's folder keys, all under ``root``, with ``teacher`` as the teacher."""
+    root = Path(root)
+    return {"teacher_path": teacher, "data_dir": root / "data", "d_run_dir": root / "d", "b_run_dir": root / "b",
+            "fid_cache_dir": root / "fid", "eval_dir": root / "eval", "student_samples_dir": root / "samples",
+            **overrides}
+
+
+def tiny_config(items: dict):
+    """The tiny preset with ``items`` as overrides, resolved as the command line would."""
+    from pipeline import config
+    return config.resolve("tiny", [f"{k}={v}" for k, v in items.items()])
+
+
+def cli_args(items: dict) -> list:
+    """The same overrides as command-line arguments of the tiny preset."""
+    return ["--config", "tiny", *[f"{k}={v}" for k, v in items.items()]]

@@ -9,20 +9,15 @@ from safetensors.torch import load_file
 from pipeline import checkpoint, config, generate, packed, student_b, train_d
 from pipeline.binarize import BTrainer
 
-from conftest import assert_one_sentence_error, run_cli
-
-
-def _items(teacher, folder, **overrides):
-    return {"teacher_path": teacher, "data_dir": folder / "data", "d_run_dir": folder / "d",
-            "b_run_dir": folder / "b", **overrides}
+from conftest import assert_one_sentence_error, cli_args, run_cli, tiny_config, tiny_items
 
 
 def _cfg(teacher, folder, **overrides):
-    return config.resolve("tiny", [f"{k}={v}" for k, v in _items(teacher, folder, **overrides).items()])
+    return tiny_config(tiny_items(teacher, folder, **overrides))
 
 
 def _args(teacher, folder, **overrides):
-    return ["--config", "tiny", *[f"{k}={v}" for k, v in _items(teacher, folder, **overrides).items()]]
+    return cli_args(tiny_items(teacher, folder, **overrides))
 
 
 @pytest.fixture(scope="module")

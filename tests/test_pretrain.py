@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,13 +22,32 @@ def test_pretrain_resumes_and_writes_a_loadable_teacher(tmp_path):
     assert trainer.step == 2  # resumed from checkpoint.pt
     trainer.run()
     stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
-    assert stats and all(r["loss"] > 0 for r in stats)
+    assert [r["step"] for r in stats] == [2, 4]  # the shared loop's log, with its gradient norm and data stall
+    assert all(r["grad_norm"] > 0 and 0 <= r["data_wait_fraction"] < 1 for r in stats)
     unet, scheduler, _ = teachers.load_teacher(_cfg(tmp_path))
     assert list(unet.config.block_out_channels) == [16, 32] and scheduler.config.num_train_timesteps == 1000
     second = unet.state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train_steps"] == 4
     assert json.loads((tmp_path / "teacher" / "pretrain_config.json").read_text())["train_steps"] == 4
+
+
+class _InterruptedAfterStep3(Trainer):
+    def periodic(self):
+        if self.step == 3:
+            raise KeyboardInterrupt  # as Ctrl-C / SIGTERM reach the loop
+
+
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    straight = Trainer(_cfg(tmp_path / "a", train_steps=5))
+    straight.run()
+    with pytest.raises(KeyboardInterrupt):
+        _InterruptedAfterStep3(_cfg(tmp_path / "b", train_steps=5)).run()
+    resumed = Trainer(_cfg(tmp_path / "b", train_steps=5))
+    assert resumed.step == 3
+    resumed.run()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretrain_refuses_to_replace_an_existing_teacher(small_teacher, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from pipeline import checkpoint, config, generate, teacher_data
 from pipeline.train_d import DTrainer
 
-from conftest import ROOT, assert_one_sentence_error, run_cli
+from conftest import ROOT, assert_one_sentence_error, cli_args, run_cli, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,11 @@ def tiny_data(tmp_path_factory, small_teacher):
 
 
 def _cfg(teacher, data, **overrides):
-    items = {"teacher_path": teacher, "data_dir": data, **overrides}
-    return config.resolve("tiny", [f"{k}={v}" for k, v in items.items()])
+    return tiny_config({"teacher_path": teacher, "data_dir": data, **overrides})
 
 
 def _args(teacher, data, run, **overrides):
-    items = {"teacher_path": teacher, "data_dir": data, "d_run_dir": run, **overrides}
-    return ["--config", "tiny", *[f"{k}={v}" for k, v in items.items()]]
+    return cli_args({"teacher_path": teacher, "data_dir": data, "d_run_dir": run, **overrides})
 
 
 def test_stream_never_yields_held_out_records_and_covers_the_rest(small_teacher, tiny_data):
@@ -88,11 +86,11 @@ def test_resume_after_sigkill_continues_from_the_saved_step(small_teacher, tiny_
 def test_bad_inputs_are_one_sentence(small_teacher, tiny_data, tmp_path):
     run = tmp_path / "run"
     result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run, holdout_samples=0))
-    assert_one_sentence_error(result, "holdout_samples must be positive")
+    assert_one_sentence_error(result, "'holdout_samples' must be positive")
     result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run, holdout_samples=12))
     assert_one_sentence_error(result, "leaves no training records")
     result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tmp_path / "none", run))
-    assert_one_sentence_error(result, "holds no teacher data")
+    assert_one_sentence_error(result, "has no manifest.json", "generate data there first")
 
     assert run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run,
                                                                    d_train_steps=2)).returncode == 0
@@ -110,3 +108,30 @@ def test_bad_inputs_are_one_sentence(small_teacher, tiny_data, tmp_path):
     teachers.save_teacher(teachers.new_unet(cfg, channels=1), teachers.new_scheduler(cfg), other)
     result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(other, tiny_data, tmp_path / "run2"))
     assert_one_sentence_error(result, "is not the one that made")
+
+
+def _copy_of(folder, tmp_path):
+    import shutil
+    copy = tmp_path / "data"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def test_resume_on_data_that_grew_is_refused(small_teacher, tiny_data, tmp_path):
+    data = _copy_of(tiny_data, tmp_path)
+    args = _args(small_teacher, data, tmp_path / "run", d_train_steps=2)
+    assert run_cli("Main_Distill.py", "--mode", "train_d", *args).returncode == 0
+    generate.generate(_cfg(small_teacher, data, samples_total=14))
+    result = run_cli("Main_Distill.py", "--mode", "train_d", *args)
+    assert_one_sentence_error(result, "grew or changed", "train_samples=")
+
+
+def test_a_damaged_shard_stops_training_before_step_1(small_teacher, tiny_data, tmp_path):
+    data = _copy_of(tiny_data, tmp_path)
+    shard = sorted(data.glob("shard-*.npz.zst"))[-1]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, data, tmp_path / "run"))
+    assert_one_sentence_error(result, shard.name)
+    assert not (tmp_path / "run" / checkpoint.LATEST).exists()
