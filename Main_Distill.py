@@ -8,7 +8,7 @@ the teacher; sample draws a trained student's one-step images.
 """
 import sys
 
-from pipeline import binarize, cli, evaluate, generate, reference_layout, train_d, verify
+from pipeline import binarize, cli, evaluate, generate, reference_layout, sample, train_d, verify
 from pipeline.config import output_dir
 
 
@@ -50,6 +50,8 @@ MODES = {
                          ("binarize",), binarize.binarize),
     "eval_d": cli.Mode("one-step samples of D and B, FID / precision / recall / PSNR / speed against the teacher, "
                        "report", ("eval_d",), evaluate.eval_d),
+    "sample": cli.Mode("one-step images of a trained D or packed B (PNGs + grid + npz) in seconds, no teacher data",
+                       ("sample",), sample.sample_command, sample.plan),
 }
 
 if __name__ == "__main__":
