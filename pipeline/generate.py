@@ -197,12 +197,12 @@ def _generate_locked(cfg, folder, gen):
     done = manifest.next_index()
     print(f"[generate] {folder}: {done} samples present, {sum(c for _, _, c in todo)} to generate "
           f"in {len(todo)} shard(s) ({cfg['steps']} DDIM steps, {cfg['chunks']} chunks)")
-    bar = tqdm(total=cfg["samples_total"], initial=min(done, cfg["samples_total"]), desc="generate",
-               unit="sample", dynamic_ncols=True)
-    for number, first, count in todo:
-        gen.write_shard(manifest, number, first, count, bar)
-        log_shard(folder, number, first, count, manifest.shards, gen.seconds)
-    bar.close()
+    # as a context the bar is closed before an error is printed, which then stays on its own line
+    with tqdm(total=cfg["samples_total"], initial=min(done, cfg["samples_total"]), desc="generate",
+              unit="sample", dynamic_ncols=True) as bar:
+        for number, first, count in todo:
+            gen.write_shard(manifest, number, first, count, bar)
+            log_shard(folder, number, first, count, manifest.shards, gen.seconds)
     report(folder, manifest, gen.seconds, todo)
     return folder, gen.seconds
 

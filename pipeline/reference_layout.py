@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from . import atomic, store, teachers
+from . import atomic, store
 from .config import output_dir, project_path
 from .errors import UserError
 
@@ -72,14 +72,14 @@ def export_command(cfg):
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    bar = tqdm(total=sum(s["count"] for s in manifest.shards), desc="export", unit="sample", dynamic_ncols=True)
-    for entry in manifest.shards:
-        arrays = manifest.read_shard(entry)
-        for row, index in enumerate(arrays["index"]):
-            sample = {key: arrays[key][row] for key in manifest.spec}
-            (staging / sample_name(int(index))).write_bytes(store.encode_npz(sample, REFERENCE_ZSTD_LEVEL))
-            bar.update(1)
-    bar.close()
+    # a bar used as a context is closed before an error is printed, so the error stays on its own line
+    with tqdm(total=sum(s["count"] for s in manifest.shards), desc="export", unit="sample", dynamic_ncols=True) as bar:
+        for entry in manifest.shards:
+            arrays = manifest.read_shard(entry)
+            for row, index in enumerate(arrays["index"]):
+                sample = {key: arrays[key][row] for key in manifest.spec}
+                (staging / sample_name(int(index))).write_bytes(store.encode_npz(sample, REFERENCE_ZSTD_LEVEL))
+                bar.update(1)
     atomic.write_json(staging / "config.json", cfg)
     if target.exists():
         target.rmdir()
@@ -184,15 +184,24 @@ def _check_target(target: Path):
         raise UserError(f"{target} is not empty; import into a new or empty data_dir")
 
 
+class Teacher(NamedTuple):
+    unet: object
+    ddpm: object
+    where: str
+    sha256: str
+
+
 def _import_teacher(cfg):
-    """(unet, ddpm scheduler, source) of the teacher named by ``import_teacher``, or None."""
+    """The teacher named by ``import_teacher``, or None."""
     if not cfg["import_teacher"]:
         return None
+    from . import teachers  # diffusers takes seconds to import: only an import that names a teacher pays
     path = project_path(cfg["import_teacher"])
     if not any(teachers.has_weights(folder) for folder in (path / "unet", path)):
         raise UserError(f"import_teacher={cfg['import_teacher']}: no teacher weights in {path}/unet (diffusers "
                         f"layout); point import_teacher at the folder of the teacher that made the data")
-    return teachers.load_teacher(dict(cfg, teacher_path=str(path), teacher_hub_id=""))
+    unet, ddpm, where = teachers.load_teacher(dict(cfg, teacher_path=str(path), teacher_hub_id=""))
+    return Teacher(unet, ddpm, where, teachers.weights_sha256(unet))
 
 
 def _import_into(cfg, source, files, staging, teacher) -> store.Manifest:
@@ -203,15 +212,14 @@ def _import_into(cfg, source, files, staging, teacher) -> store.Manifest:
     layout = layout_of(first)
     manifest = store.Manifest.create(staging, codec=_codec(cfg), generator=imported_generator(source, layout, teacher),
                                      spec=layout.spec())
-    bar = tqdm(total=len(files), desc="import", unit="sample", dynamic_ncols=True)
-    for number, lo in enumerate(range(0, len(files), cfg["shard_size"])):
-        batch = files[lo:lo + cfg["shard_size"]]
-        samples = [first if path == files[0] else _read_like(path, layout, files[0]) for path in batch]
-        arrays = {key: np.stack([s[key] for s in samples]) for key in layout.spec()}
-        arrays["index"] = np.arange(lo, lo + len(batch), dtype=np.int64)
-        manifest.add_shard(number, lo, len(batch), store.encode_npz(arrays, cfg["zstd_level"]), save=False)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(files), desc="import", unit="sample", dynamic_ncols=True) as bar:
+        for number, lo in enumerate(range(0, len(files), cfg["shard_size"])):
+            batch = files[lo:lo + cfg["shard_size"]]
+            samples = [first if path == files[0] else _read_like(path, layout, files[0]) for path in batch]
+            arrays = {key: np.stack([s[key] for s in samples]) for key in layout.spec()}
+            arrays["index"] = np.arange(lo, lo + len(batch), dtype=np.int64)
+            manifest.add_shard(number, lo, len(batch), store.encode_npz(arrays, cfg["zstd_level"]), save=False)
+            bar.update(len(batch))
     manifest.save()
     atomic.write_json(staging / "config.json", cfg)
     return manifest
@@ -243,15 +251,15 @@ def imported_generator(source, layout: Layout, teacher) -> dict:
         "latent_channels": layout.latent_channels, "gen_precision": None, "scheduler": None,
         "x_T": "as stored in the imported files"}
     if teacher is not None:
-        unet, ddpm, where = teacher
-        _check_teacher_fits(unet, ddpm, where, layout, generator["space"])
-        generator.update(teacher=where, teacher_sha256=teachers.weights_sha256(unet), scheduler={
-            k: ddpm.config[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
-                                        "timestep_spacing")})
+        _check_teacher_fits(teacher, layout, generator["space"])
+        generator.update(teacher=teacher.where, teacher_sha256=teacher.sha256, scheduler={
+            k: teacher.ddpm.config[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
+                                                "timestep_spacing")})
     return generator
 
 
-def _check_teacher_fits(unet, ddpm, where, layout: Layout, space: str):
+def _check_teacher_fits(teacher: Teacher, layout: Layout, space: str):
+    unet, ddpm = teacher.unet, teacher.ddpm
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     latent = unet.config.in_channels if space == "pixel" else unet.config.block_out_channels[0]
@@ -259,5 +267,5 @@ def _check_teacher_fits(unet, ddpm, where, layout: Layout, space: str):
              "T": (ddpm.config.num_train_timesteps, layout.T), "latent channels": (latent, layout.latent_channels)}
     for what, (teacher_value, data_value) in found.items():
         if teacher_value != data_value:
-            raise UserError(f"the teacher in {where} has {what} {teacher_value} but the imported files have "
+            raise UserError(f"the teacher in {teacher.where} has {what} {teacher_value} but the imported files have "
                             f"{data_value}, so it did not make them; set import_teacher= to the teacher that did")

@@ -60,9 +60,8 @@ def repair(cfg):
     gen = Generator(cfg)
     with atomic.folder_lock(manifest.folder, "run"):
         manifest = open_manifest(manifest.folder, cfg, codec_info(cfg), gen.generator, gen.spec)
-        bar = tqdm(total=sum(s["count"] for s in damaged), desc="repair", unit="sample", dynamic_ncols=True)
-        for s in damaged:
-            number = int(store.SHARD_NAME.fullmatch(s["file"]).group(1))
-            gen.write_shard(manifest, number, s["first_index"], s["count"], bar)
-            print(f"[repair] rewrote {s['file']} ({index_text(s['first_index'], s['count'])})")
-        bar.close()
+        with tqdm(total=sum(s["count"] for s in damaged), desc="repair", unit="sample", dynamic_ncols=True) as bar:
+            for s in damaged:
+                number = int(store.SHARD_NAME.fullmatch(s["file"]).group(1))
+                gen.write_shard(manifest, number, s["first_index"], s["count"], bar)
+                bar.write(f"[repair] rewrote {s['file']} ({index_text(s['first_index'], s['count'])})")

@@ -44,7 +44,10 @@ def test_generate_writes_shards_and_manifest(tiny_cfg):
     z_final = rin0 + chunks.sum(1)
     x0 = data["x0_teacher_f16"].astype(np.float32)
     assert np.abs(z_final - x0).mean() < 0.05
-    assert seconds["teacher"] > 0
+    # one stats line per shard, with the size the manifest lists, and the time spent so far
+    stats = [json.loads(line) for line in (folder / "stats.jsonl").read_text().splitlines()]
+    assert [(s["shard"], s["bytes"]) for s in stats] == [(s["file"], s["bytes"]) for s in manifest["shards"]]
+    assert stats[-1]["teacher_seconds_total"] == round(seconds["teacher"], 4)
 
 
 def test_extend_with_larger_samples_total_matches_one_run(tiny_cfg, tmp_path):
@@ -134,6 +137,8 @@ def test_shard_round_trip_with_plain_numpy_and_zstandard(tmp_path):
     path = tmp_path / "x.npz.zst"
     path.write_bytes(store.encode_npz(arrays, level=10))
     raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
+    # the README's reader calls decompress() without a bound, which needs the size in the frame header
+    assert zstandard.frame_content_size(path.read_bytes()) == len(raw)
     with np.load(io.BytesIO(raw)) as npz:
         assert set(npz.files) == {"a", "b"}
         np.testing.assert_array_equal(npz["a"], arrays["a"])

@@ -1,9 +1,12 @@
+import io
 import json
+import zipfile
 
 import numpy as np
 import pytest
+import zstandard
 
-from pipeline import generate, reference_layout, verify
+from pipeline import generate, store, verify
 from pipeline.errors import UserError
 
 from conftest import assert_one_sentence_error, run_cli
@@ -74,39 +77,67 @@ def test_unreadable_manifest_is_one_sentence(dataset):
     assert_one_sentence_error(_verify(folder), "manifest.json", "not a readable teacher-data manifest")
 
 
-def test_reference_layout_round_trip(dataset, tmp_path):
-    cfg, folder = dataset
-    ref = tmp_path / "reference"
-    reference_layout.export_command(dict(cfg, reference_dir=str(ref)))
-    names = sorted(p.name for p in ref.iterdir())
-    assert names == ["config.json"] + [f"sample_{i:08d}.zst" for i in range(12)]
-    one = reference_layout.read_sample(ref / "sample_00000007.zst")
-    assert one["r_chunks_q"].shape == (5, 1, 32, 32) and one["T"].shape == (1,) and one["T"].dtype == np.int16
-    assert "index" not in one
-    back = tmp_path / "imported"
-    reference_layout.import_command(dict(cfg, reference_dir=str(ref), data_dir=str(back), shard_size=4))
-    original, imported = read_folder(folder), read_folder(back)
-    for key in original:
-        np.testing.assert_array_equal(imported[key], original[key], err_msg=key)
-    assert _verify(back).returncode == 0
+def _forge_content_size(frame: bytes, size: int) -> bytes:
+    """``frame`` with an 8-byte content size field holding ``size`` in its zstd frame header (RFC 8878 §3.1.1.1)."""
+    descriptor = frame[4]
+    single_segment, dictionary_flag, size_flag = descriptor >> 5 & 1, descriptor & 3, descriptor >> 6
+    offset = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dictionary_flag]
+    width = (1 if single_segment else 0, 2, 4, 8)[size_flag]
+    return (frame[:4] + bytes([descriptor | 0xC0]) + frame[5:offset] + size.to_bytes(8, "little")
+            + frame[offset + width:])
 
 
-def test_interrupted_export_is_not_a_dataset_and_rerunning_finishes_it(dataset, tmp_path):
-    cfg, _ = dataset
-    ref = tmp_path / "reference"
-    partial = tmp_path / "reference.partial"
-    partial.mkdir()
-    (partial / "sample_00000000.zst").write_bytes(b"left by a killed export")
-    with pytest.raises(UserError, match="reference_dir .* does not exist"):
-        reference_layout.import_command(dict(cfg, reference_dir=str(ref), data_dir=str(tmp_path / "x")))
-    reference_layout.export_command(dict(cfg, reference_dir=str(ref)))
-    assert len(list(ref.glob("sample_*.zst"))) == 12 and not partial.exists()
+def _absurd_npy_header(arrays):
+    """``arrays`` as an npz whose r_chunks_q member claims 10**12 elements but stores its real bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            if name == "r_chunks_q":
+                header = dict(np.lib.format.header_data_from_array_1_0(array), shape=(10 ** 12,))
+                np.lib.format.write_array_header_1_0(member, header)
+                member.write(array.tobytes())
+            else:
+                np.lib.format.write_array(member, array)
+            archive.writestr(f"{name}.npy", member.getvalue())
+    return zstandard.ZstdCompressor(level=3).compress(buf.getvalue())
 
 
-def test_import_refuses_a_gap_in_numbering(dataset, tmp_path):
-    cfg, _ = dataset
-    ref = tmp_path / "reference"
-    reference_layout.export_command(dict(cfg, reference_dir=str(ref)))
-    (ref / "sample_00000003.zst").unlink()
-    with pytest.raises(UserError, match="sample_00000003.zst"):
-        reference_layout.import_command(dict(cfg, reference_dir=str(ref), data_dir=str(tmp_path / "x")))
+def _replace_listed_shard(folder, name, payload):
+    """Put ``payload`` in place of a shard and list its size and sha256, as if it had been written so."""
+    (folder / name).write_bytes(payload)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["file"] == name)
+    entry.update(bytes=len(payload), sha256=store.sha256(payload))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("forge,what", [
+    (lambda arrays: _absurd_npy_header(arrays), "has an npz member r_chunks_q.npy that claims shape [1000000000000]"),
+    (lambda arrays: _forge_content_size(store.encode_npz(arrays, 3), 2 ** 40),
+     "claims 1,099,511,627,776 decoded bytes in its zstd frame header"),
+])
+def test_a_shard_that_claims_an_absurd_size_is_refused_before_allocating(dataset, forge, what):
+    _, folder = dataset
+    arrays = read_folder(folder)
+    rows = {key: value[5:10] for key, value in arrays.items()}
+    _replace_listed_shard(folder, "shard-00001.npz.zst", forge(rows))
+    result = _verify(folder)
+    assert_one_sentence_error(result, "shard-00001.npz.zst", "1 problem(s)")
+    assert f"BAD shard-00001.npz.zst (indices 5..9): {what}" in result.stdout
+
+
+def test_decoding_bounds_frames_that_do_not_record_their_size():
+    arrays = {"a": np.arange(1000, dtype=np.int64)}
+    buf, out = io.BytesIO(), io.BytesIO()
+    np.savez(buf, **arrays)
+    with zstandard.ZstdCompressor(level=10).stream_writer(out, closefd=False) as writer:
+        writer.write(buf.getvalue())
+    frame = out.getvalue()
+    assert zstandard.frame_content_size(frame) == -1
+    assert zstandard.frame_content_size(_forge_content_size(store.encode_npz(arrays, 3), 2 ** 40)) == 2 ** 40
+    np.testing.assert_array_equal(store.decode_npz(frame, len(buf.getvalue()))["a"], arrays["a"])
+    with pytest.raises(ValueError, match=f"is not a complete zstd frame of at most {len(buf.getvalue()) - 1:,} "):
+        store.decode_npz(frame, len(buf.getvalue()) - 1)
+    with pytest.raises(ValueError, match="is not a complete zstd frame"):
+        store.decode_npz(frame[:-20], 10 ** 6)

@@ -1,0 +1,263 @@
+"""The reference's one-file-per-sample layout: files written exactly as the reference's writer does
+are imported, the reference's reader reads our exports, imported data trains, and every malformed
+file is refused with one sentence naming it, wherever it sits in the folder."""
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import zstandard
+
+from pipeline import config, generate, reference_layout, store, verify
+from pipeline.errors import UserError
+
+from conftest import assert_one_sentence_error, run_cli
+from test_generate import read_folder
+
+KEYS = ("x_T_f16", "x0_teacher_f16", "rin0_q", "rin0_scale_f16", "r_chunks_q", "r_chunks_scale_f16", "T", "chunk_size")
+
+
+def reference_sample(index, chunks=5, channels=1, size=32, T=1000):
+    """One sample with the reference's keys, dtypes and shapes (content random but consistent)."""
+    rng = np.random.default_rng(index)
+    return {"x_T_f16": rng.standard_normal((channels, size, size)).astype(np.float16),
+            "x0_teacher_f16": rng.uniform(-1, 1, (channels, size, size)).astype(np.float16),
+            "rin0_q": rng.integers(-127, 128, (channels, size, size), dtype=np.int8),
+            "rin0_scale_f16": rng.uniform(0.01, 0.05, channels).astype(np.float16),
+            "r_chunks_q": rng.integers(-127, 128, (chunks, channels, size, size), dtype=np.int8),
+            "r_chunks_scale_f16": rng.uniform(0.001, 0.01, (chunks, channels)).astype(np.float16),
+            "T": np.array([T], np.int16), "chunk_size": np.array([T // chunks], np.int16)}
+
+
+def write_like_the_reference(path, payload):
+    """The reference writer's calls: np.savez into memory, then a level-10 zstd stream writer (whose frame
+    records no content size). ``payload`` is a dict of arrays, or raw bytes to compress as they are."""
+    if isinstance(payload, dict):
+        buf = io.BytesIO()
+        np.savez(buf, **payload)
+        payload = buf.getvalue()
+    with open(path, "wb") as f:
+        with zstandard.ZstdCompressor(level=10).stream_writer(f) as compressor:
+            compressor.write(payload)
+
+
+def reference_folder(folder, count=5):
+    folder.mkdir(parents=True)
+    samples = [reference_sample(i) for i in range(count)]
+    for i, sample in enumerate(samples):
+        write_like_the_reference(folder / f"sample_{i:08d}.zst", sample)
+    return samples
+
+
+def _import(ref, data, *extra):
+    return run_cli("Main_Distill.py", "--mode", "import", "--config", "tiny", f"reference_dir={ref}",
+                   f"data_dir={data}", "shard_size=2", *extra)
+
+
+def test_files_written_by_the_reference_writer_are_imported(tmp_path):
+    ref, data = tmp_path / "ref", tmp_path / "data"
+    samples = reference_folder(ref)
+    assert zstandard.frame_content_size((ref / "sample_00000000.zst").read_bytes()) == -1  # size not recorded
+    result = _import(ref, data)
+    assert result.returncode == 0, result.stderr
+    imported = read_folder(data)
+    np.testing.assert_array_equal(imported["index"], np.arange(5))
+    for key in KEYS:
+        np.testing.assert_array_equal(imported[key], np.stack([s[key] for s in samples]), err_msg=key)
+        assert imported[key].dtype == samples[0][key].dtype, key
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert [(s["first_index"], s["count"]) for s in manifest["shards"]] == [(0, 2), (2, 2), (4, 1)]
+    generator = manifest["generator"]
+    assert generator["source"] == store.IMPORTED and generator["teacher_sha256"] is None
+    assert (generator["chunks"], generator["T"], generator["chunk_size"], generator["image_shape"]) == (5, 1000, 200,
+                                                                                                        [1, 32, 32])
+    assert not (tmp_path / "data.importing").exists()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, small_teacher):
+    """(config, data folder, its export) of 12 generated records, made once; tests only read them."""
+    root = tmp_path_factory.mktemp("exported")
+    cfg = config.resolve("tiny", [f"teacher_path={small_teacher}", f"data_dir={root / 'data'}"])
+    folder, _ = generate.generate(cfg)
+    reference_layout.export_command(dict(cfg, reference_dir=str(root / "ref")))
+    return cfg, folder, root / "ref"
+
+
+def test_the_reference_reader_reads_our_export(exported):
+    """What the reference's QuantChunkDataset does with a file: stream_reader(f).read(), then np.load."""
+    _, folder, ref = exported
+    ours = read_folder(folder)
+    files = sorted(p for p in ref.iterdir() if p.name.endswith(".zst"))
+    assert [p.name for p in files] == [f"sample_{i:08d}.zst" for i in range(12)]
+    for i, path in enumerate(files):
+        with open(path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
+            raw = reader.read()
+        sample = dict(np.load(io.BytesIO(raw)))
+        assert sorted(sample) == sorted(KEYS)
+        for key in KEYS:
+            np.testing.assert_array_equal(sample[key], ours[key][i], err_msg=key)
+            assert sample[key].dtype == ours[key].dtype, key
+        assert sample["r_chunks_q"].shape == (5, 1, 32, 32) and sample["T"].tolist() == [1000]
+
+
+def test_export_then_import_gives_the_same_records(exported, tmp_path):
+    cfg, folder, ref = exported
+    back = tmp_path / "imported"
+    reference_layout.import_command(dict(cfg, reference_dir=str(ref), data_dir=str(back), shard_size=4))
+    original, imported = read_folder(folder), read_folder(back)
+    assert sorted(imported) == sorted(original)
+    for key in original:
+        np.testing.assert_array_equal(imported[key], original[key], err_msg=key)
+    assert [s["count"] for s in store.Manifest.load(back).shards] == [4, 4, 4]
+    with pytest.raises(UserError, match="was imported from .*, so its records cannot be regenerated"):
+        verify.repair(dict(cfg, data_dir=str(back)))
+
+
+def test_interrupted_export_is_not_a_dataset_and_rerunning_finishes_it(exported, tmp_path):
+    cfg, _, _ = exported
+    ref = tmp_path / "reference"
+    partial = tmp_path / "reference.partial"
+    partial.mkdir()
+    (partial / "sample_00000000.zst").write_bytes(b"left by a killed export")
+    with pytest.raises(UserError, match="reference_dir .* does not exist"):
+        reference_layout.import_command(dict(cfg, reference_dir=str(ref), data_dir=str(tmp_path / "x")))
+    reference_layout.export_command(dict(cfg, reference_dir=str(ref)))
+    assert len(list(ref.glob("sample_*.zst"))) == 12 and not partial.exists()
+
+
+def test_imported_data_trains_once_its_teacher_is_named(exported, small_teacher, tmp_path):
+    _, folder, ref = exported
+    train = ["--mode", "train_d", "--config", "tiny", f"teacher_path={small_teacher}", "d_train_steps=2",
+             "d_checkpoint_every=2", "data_workers=0"]
+    unnamed = tmp_path / "unnamed"
+    assert _import(ref, unnamed).returncode == 0
+    refused = run_cli("Main_Distill.py", *train, f"data_dir={unnamed}", f"d_run_dir={tmp_path / 'run0'}")
+    assert_one_sentence_error(refused, str(unnamed), "without naming the teacher", "import_teacher=")
+    named = tmp_path / "named"
+    result = _import(ref, named, f"import_teacher={small_teacher}")
+    assert result.returncode == 0, result.stderr
+    made, imported = (json.loads((f / "manifest.json").read_text())["generator"] for f in (folder, named))
+    for key in ("teacher_sha256", "space", "chunks", "T", "chunk_size", "image_shape", "latent_channels", "scheduler"):
+        assert imported[key] == made[key], key
+    assert imported["teacher"] == str(small_teacher) and imported["steps"] is None
+    trained = run_cli("Main_Distill.py", *train, f"data_dir={named}", f"d_run_dir={tmp_path / 'run'}")
+    assert trained.returncode == 0, trained.stderr
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+
+
+def test_a_teacher_that_did_not_make_the_files_is_refused(small_teacher, tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    write_like_the_reference(ref / "sample_00000000.zst", reference_sample(0, channels=3))
+    result = _import(ref, tmp_path / "data", f"import_teacher={small_teacher}")
+    assert_one_sentence_error(result, str(small_teacher), "image channels 1", "have 3", "import_teacher=")
+    result = _import(ref, tmp_path / "data", f"import_teacher={tmp_path / 'nothing'}")
+    assert_one_sentence_error(result, "no teacher weights", "import_teacher")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "data.importing").exists()
+
+
+def _npz_with_absurd_header(arrays, key):
+    """An npz whose member ``key`` claims 10**12 elements in its npy header but stores the real ones."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            if name == key:
+                header = np.lib.format.header_data_from_array_1_0(array)
+                np.lib.format.write_array_header_1_0(member, dict(header, shape=(10 ** 12,)))
+                member.write(array.tobytes())
+            else:
+                np.lib.format.write_array(member, array)
+            archive.writestr(f"{name}.npy", member.getvalue())
+    return buf.getvalue()
+
+
+def _fewer_chunks(sample):
+    return dict(sample, r_chunks_q=sample["r_chunks_q"][:4], r_chunks_scale_f16=sample["r_chunks_scale_f16"][:4])
+
+
+def _damage(kind, path, sample):
+    if kind == "not zstd":
+        path.write_bytes(b"not a zstd frame at all")
+    elif kind == "zstd but not npz":
+        write_like_the_reference(path, b"zstd-compressed text, no npz archive")
+    elif kind == "missing key":
+        write_like_the_reference(path, {k: v for k, v in sample.items() if k != "rin0_scale_f16"})
+    elif kind == "wrong dtype":
+        write_like_the_reference(path, dict(sample, x0_teacher_f16=sample["x0_teacher_f16"].astype(np.float32)))
+    elif kind == "wrong chunk count":
+        write_like_the_reference(path, _fewer_chunks(sample))
+    elif kind == "absurd header size":
+        write_like_the_reference(path, _npz_with_absurd_header(sample, "r_chunks_q"))
+    elif kind == "gap in numbering":
+        path.rename(path.with_name("sample_00000005.zst"))
+
+
+WHAT = {"not zstd": "is not zstd data", "zstd but not npz": "not an npz archive",
+        "missing key": "has no key rin0_scale_f16", "wrong dtype": "has x0_teacher_f16 of dtype float32, not float16",
+        "wrong chunk count": "has 4 chunks in r_chunks_q, but its T=1000 and chunk_size=200 make T // chunk_size = 5",
+        "absurd header size": "r_chunks_q.npy that claims shape [1000000000000]",
+        "gap in numbering": "is missing although sample_"}
+
+
+@pytest.mark.parametrize("position", [0, 2, 4], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("kind", list(WHAT))
+def test_a_malformed_file_is_one_sentence_naming_it(kind, position, tmp_path):
+    ref, data = tmp_path / "ref", tmp_path / "data"
+    samples = reference_folder(ref)
+    bad = ref / f"sample_{position:08d}.zst"
+    _damage(kind, bad, samples[position])
+    result = _import(ref, data)
+    assert_one_sentence_error(result, f"{bad} ", WHAT[kind])
+    assert not data.exists() and not (tmp_path / "data.importing").exists()  # nothing that looks like data
+
+
+@pytest.mark.parametrize("change,what", [
+    (lambda s: dict(s, r_chunks_scale_f16=s["r_chunks_scale_f16"][:4]),
+     "has r_chunks_scale_f16 of shape [4, 1], but its x_T_f16 [1, 32, 32] and r_chunks_q [5, 1, 32, 32] make it [5, 1]"),
+    (lambda s: dict(s, rin0_q=s["rin0_q"][:, :16]), "has rin0_q of shape [1, 16, 32]"),
+    (lambda s: dict(s, x_T_f16=s["x_T_f16"][:, :16]), "has x_T_f16 of shape [1, 16, 32], not [channels, size, size]"),
+    (lambda s: dict(s, chunk_size=np.array([0], np.int16)), "has T=1000 and chunk_size=0, which must both be positive"),
+    (lambda s: dict(s, T=np.array([999], np.int16)),
+     "has 5 chunks in r_chunks_q, but its T=999 and chunk_size=200 make T // chunk_size = 4"),
+    (lambda s: dict(s, x0_teacher_f16=np.full_like(s["x0_teacher_f16"], np.nan)), "has NaN or inf in x0_teacher_f16"),
+])
+def test_a_file_that_disagrees_with_itself_is_named(change, what, tmp_path):
+    good = reference_sample(0)
+    assert reference_layout.sample_problem(good) is None
+    path = tmp_path / "sample_00000000.zst"
+    write_like_the_reference(path, change(good))
+    with pytest.raises(UserError) as caught:
+        reference_layout.read_sample(path)
+    assert str(caught.value).startswith(f"{path} {what}")
+
+
+def test_a_layout_other_than_the_first_files_names_both(tmp_path):
+    ref = tmp_path / "ref"
+    samples = reference_folder(ref)
+    other = reference_sample(3, chunks=4)
+    write_like_the_reference(ref / "sample_00000003.zst", other)
+    assert reference_layout.sample_problem(other) is None  # consistent in itself
+    result = _import(ref, tmp_path / "data")
+    assert_one_sentence_error(result, "sample_00000003.zst has 1x32x32 images, 1 latent channels, 4 chunks",
+                              "but sample_00000000.zst has", "5 chunks")
+    assert samples and not (tmp_path / "data").exists()
+
+
+def test_leftovers_of_a_killed_import_are_replaced_and_a_used_folder_is_refused(tmp_path):
+    ref, data = tmp_path / "ref", tmp_path / "data"
+    reference_folder(ref, count=3)
+    staging = tmp_path / "data.importing"
+    staging.mkdir()
+    (staging / "shard-00007.npz.zst").write_bytes(b"left by a killed import")
+    assert _import(ref, data).returncode == 0
+    assert sorted(p.name for p in data.glob("shard-*")) == ["shard-00000.npz.zst", "shard-00001.npz.zst"]
+    assert not staging.exists()
+    assert_one_sentence_error(_import(ref, data), str(data), "already holds a manifest")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_one_sentence_error(_import(ref, other), str(other), "is not empty")
+    assert (other / "notes.txt").read_text() == "mine"
