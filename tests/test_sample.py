@@ -13,6 +13,8 @@ from PIL import Image
 from pipeline import config, datasets, generate, packed, sample, student_b, students
 from pipeline.errors import UserError
 
+from conftest import assert_one_sentence_error, run_cli
+
 BACKBONE = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
             "layers_per_block": 1, "norm_num_groups": 4, "down_block_types": ["DownBlock2D"] * 2,
             "up_block_types": ["UpBlock2D"] * 2}
@@ -128,3 +130,24 @@ def test_b_weights_none_cannot_be_sampled(made, tmp_path):
     with pytest.raises(UserError, match="b_weights=none"):
         sample.plan(_cfg(root, "b", tmp_path / "out", b_weights="none"))
     assert "one-step images of D" in sample.plan(_cfg(root, "d", tmp_path / "out"))[0]
+
+
+def test_the_command_line_samples_plans_and_refuses_in_one_sentence(made, tmp_path):
+    root, _ = made
+    args = ["--mode", "sample", "--config", "tiny", f"d_weights={root / 'd'}", f"b_weights={root / 'b'}",
+            f"sample_first={FIRST}", "sample_count=2"]
+    result = run_cli("Main_Distill.py", *args, f"student_samples_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    assert f"grid: {tmp_path / 'out' / 'grid.png'}" in result.stdout
+    with np.load(tmp_path / "out" / "samples.npz") as npz:
+        assert npz["index"].tolist() == [FIRST, FIRST + 1]
+    planned = run_cli("Main_Distill.py", *args, "sample_student=d", "--dry-run")
+    assert planned.returncode == 0 and "[dry-run] would write 2 one-step images of D" in planned.stdout
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in (root / "b").iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    _flip_middle_byte(damaged / packed.PACKED_FILE)
+    result = run_cli("Main_Distill.py", *args, f"b_weights={damaged}", f"student_samples_dir={tmp_path / 'x'}")
+    assert result.returncode == 2
+    assert_one_sentence_error(result, "checksum mismatch", "re-export")
