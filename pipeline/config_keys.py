@@ -246,7 +246,7 @@ def _evaluation(table):
     table.add("sample_first", 0, ("sample",),
               "x_T of sample indices first..first+sample_count-1, as generate draws them",
               range=NON_NEGATIVE)
-    table.add("student_samples_dir", "", ("sample",), "\"\" = SampledImgs/sample/<name>", folder="SampledImgs/sample")
+    table.add("student_samples_dir", "", ("sample",), "\"\" = SampledImgs/sample/<name>/<d|b>", folder="SampledImgs/sample")
 
 
 def _key_table():
