@@ -235,7 +235,8 @@ def _read_like(path: Path, layout: Layout, first: Path) -> dict:
 
 def _codec(cfg) -> dict:
     return {"name": f"int8-p{cfg['percentile']:g}+zstd", "percentile": cfg["percentile"],
-            "quantizer": "per-channel symmetric int8 (imported: percentile as configured, not recorded by the reference)",
+            "quantizer": "per-channel symmetric int8 (imported: the percentile is the configured one, the "
+                         "reference does not record it)",
             "container": "uncompressed npz in one zstd frame", "zstd_level": cfg["zstd_level"]}
 
 

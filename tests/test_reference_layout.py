@@ -3,7 +3,6 @@ are imported, the reference's reader reads our exports, imported data trains, an
 file is refused with one sentence naming it, wherever it sits in the folder."""
 import io
 import json
-import zipfile
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from pipeline.errors import UserError
 
 from conftest import assert_one_sentence_error, run_cli
 from test_generate import read_folder
+from test_verify_and_layout import npz_with_absurd_header
 
 KEYS = ("x_T_f16", "x0_teacher_f16", "rin0_q", "rin0_scale_f16", "r_chunks_q", "r_chunks_scale_f16", "T", "chunk_size")
 
@@ -158,22 +158,6 @@ def test_a_teacher_that_did_not_make_the_files_is_refused(small_teacher, tmp_pat
     assert not (tmp_path / "data").exists() and not (tmp_path / "data.importing").exists()
 
 
-def _npz_with_absurd_header(arrays, key):
-    """An npz whose member ``key`` claims 10**12 elements in its npy header but stores the real ones."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            member = io.BytesIO()
-            if name == key:
-                header = np.lib.format.header_data_from_array_1_0(array)
-                np.lib.format.write_array_header_1_0(member, dict(header, shape=(10 ** 12,)))
-                member.write(array.tobytes())
-            else:
-                np.lib.format.write_array(member, array)
-            archive.writestr(f"{name}.npy", member.getvalue())
-    return buf.getvalue()
-
-
 def _fewer_chunks(sample):
     return dict(sample, r_chunks_q=sample["r_chunks_q"][:4], r_chunks_scale_f16=sample["r_chunks_scale_f16"][:4])
 
@@ -190,7 +174,7 @@ def _damage(kind, path, sample):
     elif kind == "wrong chunk count":
         write_like_the_reference(path, _fewer_chunks(sample))
     elif kind == "absurd header size":
-        write_like_the_reference(path, _npz_with_absurd_header(sample, "r_chunks_q"))
+        write_like_the_reference(path, npz_with_absurd_header(sample, "r_chunks_q"))
     elif kind == "gap in numbering":
         path.rename(path.with_name("sample_00000005.zst"))
 
@@ -216,7 +200,8 @@ def test_a_malformed_file_is_one_sentence_naming_it(kind, position, tmp_path):
 
 @pytest.mark.parametrize("change,what", [
     (lambda s: dict(s, r_chunks_scale_f16=s["r_chunks_scale_f16"][:4]),
-     "has r_chunks_scale_f16 of shape [4, 1], but its x_T_f16 [1, 32, 32] and r_chunks_q [5, 1, 32, 32] make it [5, 1]"),
+     "has r_chunks_scale_f16 of shape [4, 1], but its x_T_f16 [1, 32, 32] and r_chunks_q [5, 1, 32, 32] make it "
+     "[5, 1]"),
     (lambda s: dict(s, rin0_q=s["rin0_q"][:, :16]), "has rin0_q of shape [1, 16, 32]"),
     (lambda s: dict(s, x_T_f16=s["x_T_f16"][:, :16]), "has x_T_f16 of shape [1, 16, 32], not [channels, size, size]"),
     (lambda s: dict(s, chunk_size=np.array([0], np.int16)), "has T=1000 and chunk_size=0, which must both be positive"),

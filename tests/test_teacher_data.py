@@ -39,7 +39,8 @@ def test_check_shards_names_the_damaged_shard_of_the_range_only(data):
     cfg, manifest = data
     teacher_data.check_shards(manifest, 4, 12)
     _flip_a_byte(manifest.folder / "shard-00001.npz.zst")
-    with pytest.raises(UserError, match=r"shard-00001\.npz\.zst does not match its sha256.*--mode verify.*--mode repair"):
+    damaged = r"shard-00001\.npz\.zst does not match its sha256.*--mode verify.*--mode repair"
+    with pytest.raises(UserError, match=damaged):
         teacher_data.check_shards(manifest, 4, 12)
     teacher_data.check_shards(manifest, 0, 5)  # the damaged shard holds none of records 0..4
     (manifest.folder / "shard-00002.npz.zst").write_bytes(b"short")
