@@ -2,8 +2,18 @@
 from a teacher and measures its FID."""
 import sys
 
-from pipeline import cli, pretrain, teacher_eval
+from pipeline import cli
 from pipeline.config import output_dir
+
+
+def pretrain(cfg):
+    from pipeline import pretrain  # torch and diffusers load only when a stage runs
+    pretrain.pretrain(cfg)
+
+
+def sample(cfg):
+    from pipeline import teacher_eval
+    teacher_eval.sample_and_score(cfg)
 
 
 def _pretrain_plan(cfg):
@@ -18,9 +28,9 @@ def _sample_plan(cfg):
 
 MODES = {
     "pretrain": cli.Mode("train a teacher DDPM (diffusers UNet2DModel) on the configured dataset", ("pretrain",),
-                         pretrain.pretrain, _pretrain_plan),
+                         pretrain, _pretrain_plan),
     "sample": cli.Mode("draw a sample grid from the teacher and measure its FID against the test split",
-                       ("teacher_sample",), teacher_eval.sample_and_score, _sample_plan),
+                       ("teacher_sample",), sample, _sample_plan),
 }
 
 if __name__ == "__main__":

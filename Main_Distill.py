@@ -8,50 +8,101 @@ the teacher; sample draws a trained student's one-step images.
 """
 import sys
 
-from pipeline import binarize, cli, evaluate, generate, reference_layout, sample, train_d, verify
+from pipeline import cli
 from pipeline.config import output_dir
 
+# Each stage imports its module when it runs: torch and diffusers take seconds to import, and --help,
+# --dry-run and a refused config should answer at once.
 
-def _generate_plan(cfg):
+
+def generate(cfg):
+    from pipeline import generate
+    generate.generate(cfg)
+
+
+def verify(cfg):
+    from pipeline import verify
+    verify.verify_command(cfg)
+
+
+def repair(cfg):
+    from pipeline import verify
+    verify.repair(cfg)
+
+
+def export(cfg):
+    from pipeline import reference_layout
+    reference_layout.export_command(cfg)
+
+
+def import_(cfg):
+    from pipeline import reference_layout
+    reference_layout.import_command(cfg)
+
+
+def train_d(cfg):
+    from pipeline import train_d
+    train_d.train_d(cfg)
+
+
+def binarize(cfg):
+    from pipeline import binarize
+    binarize.binarize(cfg)
+
+
+def eval_d(cfg):
+    from pipeline import evaluate
+    evaluate.eval_d(cfg)
+
+
+def sample(cfg):
+    from pipeline import sample
+    sample.sample_command(cfg)
+
+
+def sample_plan(cfg):
+    from pipeline import sample
+    return sample.plan(cfg)
+
+
+def run_all(cfg):
+    """Every stage in turn; each one resumes, so rerunning after an interruption continues."""
+    for stage in (generate, train_d, binarize, eval_d):
+        stage(cfg)
+
+
+def generate_plan(cfg):
     return [f"would write {cfg['samples_total']} samples of {cfg['steps']}-step DDIM trajectories ({cfg['chunks']} "
             f"chunks) from {cfg['teacher_path'] or cfg['teacher_hub_id']} into {output_dir(cfg, 'data_dir')}"]
 
 
-def _all_plan(cfg):
-    return _generate_plan(cfg) + [
+def all_plan(cfg):
+    return generate_plan(cfg) + [
         f"then train D for {cfg['d_train_steps']} steps into {output_dir(cfg, 'd_run_dir')}, binarize it for "
         f"{cfg['b_train_steps']} steps into {output_dir(cfg, 'b_run_dir')} and write the D-vs-B report to "
         f"{output_dir(cfg, 'eval_dir')}"]
 
 
-def _all(cfg):
-    """Every stage in turn; each one resumes, so rerunning after an interruption continues."""
-    generate.generate(cfg)
-    train_d.train_d(cfg)
-    binarize.binarize(cfg)
-    evaluate.eval_d(cfg)
-
-
 MODES = {
     "all": cli.Mode("generate -> train_d -> binarize -> eval_d on the chosen preset; prints where the report is",
-                    ("generate", "train_d", "binarize", "eval_d"), _all, _all_plan),
+                    ("generate", "train_d", "binarize", "eval_d"), run_all, all_plan),
     "generate": cli.Mode("write offline teacher trajectories (INT8 residual chunks, zstd shards + manifest.json)",
-                         ("generate",), generate.generate, _generate_plan),
+                         ("generate",), generate, generate_plan),
     "verify": cli.Mode("check a teacher-data folder against its manifest; names every bad file and index",
-                       ("verify",), verify.verify_command),
-    "repair": cli.Mode("regenerate the shards that verify finds missing or damaged", ("repair",), verify.repair),
+                       ("verify",), verify),
+    "repair": cli.Mode("regenerate the shards that verify finds missing or damaged", ("repair",), repair),
     "export": cli.Mode("write a teacher-data folder in the reference layout (sample_XXXXXXXX.zst) to reference_dir",
-                       ("export",), reference_layout.export_command),
+                       ("export",), export),
     "import": cli.Mode("read a reference-layout folder (reference_dir) into shards + manifest in data_dir",
-                       ("import",), reference_layout.import_command),
+                       ("import",), import_),
     "train_d": cli.Mode("train the one-step student D on the teacher data (resumes from its checkpoint)",
-                        ("train_d",), train_d.train_d),
+                        ("train_d",), train_d),
     "binarize": cli.Mode("train the 1-bit student B from D (SPD + LRM, progressive) and export it bit-packed",
-                         ("binarize",), binarize.binarize),
+                         ("binarize",), binarize),
     "eval_d": cli.Mode("one-step samples of D and B, FID / precision / recall / PSNR / speed against the teacher, "
-                       "report", ("eval_d",), evaluate.eval_d),
+                       "report", ("eval_d",), eval_d),
     "sample": cli.Mode("one-step images of a trained D or packed B (PNGs + grid + npz) in seconds, no teacher data",
-                       ("sample",), sample.sample_command, sample.plan),
+                       ("sample",), sample, sample_plan),
 }
 
 if __name__ == "__main__":

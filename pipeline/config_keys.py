@@ -153,7 +153,8 @@ def _generate(table):
     gen = ("generate", "repair")
     table.add("space", "pixel", gen, "trajectory space (latent needs --mode rectify, not built yet)",
               choices=("pixel", "latent"))
-    table.add("steps", 100, gen + ("teacher_sample",), "deterministic DDIM steps (eta = 0)", range=POSITIVE)
+    table.add("steps", 100, gen + ("teacher_sample", "eval_d"),
+              "deterministic DDIM steps (eta = 0); eval_d times the teacher with them on imported data", range=POSITIVE)
     table.add("chunks", 10, gen, "residual chunks per trajectory; must divide steps", range=POSITIVE)
     table.add("samples_total", 1024, ("generate",), "samples the folder holds when generate ends", range=POSITIVE)
     table.add("shard_size", 256, gen + ("import",), "samples per shard", range=POSITIVE)

@@ -198,10 +198,13 @@ class Evaluation:
         uint8 = {key: datasets.to_uint8(images_[:self.n]) for key, images_ in samples.items()}
         return records, fidelity, uint8, datasets.to_uint8(records["x0"][:self.n])
 
+    def teacher_steps(self) -> int:
+        """The DDIM steps that made the data; imported data does not record them, so the config's are timed."""
+        return self.manifest.data["generator"]["steps"] or self.cfg["steps"]
+
     def speed(self, records):
         batch_x = records["x_T"][:self.cfg["throughput_batch"]]
-        return throughput(self.models, self.teacher, self.ddpm, batch_x, self.manifest.data["generator"]["steps"],
-                          self.device)
+        return throughput(self.models, self.teacher, self.ddpm, batch_x, self.teacher_steps(), self.device)
 
     def run(self):
         cfg, n = self.cfg, self.n
@@ -240,7 +243,8 @@ class Evaluation:
                 "teacher_file_bytes": teachers.safetensors_bytes(self.teacher), **self.student_sizes()}
         return {
             "students": {key: str(folder) for key, folder in self.folders.items()}, "teacher": self.teacher_source,
-            "data_dir": str(self.manifest.folder), "teacher_sampler": f"DDIM eta=0, {gen['steps']} steps",
+            "data_dir": str(self.manifest.folder), "teacher_sampler": f"DDIM eta=0, {self.teacher_steps()} steps"
+            + ("" if gen["steps"] else " (the config's: the imported data does not record the teacher's steps)"),
             "held_out_records": [self.lo, self.hi - 1], "fid_samples": self.n, "fid_reference": self.reference_name,
             "scores": rows, "fidelity_vs_teacher": fidelity, "throughput": speed, "size": size,
             "metrics": {"precision_recall": f"k-NN manifolds, k={metrics.PR_NEIGHBOURS}, Inception pool features, "

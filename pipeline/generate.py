@@ -15,7 +15,7 @@ import torch
 import zstandard
 from tqdm import tqdm
 
-from . import atomic, quant, runtime, store, teachers
+from . import atomic, config, quant, runtime, store, teachers
 from .config import output_dir
 from .errors import UserError
 from .trajectory import draw_x_T, pixel_residual_record
@@ -25,25 +25,6 @@ from .trajectory import draw_x_T, pixel_residual_record
 CONTENT_KEYS = ("teacher_sha256", "space", "steps", "chunks", "T", "chunk_size", "percentile", "seed",
                 "image_shape", "latent_channels", "scheduler", "gen_precision")
 CODEC_VERSION = 1
-
-
-def validate(cfg):
-    if cfg["samples_total"] <= 0:
-        raise UserError(f"samples_total must be positive, got {cfg['samples_total']}")
-    if cfg["steps"] <= 0 or cfg["chunks"] <= 0:
-        raise UserError(f"steps and chunks must be positive, got steps={cfg['steps']} chunks={cfg['chunks']}")
-    if cfg["steps"] % cfg["chunks"]:
-        raise UserError(f"chunks={cfg['chunks']} does not divide steps={cfg['steps']}; pick chunks among "
-                        f"{[d for d in range(1, cfg['steps'] + 1) if cfg['steps'] % d == 0][:12]}")
-    if cfg["shard_size"] <= 0 or cfg["gen_batch_size"] <= 0:
-        raise UserError("shard_size and gen_batch_size must be positive")
-    if not 50 <= cfg["percentile"] <= 100:
-        raise UserError(f"percentile must be within [50, 100], got {cfg['percentile']}")
-    if not 1 <= cfg["zstd_level"] <= 22:
-        raise UserError(f"zstd_level must be within 1..22, got {cfg['zstd_level']}")
-    if cfg["space"] == "latent":
-        raise UserError("space=latent needs the rectified latent recurrence (Main_Diffusion.py --mode rectify), "
-                        "which is not built yet; use space=pixel")
 
 
 def codec_info(cfg) -> dict:
@@ -103,7 +84,7 @@ class Generator:
     """Teacher, codec and timing of one ``generate`` run."""
 
     def __init__(self, cfg):
-        validate(cfg)
+        config.validate(cfg, ["generate"])  # callers from Python skip the CLI's check
         self.cfg = cfg
         self.device = runtime.configure(cfg)
         unet, ddpm, self.source = teachers.load_teacher(cfg)

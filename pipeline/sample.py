@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic, datasets, images, packed, runtime, students
+from . import atomic, config, datasets, images, packed, runtime, students
 from .config import output_dir, project_path
 from .errors import UserError
 from .trajectory import draw_x_T
@@ -51,9 +51,7 @@ def indices(cfg) -> list:
 
 def validate(cfg) -> None:
     """Refuse, in one sentence, what would stop the run: bad counts or a student that is not there."""
-    if cfg["sample_count"] <= 0 or cfg["sample_first"] < 0:
-        raise UserError(f"sample_count must be positive and sample_first zero or positive, got "
-                        f"sample_count={cfg['sample_count']} and sample_first={cfg['sample_first']}")
+    config.validate(cfg, ["sample"])
     folder = student_folder(cfg)
     if cfg["sample_student"] == "d" and not (folder / students.WEIGHTS_FILE).is_file():
         raise UserError(f"{folder} holds no student (expected {students.CONFIG_FILE} and {students.WEIGHTS_FILE}); "

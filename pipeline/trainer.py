@@ -19,7 +19,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from . import atomic, checkpoint, runtime
+from . import atomic, checkpoint, config, runtime
 from .errors import UserError
 
 
@@ -47,6 +47,7 @@ class Trainer:
     ema_power = 2 / 3
 
     def __init__(self, cfg, recipe: Recipe, run_dir):
+        config.validate(cfg, [recipe.stage])  # callers from Python skip the CLI's check
         self.cfg, self.recipe, self.run_dir = cfg, recipe, run_dir
         self.device = runtime.configure(cfg)
         self.amp = runtime.autocast_dtype(cfg["precision"], self.device)

@@ -1,10 +1,15 @@
+import io
+import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import zstandard
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a network
 torch.set_num_threads(1)
@@ -68,3 +73,56 @@ def tiny_config(items: dict):
 def cli_args(items: dict) -> list:
     """The same overrides as command-line arguments of the tiny preset."""
     return ["--config", "tiny", *[f"{k}={v}" for k, v in items.items()]]
+
+
+def read_folder(folder):
+    """Every record of a data folder, read with nothing but numpy + zstandard, in index order."""
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    parts = []
+    for shard in manifest["shards"]:
+        raw = zstandard.ZstdDecompressor().decompress((Path(folder) / shard["file"]).read_bytes())
+        with np.load(io.BytesIO(raw)) as npz:
+            parts.append({k: npz[k] for k in npz.files})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def flip_a_bit(path, mask=0x10):
+    """Damage a file the way a bad disk or transfer does: one bit in its middle byte."""
+    data = bytearray(Path(path).read_bytes())
+    data[len(data) // 2] ^= mask
+    Path(path).write_bytes(bytes(data))
+
+
+def npz_with_absurd_header(arrays, key):
+    """``arrays`` as npz bytes whose member ``key`` claims 10**12 elements in its npy header but stores
+    its real bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            if name == key:
+                header = dict(np.lib.format.header_data_from_array_1_0(array), shape=(10 ** 12,))
+                np.lib.format.write_array_header_1_0(member, header)
+                member.write(array.tobytes())
+            else:
+                np.lib.format.write_array(member, array)
+            archive.writestr(f"{name}.npy", member.getvalue())
+    return buf.getvalue()
+
+
+SMALL_BACKBONE = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16, 16],
+                  "layers_per_block": 1, "norm_num_groups": 4,
+                  "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}
+
+
+def student_generator(chunks, channels, space="pixel", latent=None, size=16):
+    """The manifest's generator block that a student of these shapes is built from."""
+    return {"image_shape": [channels, size, size], "latent_channels": latent or channels, "chunks": chunks,
+            "space": space, "T": 1000}
+
+
+def small_student():
+    """A 3-chunk, 1-channel student D on a 16x16 backbone, seeded."""
+    from pipeline import students
+    torch.manual_seed(0)
+    return students.new_student(SMALL_BACKBONE, student_generator(3, 1), head_channels=8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, config, generate, packed, student_b, train_d
+from pipeline import checkpoint, generate, packed, student_b, train_d
 from pipeline.binarize import BTrainer
 
 from conftest import assert_one_sentence_error, cli_args, run_cli, tiny_config, tiny_items

@@ -8,6 +8,8 @@ import torch
 from pipeline import binary
 from pipeline.errors import UserError
 
+from conftest import small_student
+
 
 def _np_sign(x):
     return np.where(x >= 0, 1.0, -1.0)
@@ -119,17 +121,10 @@ def test_first_scales_are_mean_absolute_values():
     torch.testing.assert_close(centred, binary.first_scales(w - w.mean(dim=(1, 2, 3), keepdim=True), False)[0])
 
 
-def _small_student():
-    from pipeline import students
-    from test_students import SMALL_BACKBONE, _generator
-    torch.manual_seed(0)
-    return students.new_student(SMALL_BACKBONE, _generator(3, 1), head_channels=8)
-
-
 def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its_scales():
     from pipeline import config, student_b
     cfg = config.resolve("tiny")
-    model = _small_student()
+    model = small_student()
     table = student_b.to_binary(model, cfg)
     kept = {row["name"] for row in table if row["ring"] is None}
     assert "unet.conv_in" in kept and "heads.0.out" in kept
@@ -143,7 +138,7 @@ def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its
     x = torch.randn(2, 1, 16, 16)
     out = model(x)["chunks"]
     trained = {k: v.clone() for k, v in model.state_dict().items()}
-    again = _small_student()
+    again = small_student()
     student_b.to_binary(again, cfg)
     again.load_state_dict(trained)
     assert torch.equal(again(x)["chunks"], out)  # the learned scales are not re-initialised on reload
@@ -151,7 +146,7 @@ def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its
 
 def test_progressive_binarization_goes_from_the_middle_outwards():
     from pipeline import config, student_b
-    model = _small_student()
+    model = small_student()
     student_b.to_binary(model, config.resolve("tiny"))
     order = []
     for step in range(0, 500, 100):

@@ -51,15 +51,6 @@ def test_a_folder_key_naming_a_file_is_refused(key, tmp_path):
             config.validate(config.resolve("tiny", [f"{key}={value}"]), config.STAGES)
 
 
-def test_the_default_folder_under_a_file_is_refused(tmp_path, monkeypatch):
-    blocker = tmp_path / "data"
-    blocker.write_text("")
-    cfg = config.resolve("tiny", [f"name=x"])
-    monkeypatch.setitem(cfg, "data_dir", str(blocker / "x"))
-    with pytest.raises(UserError, match="its parent .*a-file|its parent .*data is a file"):
-        config.validate(cfg, ["generate"])
-
-
 def test_docs_config_md_is_the_table():
     assert (ROOT / "docs" / "config.md").read_text() == config_keys.markdown(), \
         "regenerate it: python -m pipeline.config_keys > docs/config.md"

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from pipeline import feature_losses
-from test_binary import _small_student
+from conftest import small_student
 
 
 def _features(seed):
@@ -39,7 +39,7 @@ def test_spd_matches_numpy_and_ignores_the_scale_of_a_feature():
 
 
 def test_lrm_bases_are_orthonormal_and_the_loss_is_the_mse_of_projections():
-    model = _small_student()
+    model = small_student()
     taps = feature_losses.FeatureTaps(model)
     with torch.no_grad():
         model(torch.randn(4, 1, 16, 16))
@@ -62,7 +62,7 @@ def test_lrm_bases_are_orthonormal_and_the_loss_is_the_mse_of_projections():
 
 
 def test_lrm_basis_starts_with_the_top_principal_direction():
-    model = _small_student()
+    model = small_student()
     g = torch.Generator().manual_seed(0)
     u = torch.randn(16, generator=g)
     u = u / u.norm()

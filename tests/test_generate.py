@@ -13,18 +13,7 @@ import zstandard
 from pipeline import generate, quant, store
 from pipeline.errors import UserError
 
-from conftest import ROOT, assert_one_sentence_error, run_cli
-
-
-def read_folder(folder):
-    """Every record of a data folder, read with nothing but numpy + zstandard, in index order."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    parts = []
-    for shard in manifest["shards"]:
-        raw = zstandard.ZstdDecompressor().decompress((folder / shard["file"]).read_bytes())
-        with np.load(io.BytesIO(raw)) as npz:
-            parts.append({k: npz[k] for k in npz.files})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+from conftest import ROOT, assert_one_sentence_error, read_folder, run_cli
 
 
 def test_generate_writes_shards_and_manifest(tiny_cfg):

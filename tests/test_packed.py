@@ -7,13 +7,13 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import config, packed, student_b
 from pipeline.errors import UserError
-from test_binary import _small_student
+from conftest import small_student
 
 
 @pytest.fixture(params=["fp", "binary"], ids=["W1A32", "W1A1"])
 def trained_b(request):
     cfg = config.resolve("tiny", [f"b_activations={request.param}", "b_centre=true"])
-    model = _small_student()
+    model = small_student()
     table = student_b.to_binary(model, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(4, 1, 16, 16)

@@ -11,9 +11,7 @@ import zstandard
 from pipeline import config, generate, reference_layout, store, verify
 from pipeline.errors import UserError
 
-from conftest import assert_one_sentence_error, run_cli
-from test_generate import read_folder
-from test_verify_and_layout import npz_with_absurd_header
+from conftest import assert_one_sentence_error, npz_with_absurd_header, read_folder, run_cli
 
 KEYS = ("x_T_f16", "x0_teacher_f16", "rin0_q", "rin0_scale_f16", "r_chunks_q", "r_chunks_scale_f16", "T", "chunk_size")
 

@@ -9,21 +9,13 @@ from safetensors.torch import load_file, save_file
 from pipeline import students
 from pipeline.errors import UserError
 
-SMALL_BACKBONE = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16, 16],
-                  "layers_per_block": 1, "norm_num_groups": 4,
-                  "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}
-
-
-def _generator(chunks, channels, space="pixel", latent=None, size=16):
-    return {"image_shape": [channels, size, size], "latent_channels": latent or channels, "chunks": chunks,
-            "space": space, "T": 1000}
-
+from conftest import SMALL_BACKBONE, student_generator
 
 @pytest.mark.parametrize("chunks,channels", [(1, 1), (3, 1), (5, 3), (10, 3), (12, 1)])
 def test_pixel_student_predicts_every_chunk_and_passes_x_T_through(chunks, channels):
     backbone = dict(SMALL_BACKBONE, in_channels=channels, out_channels=channels)
     torch.manual_seed(0)
-    model = students.new_student(backbone, _generator(chunks, channels), head_channels=8)
+    model = students.new_student(backbone, student_generator(chunks, channels), head_channels=8)
     x_T = torch.randn(2, channels, 16, 16)
     out = model(x_T)
     assert out["chunks"].shape == (2, chunks, channels, 16, 16)
@@ -35,7 +27,7 @@ def test_pixel_student_predicts_every_chunk_and_passes_x_T_through(chunks, chann
 
 def test_latent_student_predicts_rin_with_its_own_channel_count():
     backbone = dict(SMALL_BACKBONE, in_channels=3, out_channels=3)
-    model = students.new_student(backbone, _generator(4, 3, space="latent", latent=6), head_channels=8)
+    model = students.new_student(backbone, student_generator(4, 3, space="latent", latent=6), head_channels=8)
     out = model(torch.randn(2, 3, 16, 16))
     assert out["rin"].shape == (2, 6, 16, 16) and out["chunks"].shape == (2, 4, 6, 16, 16)
 
@@ -48,7 +40,7 @@ def test_coarse_depths_serve_the_noisy_chunks():
 def test_heads_start_at_zero_and_the_backbone_can_start_from_the_teacher():
     torch.manual_seed(0)
     teacher = UNet2DModel(**SMALL_BACKBONE)
-    model = students.new_student(teacher.config, _generator(3, 1), head_channels=8)
+    model = students.new_student(teacher.config, student_generator(3, 1), head_channels=8)
     students.init_from_teacher(model, teacher)
     assert torch.equal(model.unet.conv_in.weight, teacher.conv_in.weight)
     assert torch.count_nonzero(model(torch.randn(1, 1, 16, 16))["chunks"]) == 0
@@ -59,7 +51,7 @@ def test_heads_start_at_zero_and_the_backbone_can_start_from_the_teacher():
 
 def _saved_student(folder):
     torch.manual_seed(0)
-    model = students.new_student(SMALL_BACKBONE, _generator(3, 1), head_channels=8)
+    model = students.new_student(SMALL_BACKBONE, student_generator(3, 1), head_channels=8)
     for p in model.parameters():
         p.data.normal_(0, 0.1)
     return model.eval(), students.save_student(model, folder)
@@ -128,7 +120,7 @@ def test_missing_damaged_or_foreign_students_are_one_sentence(tmp_path):
 
 def test_rin_skips_start_at_the_least_squares_multiple_of_rin():
     torch.manual_seed(0)
-    model = students.new_student(SMALL_BACKBONE, _generator(3, 1), head_channels=8)
+    model = students.new_student(SMALL_BACKBONE, student_generator(3, 1), head_channels=8)
     rin = torch.randn(4, 1, 16, 16)
     factors = torch.tensor([-0.05, -0.2, -0.7])
     chunks = factors.view(1, 3, 1, 1, 1) * rin[:, None] + 0.01 * torch.randn(4, 3, 1, 16, 16)

@@ -7,6 +7,8 @@ import pytest
 from pipeline import config, generate, store, teacher_data
 from pipeline.errors import UserError
 
+from conftest import flip_a_bit
+
 
 @pytest.fixture(scope="module")
 def made_once(tmp_path_factory, small_teacher):
@@ -29,16 +31,10 @@ def _cfg(teacher, folder, **overrides):
     return config.resolve("tiny", [f"{k}={v}" for k, v in items.items()])
 
 
-def _flip_a_byte(path):
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    path.write_bytes(bytes(raw))
-
-
 def test_check_shards_names_the_damaged_shard_of_the_range_only(data):
     cfg, manifest = data
     teacher_data.check_shards(manifest, 4, 12)
-    _flip_a_byte(manifest.folder / "shard-00001.npz.zst")
+    flip_a_bit(manifest.folder / "shard-00001.npz.zst")
     damaged = r"shard-00001\.npz\.zst does not match its sha256.*--mode verify.*--mode repair"
     with pytest.raises(UserError, match=damaged):
         teacher_data.check_shards(manifest, 4, 12)
@@ -59,7 +55,7 @@ def test_a_shard_damaged_after_the_check_ends_as_one_sentence(data, workers):
     cfg, manifest = data
     cfg = dict(cfg, data_workers=workers, shuffle_buffer=4)
     teacher_data.check_shards(manifest, 4, 12)
-    _flip_a_byte(manifest.folder / "shard-00001.npz.zst")
+    flip_a_bit(manifest.folder / "shard-00001.npz.zst")
     stream = teacher_data.batches(cfg, manifest, 4, 12, seed=[0, 0], batch_size=4)
     with pytest.raises(UserError) as caught:
         for _ in range(20):  # an epoch reads every shard; 8 records make two batches

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from pipeline import checkpoint, config, generate, teacher_data
+from pipeline import checkpoint, generate, teacher_data
 from pipeline.train_d import DTrainer
 
 from conftest import ROOT, assert_one_sentence_error, cli_args, run_cli, tiny_config

@@ -1,6 +1,5 @@
 import io
 import json
-import zipfile
 
 import numpy as np
 import pytest
@@ -9,8 +8,7 @@ import zstandard
 from pipeline import generate, store, verify
 from pipeline.errors import UserError
 
-from conftest import assert_one_sentence_error, run_cli
-from test_generate import read_folder
+from conftest import assert_one_sentence_error, flip_a_bit, npz_with_absurd_header, read_folder, run_cli
 
 
 @pytest.fixture
@@ -31,17 +29,11 @@ def test_verify_accepts_a_good_folder(dataset):
     assert "OK: 3 shard(s), 12 samples" in result.stdout
 
 
-def _bit_flip(path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    path.write_bytes(bytes(data))
-
-
 def _truncate(path):
     path.write_bytes(path.read_bytes()[:-100])
 
 
-@pytest.mark.parametrize("damage,what", [(_bit_flip, "sha256"), (_truncate, "truncated"),
+@pytest.mark.parametrize("damage,what", [(flip_a_bit, "sha256"), (_truncate, "truncated"),
                                          (lambda p: p.unlink(), "is missing")])
 def test_verify_names_the_damaged_shard_and_repair_restores_it(dataset, damage, what):
     cfg, folder = dataset
@@ -85,23 +77,6 @@ def _forge_content_size(frame: bytes, size: int) -> bytes:
     width = (1 if single_segment else 0, 2, 4, 8)[size_flag]
     return (frame[:4] + bytes([descriptor | 0xC0]) + frame[5:offset] + size.to_bytes(8, "little")
             + frame[offset + width:])
-
-
-def npz_with_absurd_header(arrays, key):
-    """``arrays`` as npz bytes whose member ``key`` claims 10**12 elements in its npy header but stores
-    its real bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            member = io.BytesIO()
-            if name == key:
-                header = dict(np.lib.format.header_data_from_array_1_0(array), shape=(10 ** 12,))
-                np.lib.format.write_array_header_1_0(member, header)
-                member.write(array.tobytes())
-            else:
-                np.lib.format.write_array(member, array)
-            archive.writestr(f"{name}.npy", member.getvalue())
-    return buf.getvalue()
 
 
 def _replace_listed_shard(folder, name, payload):
