@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
+from . import atomic
 from .errors import UserError
 
 INPUT_SIZE = 299
@@ -64,14 +66,14 @@ def extract(features: InceptionFeatures, images_uint8: np.ndarray, batch_size: i
 def cached_features(features, images_uint8, cache_path: Path, batch_size: int, desc: str) -> torch.Tensor:
     """Features of a fixed image set, computed once and kept in ``cache_path`` (safetensors)."""
     if cache_path.is_file():
-        cached = load_file(cache_path)["features"]
-        if len(cached) == len(images_uint8):
+        try:
+            cached = load_file(cache_path)["features"]
+        except (SafetensorError, OSError, KeyError):
+            cached = None  # a damaged cache is only derived data: compute it again
+        if cached is not None and len(cached) == len(images_uint8):
             return cached
     feats = extract(features, images_uint8, batch_size, desc)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(".tmp")
-    save_file({"features": feats.contiguous()}, tmp)
-    tmp.replace(cache_path)
+    atomic.write_bytes(cache_path, save({"features": feats.contiguous()}))
     return feats
 
 

@@ -34,3 +34,17 @@ def test_frechet_distance_is_the_gaussian_formula():
     expected = _numpy_frechet(real[:, :6], fake[:, :6])
     got = fid.frechet_distance(torch.from_numpy(real).float(), torch.from_numpy(fake).float())
     assert expected > 5 and abs(got - expected) < 1e-3 * expected
+
+
+def test_a_damaged_feature_cache_is_computed_again(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 1, 8, 8), dtype=np.uint8)
+    calls = []
+
+    def features(batch):
+        calls.append(len(batch))
+        return batch.float().mean(dim=(2, 3))
+    cache = tmp_path / "cache.safetensors"
+    first = fid.cached_features(features, images, cache, 4, "test")
+    assert fid.cached_features(features, images, cache, 4, "test").equal(first) and calls == [4, 2]
+    cache.write_bytes(cache.read_bytes()[:20])
+    assert fid.cached_features(features, images, cache, 4, "test").equal(first) and calls == [4, 2, 4, 2]
