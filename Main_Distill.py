@@ -11,8 +11,9 @@ import sys
 from pipeline import cli
 from pipeline.config import output_dir
 
-# Each stage imports its module when it runs: torch and diffusers take seconds to import, and --help,
-# --dry-run and a refused config should answer at once.
+# Each stage imports its module when it runs: torch and diffusers take seconds to import, and --help
+# and a refused config should answer at once. A plan (--dry-run) checks what it can without working:
+# the data folder and the split that training would use.
 
 
 def generate(cfg):
@@ -76,6 +77,28 @@ def generate_plan(cfg):
             f"chunks) from {cfg['teacher_path'] or cfg['teacher_hub_id']} into {output_dir(cfg, 'data_dir')}"]
 
 
+def data_plan(cfg):
+    from pipeline import store
+    manifest = store.load_manifest(cfg)
+    return [f"would read {manifest.data['totals']['samples']} records in {len(manifest.shards)} shard(s) of "
+            f"{manifest.folder}"]
+
+
+def training_plan(prefix, what):
+    def plan(cfg):
+        from pipeline import teacher_data
+        manifest = teacher_data.open_data(cfg)
+        (lo, hi), (train_lo, train_hi) = teacher_data.split(cfg, manifest)
+        return [f"would train {what} for {cfg[prefix + '_train_steps']} steps on records {train_lo}..{train_hi - 1} "
+                f"of {manifest.folder} (records {lo}..{hi - 1} held out) into {output_dir(cfg, prefix + '_run_dir')}"]
+    return plan
+
+
+def import_plan(cfg):
+    from pipeline import reference_layout
+    return [f"would import {reference_layout.reference_dir(cfg, must_exist=True)} into {output_dir(cfg, 'data_dir')}"]
+
+
 def all_plan(cfg):
     return generate_plan(cfg) + [
         f"then train D for {cfg['d_train_steps']} steps into {output_dir(cfg, 'd_run_dir')}, binarize it for "
@@ -89,18 +112,18 @@ MODES = {
     "generate": cli.Mode("write offline teacher trajectories (INT8 residual chunks, zstd shards + manifest.json)",
                          ("generate",), generate, generate_plan),
     "verify": cli.Mode("check a teacher-data folder against its manifest; names every bad file and index",
-                       ("verify",), verify),
-    "repair": cli.Mode("regenerate the shards that verify finds missing or damaged", ("repair",), repair),
+                       ("verify",), verify, data_plan),
+    "repair": cli.Mode("regenerate the shards that verify finds missing or damaged", ("repair",), repair, data_plan),
     "export": cli.Mode("write a teacher-data folder in the reference layout (sample_XXXXXXXX.zst) to reference_dir",
-                       ("export",), export),
+                       ("export",), export, data_plan),
     "import": cli.Mode("read a reference-layout folder (reference_dir) into shards + manifest in data_dir",
-                       ("import",), import_),
+                       ("import",), import_, import_plan),
     "train_d": cli.Mode("train the one-step student D on the teacher data (resumes from its checkpoint)",
-                        ("train_d",), train_d),
+                        ("train_d",), train_d, training_plan("d", "D")),
     "binarize": cli.Mode("train the 1-bit student B from D (SPD + LRM, progressive) and export it bit-packed",
-                         ("binarize",), binarize),
+                         ("binarize",), binarize, training_plan("b", "B")),
     "eval_d": cli.Mode("one-step samples of D and B, FID / precision / recall / PSNR / speed against the teacher, "
-                       "report", ("eval_d",), eval_d),
+                       "report", ("eval_d",), eval_d, data_plan),
     "sample": cli.Mode("one-step images of a trained D or packed B (PNGs + grid + npz) in seconds, no teacher data",
                        ("sample",), sample, sample_plan),
 }

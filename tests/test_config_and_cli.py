@@ -118,3 +118,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
 
 def test_unknown_preset_is_one_sentence():
     assert_one_sentence_error(run_cli("Main_Distill.py", "--config", "nope"), "nope", "fashion_mnist")
+
+
+def test_dry_run_of_a_training_stage_checks_its_data_and_split(tiny_cfg, tmp_path, small_teacher):
+    from pipeline import generate
+    args = ["--config", "tiny", f"teacher_path={small_teacher}", f"data_dir={tmp_path / 'data'}",
+            f"d_run_dir={tmp_path / 'run'}"]
+    assert_one_sentence_error(run_cli("Main_Distill.py", "--mode", "train_d", "--dry-run", *args), "no manifest.json")
+    generate.generate(tiny_cfg(samples_total=6))
+    result = run_cli("Main_Distill.py", "--mode", "train_d", "--dry-run", *args)
+    assert "[dry-run] would train D for 6 steps on records 4..5" in result.stdout, result.stderr
+    assert not (tmp_path / "run").exists()
+    assert_one_sentence_error(run_cli("Main_Distill.py", "--mode", "train_d", "--dry-run", *args,
+                                      "holdout_samples=6"), "leaves no training records")
