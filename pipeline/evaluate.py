@@ -181,8 +181,10 @@ class Evaluation:
         """The teacher's figures for these records, computed once per data folder and reference set."""
         key = f"teacher-records{self.lo}-{self.lo + self.n - 1}-ref{len(real)}"
         path = self.cache_dir / f"{key}.json"
-        if path.is_file():
+        try:
             return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # not cached yet, or a damaged cache: compute it again
         scores = sample_scores(self.features, teacher_uint8, real, self.train_images, self.n,
                                self.cfg["fid_batch_size"], "inception: teacher")
         atomic.write_json(path, scores)
