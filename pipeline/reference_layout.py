@@ -153,8 +153,6 @@ def sample_files(source: Path) -> list:
 def import_command(cfg):
     """Every file is checked and written as shards into ``<data_dir>.importing``, which becomes
     ``data_dir`` only when complete: a failed or interrupted import leaves nothing that looks like data."""
-    if cfg["shard_size"] <= 0:
-        raise UserError(f"shard_size must be positive, got {cfg['shard_size']}")
     source = reference_dir(cfg, must_exist=True)
     target = output_dir(cfg, "data_dir", "data")
     _check_target(target)
