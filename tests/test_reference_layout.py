@@ -143,6 +143,16 @@ def test_imported_data_trains_once_its_teacher_is_named(exported, small_teacher,
     trained = run_cli("Main_Distill.py", *train, f"data_dir={named}", f"d_run_dir={tmp_path / 'run'}")
     assert trained.returncode == 0, trained.stderr
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+    # the later stages too: binarize from that D, and eval_d, which times the teacher with the config's steps
+    later = [f"data_dir={named}", f"d_run_dir={tmp_path / 'run'}", f"b_run_dir={tmp_path / 'b'}", "b_train_steps=2",
+             "b_checkpoint_every=2", f"eval_dir={tmp_path / 'eval'}", f"fid_cache_dir={tmp_path / 'fid'}"]
+    binarized = run_cli("Main_Distill.py", "--mode", "binarize", *train[2:], *later)
+    assert binarized.returncode == 0, binarized.stderr
+    evaluated = run_cli("Main_Distill.py", "--mode", "eval_d", *train[2:], *later)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["teacher_sampler"].startswith("DDIM eta=0, 10 steps (the config's")
+    assert report["throughput"]["teacher_steps"] == 10 and set(report["scores"]) >= {"teacher", "d", "b"}
 
 
 def test_a_teacher_that_did_not_make_the_files_is_refused(small_teacher, tmp_path):
