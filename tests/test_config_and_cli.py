@@ -131,3 +131,11 @@ def test_dry_run_of_a_training_stage_checks_its_data_and_split(tiny_cfg, tmp_pat
     assert not (tmp_path / "run").exists()
     assert_one_sentence_error(run_cli("Main_Distill.py", "--mode", "train_d", "--dry-run", *args,
                                       "holdout_samples=6"), "leaves no training records")
+
+
+@pytest.mark.parametrize("name,text", [("broken.toml", "name = \n"), ("broken.json", "{\"name\": "),
+                                       ("list.json", "[1, 2]")])
+def test_a_config_file_that_does_not_parse_is_one_sentence(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    result = run_cli("Main_Distill.py", "--config", str(tmp_path / name), "--dry-run")
+    assert_one_sentence_error(result, name)
