@@ -73,6 +73,8 @@ def run_all(cfg):
 
 
 def generate_plan(cfg):
+    from pipeline import teachers
+    teachers.check_available(cfg)
     return [f"would write {cfg['samples_total']} samples of {cfg['steps']}-step DDIM trajectories ({cfg['chunks']} "
             f"chunks) from {cfg['teacher_path'] or cfg['teacher_hub_id']} into {output_dir(cfg, 'data_dir')}"]
 
@@ -92,6 +94,14 @@ def training_plan(prefix, what):
         return [f"would train {what} for {cfg[prefix + '_train_steps']} steps on records {train_lo}..{train_hi - 1} "
                 f"of {manifest.folder} (records {lo}..{hi - 1} held out) into {output_dir(cfg, prefix + '_run_dir')}"]
     return plan
+
+
+def eval_plan(cfg):
+    from pipeline import students
+    folder = students.d_folder(cfg)
+    students.load_student(folder)  # refuses a missing or damaged D, as the run would
+    return data_plan(cfg) + [f"would evaluate the student D in {folder} (and B where one is packed) into "
+                             f"{output_dir(cfg, 'eval_dir')}"]
 
 
 def import_plan(cfg):
@@ -123,7 +133,7 @@ MODES = {
     "binarize": cli.Mode("train the 1-bit student B from D (SPD + LRM, progressive) and export it bit-packed",
                          ("binarize",), binarize, training_plan("b", "B")),
     "eval_d": cli.Mode("one-step samples of D and B, FID / precision / recall / PSNR / speed against the teacher, "
-                       "report", ("eval_d",), eval_d, data_plan),
+                       "report", ("eval_d",), eval_d, eval_plan),
     "sample": cli.Mode("one-step images of a trained D or packed B (PNGs + grid + npz) in seconds, no teacher data",
                        ("sample",), sample, sample_plan),
 }

@@ -67,11 +67,15 @@ def restore(state: dict, objects: dict) -> int:
 @contextlib.contextmanager
 def saved_on_exit(save, bar):
     """Around a training loop: ``save()`` when Ctrl-C / SIGTERM stops it (then the interrupt goes on)
-    and when it ends; the progress bar is closed either way."""
+    and when it ends; the progress bar is closed whatever ends the loop, so that an error message
+    starts its own line."""
     try:
         yield
     except KeyboardInterrupt:
+        bar.close()
         save()
+        raise
+    except BaseException:
         bar.close()
         raise
     bar.close()

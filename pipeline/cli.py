@@ -75,6 +75,7 @@ def main(prog, description, modes, default_mode="generate", argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: progress so far is saved; rerun the same command to resume", file=sys.stderr)
+        print("\ninterrupted: what was complete is kept (training saved a checkpoint); rerun the same command to "
+              "continue", file=sys.stderr)
         return 130
     return 0

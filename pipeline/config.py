@@ -10,7 +10,7 @@ import json
 import tomllib
 from pathlib import Path
 
-from .config_keys import KEYS, STAGES
+from .config_keys import KEYS, STAGES, TEACHER_LOADERS
 from .errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -140,8 +140,8 @@ def validate(cfg, stages) -> None:
             raise UserError(f"config key '{name}' {problem}, got {value!r}")
         if spec.folder is not None:
             _check_folder(cfg, name)
-    for rule_stages, rule in RULES:
-        if set(rule_stages) & set(stages):
+    for applies, rule in RULES:
+        if applies(set(stages)):
             problem = rule(cfg)
             if problem:
                 raise UserError(problem)
@@ -206,13 +206,30 @@ def _holdout_before_fid(cfg):
     return None
 
 
-# Rules between keys: (stages that need the rule, rule returning what is wrong or None).
+def _split_fits_the_data_to_be_made(cfg):
+    total, holdout, train = cfg["samples_total"], cfg["holdout_samples"], cfg["train_samples"]
+    if holdout >= total:
+        return (f"holdout_samples={holdout} leaves no training records of the samples_total={total} that generate "
+                f"makes; lower holdout_samples or raise samples_total")
+    if holdout + train > total:
+        return (f"holdout_samples={holdout} + train_samples={train} is more than the samples_total={total} that "
+                f"generate makes; lower train_samples or raise samples_total")
+    return None
+
+
+def _any_of(*names):
+    return lambda stages: bool(stages & set(names))
+
+
+# Rules between keys: (does it apply to the stages of this command, rule returning what is wrong or None).
 RULES = (
-    (("generate", "repair"), _chunks_divide_steps),
-    (("generate", "repair"), _latent_not_built),
-    (("pretrain",), _beta_order),
-    (("pretrain",), _unet_shape),
-    (("eval_d",), _holdout_before_fid),
+    (_any_of("generate", "repair"), _chunks_divide_steps),
+    (_any_of("generate", "repair"), _latent_not_built),
+    (_any_of("pretrain", *TEACHER_LOADERS), _beta_order),
+    (_any_of("pretrain"), _unet_shape),
+    (_any_of("eval_d"), _holdout_before_fid),
+    # a command that generates and then trains (--mode all): the split must fit the data it will make
+    (lambda stages: "generate" in stages and bool(stages & {"train_d", "binarize"}), _split_fits_the_data_to_be_made),
 )
 
 

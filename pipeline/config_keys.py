@@ -5,6 +5,7 @@ it accepts and one line of help. Validation (``config.validate``), ``--help`` an
 are all made from this table; nothing else lists keys.
 """
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 # Stages, as ``--mode`` names them; "teacher_sample" is Main_Diffusion.py --mode sample.
@@ -14,6 +15,7 @@ STAGES = DIFFUSION_STAGES + DISTILL_STAGES
 EVERY = STAGES
 TRAINING = ("train_d", "binarize")
 DATA_READERS = ("verify", "repair", "export", "train_d", "binarize", "eval_d")
+TEACHER_LOADERS = ("teacher_sample", "generate", "repair", "import", "train_d", "eval_d")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,8 @@ class Range:
         return all(self._accepts(v) for v in values)
 
     def _accepts(self, v) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
         if self.low is not None and (v <= self.low if self.low_open else v < self.low):
             return False
         return self.high is None or (v < self.high if self.high_open else v <= self.high)
@@ -115,10 +119,14 @@ def _pretrain(table):
     table.add("unet_layers_per_block", 1, pre, "ResNet layers per level", range=POSITIVE)
     table.add("unet_attention_levels", [], pre, "indices of resolution levels with self-attention", range=NON_NEGATIVE)
     table.add("unet_norm_groups", 16, pre, "GroupNorm groups (must divide every level's channels)", range=POSITIVE)
-    table.add("num_train_timesteps", 1000, pre, "DDPM timesteps T", range=POSITIVE)
-    table.add("beta_start", 0.0001, pre, "first beta of the schedule", range=FRACTION_OPEN)
-    table.add("beta_end", 0.02, pre, "last beta of the schedule", range=FRACTION_OPEN)
-    table.add("beta_schedule", "linear", pre, "beta schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    # a teacher folder without scheduler/ gets its schedule from these keys, in every stage that loads it
+    schedule = pre + TEACHER_LOADERS
+    table.add("num_train_timesteps", 1000, schedule, "DDPM timesteps T (of a teacher without scheduler/)",
+              range=POSITIVE)
+    table.add("beta_start", 0.0001, schedule, "first beta of the schedule", range=FRACTION_OPEN)
+    table.add("beta_end", 0.02, schedule, "last beta of the schedule", range=FRACTION_OPEN)
+    table.add("beta_schedule", "linear", schedule, "beta schedule",
+              choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     table.add("train_steps", 4000, pre, "optimizer steps", range=POSITIVE)
     table.add("batch_size", 64, pre, "images per step", range=POSITIVE)
     table.add("lr", 0.0005, pre, "peak learning rate (warm-up, then cosine to 10 %)", range=POSITIVE)

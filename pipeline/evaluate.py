@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from . import (atomic, datasets, fid, images, latent_walk, metrics, packed, runtime, student_b, students, teacher_data,
-               teachers)
+from . import (atomic, config, datasets, fid, images, latent_walk, metrics, packed, runtime, student_b, students,
+               teacher_data, teachers)
 from . import report as report_text
 from .config import output_dir
 from .errors import UserError
@@ -275,6 +275,7 @@ class Evaluation:
 
 
 def eval_d(cfg):
+    config.validate(cfg, ["eval_d"])  # callers from Python skip the CLI's check
     report = Evaluation(cfg).run()
     print("\n".join(report_text.console_lines(report, output_dir(cfg, "eval_dir", "SampledImgs/distill"))))
     return report

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from . import atomic, store
+from . import atomic, config, store
 from .config import output_dir, project_path
 from .errors import UserError
 
@@ -61,6 +61,7 @@ def reference_dir(cfg, must_exist: bool) -> Path:
 def export_command(cfg):
     """Write every sample into ``<reference_dir>.partial`` and rename it when complete, so an
     interrupted export never looks like a smaller finished one."""
+    config.validate(cfg, ["export"])  # callers from Python skip the CLI's check
     manifest = store.load_manifest(cfg)
     problem = store.layout_problem(manifest)
     if problem:
@@ -108,9 +109,9 @@ def sample_problem(sample: dict):
     T, chunk_size = int(sample["T"][0]), int(sample["chunk_size"][0])
     if T <= 0 or chunk_size <= 0:
         return f"has T={T} and chunk_size={chunk_size}, which must both be positive"
-    if T // chunk_size != chunks[0]:
-        return (f"has {chunks[0]} chunks in r_chunks_q, but its T={T} and chunk_size={chunk_size} make "
-                f"T // chunk_size = {T // chunk_size}")
+    if T // chunks[0] != chunk_size:  # both writers store chunk_size = T // chunks
+        return (f"has {chunks[0]} chunks in r_chunks_q and T={T}, which make chunk_size = T // chunks = "
+                f"{T // chunks[0]}, but its chunk_size is {chunk_size}")
     bad = next((key for key in FLOAT_KEYS if not np.isfinite(sample[key]).all()), None)
     if bad:
         return f"has NaN or inf in {bad}"
@@ -153,20 +154,23 @@ def sample_files(source: Path) -> list:
 def import_command(cfg):
     """Every file is checked and written as shards into ``<data_dir>.importing``, which becomes
     ``data_dir`` only when complete: a failed or interrupted import leaves nothing that looks like data."""
+    config.validate(cfg, ["import"])  # callers from Python skip the CLI's check
     source = reference_dir(cfg, must_exist=True)
     target = output_dir(cfg, "data_dir", "data")
     _check_target(target)
     files = sample_files(source)
     teacher = _import_teacher(cfg)
     staging = target.with_name(target.name + ".importing")
+    if staging.exists() and not staging.is_dir():
+        raise UserError(f"{staging} is a file, where import stages its folder; move it away or pick another data_dir")
     with atomic.folder_lock(staging, "import"):
         try:
             manifest = _import_into(cfg, source, files, staging, teacher)
-            _check_target(target)
-            if target.exists():
-                (target / ".lock").unlink(missing_ok=True)
+            with atomic.folder_lock(target, "run"):  # no generate may start on the empty target meanwhile
+                _check_target(target)
+                (target / ".lock").unlink()
                 target.rmdir()
-            os.rename(staging, target)
+                os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -5,7 +5,7 @@ The student is D (``sample_student=d``: ``d_weights``, by default ``<d_run_dir>/
 checksum, so a damaged one is refused rather than sampled. It turns the x_T of sample indices
 ``sample_first`` .. ``sample_first + sample_count - 1``, drawn exactly as generate draws them
 (``trajectory.draw_x_T`` with ``seed``), into images with one network call each, so image k is the
-student's answer to the x_T of teacher record k. No teacher, no teacher data, no Inception network.
+student's answer to the x_T of generated teacher record k (imported records keep the x_T they came with). No teacher, no teacher data, no Inception network.
 
 Into ``student_samples_dir`` (by default ``SampledImgs/sample/<name>/<d|b>``) go one PNG per image named
 by its index (``000007.png``), ``grid.png`` (the first 64), ``config.json``, and last ``samples.npz``

@@ -76,7 +76,7 @@ def decode_npz(data: bytes, max_bytes: int) -> dict:
     raw = _decompress(data, max_bytes)
     try:
         archive = zipfile.ZipFile(io.BytesIO(raw))
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
         raise ValueError(f"holds zstd data that is not an npz archive ({err})") from None
     with archive:
         for info in archive.infolist():
@@ -86,7 +86,7 @@ def decode_npz(data: bytes, max_bytes: int) -> dict:
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, RuntimeError, NotImplementedError) as err:
         raise ValueError(f"cannot be read as an npz archive ({type(err).__name__}: {err})") from None
 
 
@@ -121,8 +121,9 @@ def _member_problem(archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_byt
                 return f"has npy format version {version}, not 1.0 or 2.0"
             shape, _, dtype = read_header(member)
             header_bytes = member.tell()
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        return f"has no readable npy header ({err})"
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError) as err:
+        # RuntimeError / NotImplementedError: zip flags of encryption or an unknown zip version (damage)
+        return f"has no readable npy header ({type(err).__name__}: {err})"
     if dtype.hasobject:
         return "holds Python objects, which are never loaded"
     claimed = math.prod(shape) * dtype.itemsize
@@ -177,7 +178,7 @@ class Manifest:
                   and all(isinstance(v, dict) and isinstance(v.get("dtype"), str) and np.dtype(v["dtype"]).kind in "iuf"
                           and isinstance(v.get("shape"), list)
                           and all(isinstance(n, int) and n >= 0 for n in v["shape"]) for v in data["record"].values()))
-        except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
+        except (ValueError, UnicodeDecodeError, AttributeError, TypeError, SyntaxError):
             ok = False
         if not ok:
             raise UserError(f"{path} is not a readable teacher-data manifest; restore it or regenerate the folder")
@@ -229,7 +230,17 @@ class Manifest:
         return arrays
 
     def shard_error(self, entry: dict, problem: str) -> UserError:
-        """The one sentence for a damaged listed shard: which file, what is wrong, what to do."""
+        """The one sentence for a damaged listed shard: which file, what is wrong, what to do; or, where the
+        folder's manifest now lists other bytes for it, that the data changed under the reader."""
+        try:
+            now = Manifest.load(self.folder)
+        except UserError:
+            now = None
+        listed = next((s for s in now.shards if s["file"] == entry["file"]), None) if now else None
+        if listed is not None and listed["sha256"] != entry["sha256"]:
+            return UserError(f"the teacher data in {self.folder} changed while this run was reading it "
+                             f"({entry['file']} was rewritten, e.g. by generate extending the folder); rerun on "
+                             f"data that no one writes meanwhile")
         return UserError(f"{self.folder / entry['file']} {problem}; run '--mode verify' to list every damaged "
                          f"shard, then {damage_advice(self)}")
 

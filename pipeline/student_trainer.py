@@ -73,8 +73,8 @@ class StudentTrainer(Trainer):
         if saved.get("data_read") != teacher_data.data_identity(self.manifest, *self.train_range):
             raise UserError(f"the teacher data in {self.manifest.folder} grew or changed since {self.run_dir} "
                             f"started (it trained on records {saved['train_indices'][0]}.."
-                            f"{saved['train_indices'][1] - 1} of other shards); resume on the original data, "
-                            f"fix the training range with train_samples=, or start another run folder")
+                            f"{saved['train_indices'][1] - 1} of other shards); resume on the original data or "
+                            f"start another run folder")
 
     def on_checkpoint(self):
         self.export(self.run_dir / self.export_name)

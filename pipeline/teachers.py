@@ -78,6 +78,19 @@ def _load_hub(hub_id: str):
     return unet, scheduler
 
 
+def _no_teacher(cfg, path) -> UserError:
+    return UserError(f"no teacher weights in {path}/unet (config.json + diffusion_pytorch_model.safetensors); "
+                     f"train one with 'python Main_Diffusion.py --mode pretrain --config {cfg['name']}' "
+                     f"or set teacher_path= to a diffusers folder")
+
+
+def check_available(cfg) -> None:
+    """What load_teacher would refuse at once, without loading: no local weights and no hub id."""
+    path = project_path(cfg["teacher_path"]) if cfg["teacher_path"] else None
+    if (path is None or _unet_folder(path) is None) and not cfg["teacher_hub_id"]:
+        raise _no_teacher(cfg, path)
+
+
 def load_teacher(cfg):
     """(unet, ddpm_scheduler, source) from ``teacher_path``, else ``teacher_hub_id``, else one sentence."""
     path = project_path(cfg["teacher_path"]) if cfg["teacher_path"] else None
@@ -96,9 +109,7 @@ def load_teacher(cfg):
                 f"where the hub is reachable") from None
         source = cfg["teacher_hub_id"]
     else:
-        raise UserError(f"no teacher weights in {path}/unet (config.json + diffusion_pytorch_model.safetensors); "
-                        f"train one with 'python Main_Diffusion.py --mode pretrain --config {cfg['name']}' "
-                        f"or set teacher_path= to a diffusers folder")
+        raise _no_teacher(cfg, path)
     if scheduler is None:
         scheduler = new_scheduler(cfg)
     if scheduler.config.prediction_type != "epsilon":

@@ -166,7 +166,7 @@ class Trainer:
         stream = self.batches()
         bar = tqdm(total=recipe.train_steps, initial=self.step, desc=recipe.stage, dynamic_ncols=True)
         window, waited, started = [], 0.0, time.time()
-        with checkpoint.saved_on_exit(self.save, bar):
+        with self._lock, checkpoint.saved_on_exit(self.save, bar):
             while self.step < recipe.train_steps:
                 t0 = time.time()
                 batch = next(stream)
@@ -179,9 +179,7 @@ class Trainer:
                 if self.step % recipe.checkpoint_every == 0:
                     self.save()
                 self.periodic()
-        result = self.finish()
-        self._lock.close()
-        return result
+        return self.finish()
 
     def _log(self, window, waited, elapsed, bar):
         n = len(window)

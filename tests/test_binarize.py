@@ -39,7 +39,6 @@ def test_binarize_lowers_its_loss_and_exports_a_packed_b(small_teacher, with_d, 
     assert stats[-1]["loss"] < 0.8 * stats[0]["loss"]
     assert all(0 <= s["sign_flip_fraction"] <= 1 for s in stats) and any(s["sign_flip_fraction"] > 0 for s in stats)
     assert stats[0]["binary_layers_active"] < stats[-1]["binary_layers_active"] == len(trainer.binary_layers)
-    assert stats[0]["loss_spd"] > 0 and stats[0]["loss_lrm"] > 0
     # the packed file is the EMA B, fully binary (values rounded to fp16), and reloads to the same outputs
     ema_b = trainer.ema_b()
     packed.export_packed(ema_b, trainer.b_config, tmp_path / "again")

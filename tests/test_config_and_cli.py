@@ -31,7 +31,9 @@ def test_every_key_is_read_by_a_stage_and_its_default_is_accepted(name):
     ("chunks=3", "does not divide steps=10"), ("unet_channels=", "at least one value"),
     ("unet_norm_groups=5", "must divide every entry"), ("unet_attention_levels=2", "beyond the 2"),
     ("beta_start=0.5", "below beta_end"), ("fid_samples=5", "holdout_samples=4"), ("device=gpu", "cuda:N"),
-    ("space=latent", "rectify"), ("ema_decay=1", "within [0, 1)")])
+    ("space=latent", "rectify"), ("ema_decay=1", "within [0, 1)"), ("d_lr=nan", "'d_lr' must be positive"),
+    ("b_lr=inf", "'b_lr' must be positive"), ("holdout_samples=12", "leaves no training records of the samples_total"),
+    ("train_samples=9", "more than the samples_total=12")])
 def test_out_of_range_values_are_refused_for_the_stages_that_read_them(override, fragment):
     cfg = config.resolve("tiny", [override])
     with pytest.raises(UserError, match=re.escape(fragment)):

@@ -185,13 +185,25 @@ def _damage(kind, path, sample):
         write_like_the_reference(path, npz_with_absurd_header(sample, "r_chunks_q"))
     elif kind == "gap in numbering":
         path.rename(path.with_name("sample_00000005.zst"))
+    elif kind in ("encrypted zip flag", "unknown zip version"):
+        buf = io.BytesIO()
+        np.savez(buf, **sample)
+        raw = bytearray(buf.getvalue())
+        central = raw.index(b"PK\x01\x02")  # the first member's central-directory entry, which zipfile trusts
+        if kind == "encrypted zip flag":
+            raw[central + 8] |= 0x01
+        else:
+            raw[central + 6] = 0xFF
+        write_like_the_reference(path, bytes(raw))
 
 
 WHAT = {"not zstd": "is not zstd data", "zstd but not npz": "not an npz archive",
         "missing key": "has no key rin0_scale_f16", "wrong dtype": "has x0_teacher_f16 of dtype float32, not float16",
-        "wrong chunk count": "has 4 chunks in r_chunks_q, but its T=1000 and chunk_size=200 make T // chunk_size = 5",
+        "wrong chunk count": "has 4 chunks in r_chunks_q and T=1000, which make chunk_size = T // chunks = 250, but "
+                             "its chunk_size is 200",
         "absurd header size": "r_chunks_q.npy that claims shape [1000000000000]",
-        "gap in numbering": "is missing although sample_"}
+        "gap in numbering": "is missing although sample_", "encrypted zip flag": "has no readable npy header",
+        "unknown zip version": "not an npz archive (zip file version"}
 
 
 @pytest.mark.parametrize("position", [0, 2, 4], ids=["first", "middle", "last"])
@@ -214,7 +226,7 @@ def test_a_malformed_file_is_one_sentence_naming_it(kind, position, tmp_path):
     (lambda s: dict(s, x_T_f16=s["x_T_f16"][:, :16]), "has x_T_f16 of shape [1, 16, 32], not [channels, size, size]"),
     (lambda s: dict(s, chunk_size=np.array([0], np.int16)), "has T=1000 and chunk_size=0, which must both be positive"),
     (lambda s: dict(s, T=np.array([999], np.int16)),
-     "has 5 chunks in r_chunks_q, but its T=999 and chunk_size=200 make T // chunk_size = 4"),
+     "has 5 chunks in r_chunks_q and T=999, which make chunk_size = T // chunks = 199, but its chunk_size is 200"),
     (lambda s: dict(s, x0_teacher_f16=np.full_like(s["x0_teacher_f16"], np.nan)), "has NaN or inf in x0_teacher_f16"),
 ])
 def test_a_file_that_disagrees_with_itself_is_named(change, what, tmp_path):
@@ -254,3 +266,10 @@ def test_leftovers_of_a_killed_import_are_replaced_and_a_used_folder_is_refused(
     (other / "notes.txt").write_text("mine")
     assert_one_sentence_error(_import(ref, other), str(other), "is not empty")
     assert (other / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("T,chunks", [(10, 4), (1000, 36), (1000, 10)])
+def test_chunk_size_is_T_over_chunks_as_both_writers_store_it(T, chunks):
+    sample = reference_sample(0, chunks=chunks, T=T)
+    assert int(sample["chunk_size"][0]) == T // chunks
+    assert reference_layout.sample_problem(sample) is None

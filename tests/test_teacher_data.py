@@ -87,3 +87,14 @@ def test_data_identity_changes_when_the_data_grows_or_changes(data, small_teache
     changed = teacher_data.data_identity(teacher_data.open_data(cfg), 0, 10)
     assert changed["indices"] == fixed["indices"] and changed["shards"][0] == fixed["shards"][0]
     assert changed["shards"][1] == ["shard-00001.npz.zst", entry["sha256"]] != fixed["shards"][1]
+
+
+def test_data_rewritten_under_a_running_reader_is_named_as_such(data, small_teacher):
+    cfg, manifest = data
+    teacher_data.check_shards(manifest, 4, 12)
+    generate.generate(_cfg(small_teacher, manifest.folder, samples_total=14))  # rewrites the short shard-00002
+    stream = teacher_data.batches(dict(cfg, data_workers=0, shuffle_buffer=8), manifest, 4, 12, seed=[0, 0],
+                                  batch_size=4)
+    with pytest.raises(UserError, match=r"changed while this run was reading it \(shard-00002\.npz\.zst"):
+        for _ in range(10):
+            next(stream)

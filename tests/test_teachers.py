@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
 
 from pipeline import config, generate, teachers
 from pipeline.errors import UserError
@@ -29,8 +30,14 @@ def google_config_teacher(tmp_path_factory):
     return path, teachers.parameter_count(unet)
 
 
-def test_google_config_has_the_reference_parameter_count(google_config_teacher):
-    assert google_config_teacher[1] == 35_746_307
+def test_the_cifar10_preset_loads_the_google_config_teacher_as_saved(google_config_teacher):
+    path, _ = google_config_teacher
+    unet, ddpm, source = teachers.load_teacher(config.resolve("cifar10", [f"teacher_path={path}"]))
+    assert source == str(path) and list(unet.config.block_out_channels) == [128, 256, 256, 256]
+    saved = load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
+    state = unet.state_dict()
+    assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in saved)
+    assert ddpm.config.num_train_timesteps == 1000 and ddpm.config.beta_end == 0.02
 
 
 def test_cifar10_preset_generates_with_the_google_config_teacher(google_config_teacher, tmp_path):
