@@ -43,8 +43,8 @@ VARIANTS = {
 def variant_config(cfg, key):
     """The config of one variant: its overrides, its own binarize run and evaluation folders."""
     _, overrides = VARIANTS[key]
-    b_root = output_dir(cfg, "b_run_dir", "Checkpoints/binarize")
-    eval_root = output_dir(cfg, "eval_dir", "SampledImgs/distill")
+    b_root = output_dir(cfg, "b_run_dir")
+    eval_root = output_dir(cfg, "eval_dir")
     suffix = "" if key == "w1a32" else f"-{key}"  # the preset's recipe is the preset's own binarize run
     return dict(cfg, **overrides, b_run_dir=f"{b_root}{suffix}", eval_dir=f"{eval_root}-b-{key}", b_weights="")
 

@@ -43,8 +43,8 @@ def main():
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     cfg = config.resolve(args.config, args.overrides)
-    run_dir = output_dir(cfg, "d_run_dir", "Checkpoints/distill")
-    eval_root = output_dir(cfg, "eval_dir", "SampledImgs/distill")
+    run_dir = output_dir(cfg, "d_run_dir")
+    eval_root = output_dir(cfg, "eval_dir")
     train_d.train_d(cfg)
 
     header = ["| point | FID D | FID teacher | ratio | precision D | recall D | PSNR D vs teacher (dB) | speed-up |",

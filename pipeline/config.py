@@ -147,7 +147,7 @@ def validate(cfg, stages) -> None:
                 raise UserError(problem)
 
 
-def folder_of(cfg, name) -> Path:
+def output_dir(cfg, name) -> Path:
     """The folder a folder key names: its value, or <default parent>/<name> when it is empty."""
     parent = KEYS[name].folder
     if cfg[name] or parent == ".":
@@ -158,7 +158,7 @@ def folder_of(cfg, name) -> Path:
 def _check_folder(cfg, name) -> None:
     if not cfg[name] and KEYS[name].folder == "." or cfg[name] == "none":
         return
-    path = folder_of(cfg, name)
+    path = output_dir(cfg, name)
     blocker = next((p for p in (path, *path.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         where = "" if blocker == path else f" (its parent {blocker} is a file)"
@@ -239,11 +239,6 @@ def project_path(path):
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def output_dir(cfg, key, default_parent=None):
-    """The folder of a folder key (``default_parent`` is the table's unless given)."""
-    if default_parent is None:
-        return folder_of(cfg, key)
-    return project_path(cfg[key] or Path(default_parent) / cfg["name"])
 
 
 def to_json(cfg):

@@ -183,6 +183,18 @@ def _reference_layout(table):
               "teacher folder that made the imported data (\"\" = unknown; training then refuses it)", folder=".")
 
 
+def _recipe(table, prefix, lr, weight_decay, snapshot):
+    """The keys of a student stage's training recipe (``trainer.Recipe`` and the one-cycle schedule)."""
+    stage = {"d": ("train_d",), "b": ("binarize",)}[prefix]
+    table.add(f"{prefix}_train_steps", 500, stage, "optimizer steps", range=POSITIVE)
+    table.add(f"{prefix}_batch_size", 64, stage, "records per step", range=POSITIVE)
+    table.add(f"{prefix}_lr", lr, stage, "peak of the one-cycle schedule", range=POSITIVE)
+    table.add(f"{prefix}_lr_warmup_fraction", 0.05, stage, "one-cycle warm-up share of the steps", range=FRACTION_OPEN)
+    table.add(f"{prefix}_weight_decay", weight_decay[0], stage, weight_decay[1], range=NON_NEGATIVE)
+    table.add(f"{prefix}_checkpoint_every", 100, stage, "steps between checkpoints", range=POSITIVE)
+    table.add(f"{prefix}_snapshot_every", 0, stage, f"keep {snapshot} every N steps (0 = off)", range=NON_NEGATIVE)
+
+
 def _student_d(table):
     table.section = "student D: train_d"
     d = ("train_d",)
@@ -191,11 +203,7 @@ def _student_d(table):
     table.add("d_init", "teacher", d, "teacher (backbone copied from the teacher UNet) | random",
               choices=("teacher", "random"))
     table.add("d_head_channels", 16, d + ("binarize",), "width of the readout heads", range=POSITIVE)
-    table.add("d_train_steps", 500, d, "optimizer steps", range=POSITIVE)
-    table.add("d_batch_size", 64, d, "records per step", range=POSITIVE)
-    table.add("d_lr", 0.0005, d, "peak of the one-cycle schedule", range=POSITIVE)
-    table.add("d_lr_warmup_fraction", 0.05, d, "one-cycle warm-up share of the steps", range=FRACTION_OPEN)
-    table.add("d_weight_decay", 0.0001, d, "AdamW weight decay", range=NON_NEGATIVE)
+    _recipe(table, "d", lr=0.0005, weight_decay=(0.0001, "AdamW weight decay"), snapshot="the EMA student")
     table.add("lambda_rin", 1.0, TRAINING, "weight of the rin0 loss (latent space only)", range=NON_NEGATIVE)
     table.add("lambda_chunks", 1.0, TRAINING, "weight of the chunk losses", range=NON_NEGATIVE)
     table.add("lambda_x0", 0.1, TRAINING, "weight of the loss on the read-out image", range=NON_NEGATIVE)
@@ -205,8 +213,6 @@ def _student_d(table):
     table.add("data_workers", 1, TRAINING, "DataLoader processes decoding shards (0 = in the training process)",
               range=NON_NEGATIVE)
     table.add("shuffle_buffer", 512, TRAINING, "records mixed across shards before batching", range=POSITIVE)
-    table.add("d_checkpoint_every", 100, d, "steps between checkpoints", range=POSITIVE)
-    table.add("d_snapshot_every", 0, d, "keep the EMA student every N steps (0 = off)", range=NON_NEGATIVE)
 
 
 def _student_b(table):
@@ -215,13 +221,8 @@ def _student_b(table):
     table.add("b_run_dir", "", b + ("eval_d", "sample"),
               "\"\" = Checkpoints/binarize/<name>; packed B in <b_run_dir>/packed",
               folder="Checkpoints/binarize")
-    table.add("b_train_steps", 500, b, "optimizer steps", range=POSITIVE)
-    table.add("b_batch_size", 64, b, "records per step", range=POSITIVE)
-    table.add("b_lr", 0.001, b, "peak of the one-cycle schedule", range=POSITIVE)
-    table.add("b_lr_warmup_fraction", 0.05, b, "one-cycle warm-up share of the steps", range=FRACTION_OPEN)
-    table.add("b_weight_decay", 0.0, b, "latent weights only; scales are never decayed", range=NON_NEGATIVE)
-    table.add("b_checkpoint_every", 100, b, "steps between checkpoints", range=POSITIVE)
-    table.add("b_snapshot_every", 0, b, "keep the packed EMA B every N steps (0 = off)", range=NON_NEGATIVE)
+    _recipe(table, "b", lr=0.001, weight_decay=(0.0, "latent weights only; scales are never decayed"),
+            snapshot="the packed EMA B")
     table.add("lambda_d_outputs", 1.0, b, "D's own predictions as a second target of B's output losses",
               range=NON_NEGATIVE)
     table.add("lambda_spd", 0.01, b, "Space Patched Distillation weight", range=NON_NEGATIVE)

@@ -162,7 +162,7 @@ class Evaluation:
                 raise UserError(f"B in {b} held out records {b_holdout} but D held out {[self.lo, self.hi]}; "
                                 f"binarize this D again or set b_weights= to its B (none = D alone)")
         self.teacher, self.ddpm, self.teacher_source = teacher_data.teacher_of(cfg, self.manifest, self.device)
-        self.out_dir = output_dir(cfg, "eval_dir", "SampledImgs/distill")
+        self.out_dir = output_dir(cfg, "eval_dir")
         self.cache_dir = self.manifest.folder / "eval"
         self.features = fid.InceptionFeatures() if with_fid else None
 
@@ -277,5 +277,5 @@ class Evaluation:
 def eval_d(cfg):
     config.validate(cfg, ["eval_d"])  # callers from Python skip the CLI's check
     report = Evaluation(cfg).run()
-    print("\n".join(report_text.console_lines(report, output_dir(cfg, "eval_dir", "SampledImgs/distill"))))
+    print("\n".join(report_text.console_lines(report, output_dir(cfg, "eval_dir"))))
     return report

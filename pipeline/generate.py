@@ -158,7 +158,7 @@ def plan(manifest, cfg):
 
 
 def generate(cfg):
-    folder = output_dir(cfg, "data_dir", "data")
+    folder = output_dir(cfg, "data_dir")
     gen = Generator(cfg)
     with atomic.folder_lock(folder, "run"):
         return _generate_locked(cfg, folder, gen)

@@ -48,7 +48,7 @@ def b_config(d_config: dict, cfg: dict) -> dict:
 def packed_folder(cfg) -> Path:
     """``b_weights`` (a packed folder, or a binarize run holding one), else ``<b_run_dir>/packed``."""
     if not cfg["b_weights"]:
-        return output_dir(cfg, "b_run_dir", "Checkpoints/binarize") / "packed"
+        return output_dir(cfg, "b_run_dir") / "packed"
     path = project_path(cfg["b_weights"])
     return path / "packed" if (path / "packed" / PACKED_FILE).is_file() else path
 

@@ -156,7 +156,7 @@ def import_command(cfg):
     ``data_dir`` only when complete: a failed or interrupted import leaves nothing that looks like data."""
     config.validate(cfg, ["import"])  # callers from Python skip the CLI's check
     source = reference_dir(cfg, must_exist=True)
-    target = output_dir(cfg, "data_dir", "data")
+    target = output_dir(cfg, "data_dir")
     _check_target(target)
     files = sample_files(source)
     teacher = _import_teacher(cfg)

@@ -42,28 +42,22 @@ def out_folder(cfg) -> Path:
     """``student_samples_dir`` as given, else ``SampledImgs/sample/<name>/<d|b>``."""
     if cfg["student_samples_dir"]:
         return project_path(cfg["student_samples_dir"])
-    return output_dir(cfg, "student_samples_dir", "SampledImgs/sample") / cfg["sample_student"]
+    return output_dir(cfg, "student_samples_dir") / cfg["sample_student"]
 
 
 def indices(cfg) -> list:
     return list(range(cfg["sample_first"], cfg["sample_first"] + cfg["sample_count"]))
 
 
-def validate(cfg) -> None:
-    """Refuse, in one sentence, what would stop the run: bad counts or a student that is not there."""
+def load_student(cfg):
+    """The student to sample, after the key checks; its loader refuses a missing or damaged file."""
     config.validate(cfg, ["sample"])
-    folder = student_folder(cfg)
-    if cfg["sample_student"] == "d" and not (folder / students.WEIGHTS_FILE).is_file():
-        raise UserError(f"{folder} holds no student (expected {students.CONFIG_FILE} and {students.WEIGHTS_FILE}); "
-                        f"train one with '--mode train_d' or set d_weights= to a student folder")
-    if cfg["sample_student"] == "b" and not (folder / packed.PACKED_FILE).is_file():
-        raise UserError(f"{folder} holds no packed B (expected {students.CONFIG_FILE} and {packed.PACKED_FILE}); "
-                        f"export one with '--mode binarize' or set b_weights= to a packed folder")
+    return LOADERS[cfg["sample_student"]](student_folder(cfg))
 
 
 def plan(cfg) -> list:
-    """What --dry-run prints, after the same checks as a run."""
-    validate(cfg)
+    """What --dry-run prints, after the same checks as a run (the student is loaded, not run)."""
+    load_student(cfg)
     first, last = indices(cfg)[0], indices(cfg)[-1]
     return [f"would write {cfg['sample_count']} one-step images of {NAMES[cfg['sample_student']]} "
             f"({student_folder(cfg)}) from the x_T of sample indices {first}..{last} (seed {cfg['seed']}) "
@@ -95,9 +89,9 @@ def write(out: Path, images_uint8: np.ndarray, index: list, cfg) -> None:
 
 def sample_command(cfg) -> Path:
     """Sample, write and say where the files are; returns the output folder."""
-    validate(cfg)
+    model = load_student(cfg)
     device = runtime.configure(cfg)
-    model = LOADERS[cfg["sample_student"]](student_folder(cfg)).to(device)
+    model = model.to(device)
     index = indices(cfg)
     started = time.perf_counter()
     images_uint8 = one_step_uint8(model, cfg["seed"], index, cfg["fid_batch_size"], device)

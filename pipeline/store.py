@@ -315,7 +315,7 @@ def stray_files(manifest: Manifest):
 
 def load_manifest(cfg) -> Manifest:
     """The manifest of the configured ``data_dir``; one sentence where there is none."""
-    folder = output_dir(cfg, "data_dir", "data")
+    folder = output_dir(cfg, "data_dir")
     manifest = Manifest.load(folder)
     if manifest is None:
         raise UserError(f"{folder} has no {MANIFEST}; generate data there first or set data_dir=")

@@ -268,7 +268,7 @@ def load_student(folder) -> StudentD:
 def d_folder(cfg) -> Path:
     """``d_weights`` (a student folder, or a training run holding one), else the run's EMA student."""
     if not cfg["d_weights"]:
-        return output_dir(cfg, "d_run_dir", "Checkpoints/distill") / "student"
+        return output_dir(cfg, "d_run_dir") / "student"
     path = project_path(cfg["d_weights"])
     if not (path / CONFIG_FILE).is_file() and (path / "student" / CONFIG_FILE).is_file():
         return path / "student"

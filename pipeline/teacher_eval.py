@@ -46,7 +46,7 @@ def sample_and_score(cfg):
     device = runtime.configure(cfg)
     unet, ddpm, source = teachers.load_teacher(cfg)
     unet = unet.to(device)
-    out_dir = output_dir(cfg, "samples_dir", "SampledImgs/diffusion")
+    out_dir = output_dir(cfg, "samples_dir")
     n = cfg["fid_samples"]
     samples = load_or_draw_samples(cfg, unet, ddpm, device, out_dir)
     images.save_grid(samples[:cfg["sample_count"]], out_dir / "grid.png")
