@@ -20,6 +20,7 @@ import json
 import torch
 
 from . import atomic, binary, packed, runtime, student_b, students, teacher_data
+from .d_outputs import DOutputs
 from .errors import UserError
 from .feature_losses import FeatureTaps, LowRankBases, spd_loss
 from .losses import d_losses
@@ -63,6 +64,7 @@ class BTrainer(StudentTrainer):
         self.taps_b, self.taps_d = FeatureTaps(self.model), FeatureTaps(self.d)
         self.bases = LowRankBases(self.model.unet).to(self.device)
         self._signs = None  # latent signs before the step, for sign_flip_fraction
+        self.d_outputs = None  # D's outputs on every training record, built when the steps start
         print(f"[binarize] B from D {self.d_folder}: {self.binary_count():,} of "
               f"{students.parameter_count(self.model):,} parameters binary in {len(self.binary_layers)} layers, "
               f"{len(self.table) - len(self.binary_layers)} layers full precision ({cfg['b_full_precision']}); "
@@ -102,10 +104,22 @@ class BTrainer(StudentTrainer):
     def load_extra_state(self, state):
         self.bases.load_fitted(state["lrm_bases"])
 
+    def batches(self):
+        if self.step < self.recipe.train_steps and self.cfg["b_cache_d_mb"] and self.d_outputs is None:
+            self.d_outputs = DOutputs.build(self.d, self.taps_d, self.manifest, *self.train_range, self.cfg,
+                                            self.amp, self.device)
+        return super().batches()
+
     def first_batch(self, batch):
+        self.bases.fit(self.d_forward(batch)[1])
+
+    def d_forward(self, batch):
+        """(D's predictions, D's block features) on the batch: looked up when kept, else computed."""
+        if self.d_outputs is not None:
+            return self.d_outputs.lookup(batch["index"], self.device)
         with torch.no_grad(), runtime.autocast(self.amp, self.device):
-            self.d(batch["x_T"])
-        self.bases.fit(self.taps_d.take())
+            pred = self.d(batch["x_T"])
+        return pred, self.taps_d.take()
 
     # --- one step
     def before_step(self):
@@ -125,9 +139,7 @@ class BTrainer(StudentTrainer):
 
     def loss(self, batch):
         cfg = self.cfg
-        with torch.no_grad(), runtime.autocast(self.amp, self.device):
-            pred_d = self.d(batch["x_T"])
-        feats_d = self.taps_d.take()
+        pred_d, feats_d = self.d_forward(batch)
         with runtime.autocast(self.amp, self.device):
             pred_b = self.model(batch["x_T"])
         feats_b = self.taps_b.take()

@@ -108,6 +108,9 @@ def _machine(table):
               "training autocast (auto: bf16 on a CPU with native bf16 or on a GPU that has it, else fp16 on "
               "CUDA, fp32 elsewhere)",
               choices=("auto", "fp32", "bf16", "fp16"))
+    table.add("channels_last", True, ("teacher_sample", "generate", "repair", "eval_d", "sample"),
+              "channels-last memory for inference: teacher sampling, one-step calls, Inception (faster on "
+              "every CPU kind measured)")
     table.add("num_threads", 0, EVERY, "CPU threads for torch (0 = torch's default)", range=NON_NEGATIVE)
     table.add("seed", 0, EVERY, "seed of x_T, batch order and initialisation", range=NON_NEGATIVE)
 
@@ -224,6 +227,9 @@ def _student_b(table):
     _recipe(table, "b", lr=0.001, weight_decay=(0.0, "latent weights only; scales are never decayed"),
             snapshot="the packed EMA B")
     table.add("lambda_d_outputs", 1.0, b, "D's own predictions as a second target of B's output losses",
+              range=NON_NEGATIVE)
+    table.add("b_cache_d_mb", 4096, b, "memory for D's predictions and features on every training record, "
+              "computed once before step 1 instead of in every step (0 = compute them in every step)",
               range=NON_NEGATIVE)
     table.add("lambda_spd", 0.01, b, "Space Patched Distillation weight", range=NON_NEGATIVE)
     table.add("lambda_lrm", 0.0001, b, "Low-rank Representation Mimicking weight", range=NON_NEGATIVE)

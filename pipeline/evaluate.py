@@ -57,7 +57,7 @@ def b_folder(cfg):
     return folder if cfg["b_weights"] or (folder / packed.PACKED_FILE).is_file() else None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def one_step_images(model, x_T, batch_size, device, label="D"):
     out = [students.one_step(model, x_T[lo:lo + batch_size].to(device)).float().cpu()
            for lo in tqdm(range(0, len(x_T), batch_size), desc=f"{label} one-step samples", unit="batch",
@@ -78,7 +78,7 @@ def seconds_per_call(fn, repeats, warm_up=True):
     return min(times)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def throughput(models: dict, teacher, ddpm, x_T, steps, device) -> dict:
     """Images/s of each student's single call and of the teacher's full DDIM chain on the same batch,
     each the best of several timings."""
@@ -152,6 +152,7 @@ class Evaluation:
             self.folders["b"], self.models["b"] = b, packed.load_packed(b)
         for model in self.models.values():
             students.check_fits(model.to(self.device), self.manifest)
+            runtime.for_inference(model, cfg)
         self.n = cfg["fid_samples"]
         if self.n < 2:
             raise UserError(f"fid_samples must be at least 2, got {self.n}")
@@ -162,9 +163,10 @@ class Evaluation:
                 raise UserError(f"B in {b} held out records {b_holdout} but D held out {[self.lo, self.hi]}; "
                                 f"binarize this D again or set b_weights= to its B (none = D alone)")
         self.teacher, self.ddpm, self.teacher_source = teacher_data.teacher_of(cfg, self.manifest, self.device)
+        runtime.for_inference(self.teacher, cfg)  # timed in the students' memory format
         self.out_dir = output_dir(cfg, "eval_dir")
         self.cache_dir = self.manifest.folder / "eval"
-        self.features = fid.InceptionFeatures() if with_fid else None
+        self.features = fid.InceptionFeatures(cfg["channels_last"]) if with_fid else None
 
     def reference(self):
         """Inception features of the FID reference set (test split) and of N training images (floor)."""

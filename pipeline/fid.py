@@ -35,17 +35,24 @@ def inception_weights_path() -> Path:
 
 
 class InceptionFeatures(torch.nn.Module):
-    """uint8 images [N, 1|3, H, W] -> 2048-d pool features (float32)."""
+    """uint8 images [N, 1|3, H, W] -> 2048-d pool features (float32).
+
+    ``channels_last``: the network is frozen (batch norms folded into the convolutions, constants
+    inlined) and run on channels-last tensors, about 1.15x faster on CPU; the features agree with the
+    plain network to ~1e-5 (docs/design.md §13)."""
 
     num_features = 2048
 
-    def __init__(self):
+    def __init__(self, channels_last: bool = True):
         super().__init__()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the published weights exist only as TorchScript
-            self.net = torch.jit.load(str(inception_weights_path()), map_location="cpu").eval()
+            net = torch.jit.load(str(inception_weights_path()), map_location="cpu").eval()
+            if channels_last:
+                net = torch.jit.freeze(net).to(memory_format=torch.channels_last)
+        self.net, self.memory_format = net, torch.channels_last if channels_last else torch.contiguous_format
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
         x = images_uint8.float()
         if x.shape[1] == 1:
@@ -53,7 +60,7 @@ class InceptionFeatures(torch.nn.Module):
         x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         low, high = TF_INPUT_RANGE
         x = (x / 255.0 * (high - low) + low).clamp(low, high)
-        return self.net(x).float()
+        return self.net(x.contiguous(memory_format=self.memory_format)).float()
 
 
 def extract(features: InceptionFeatures, images_uint8: np.ndarray, batch_size: int, desc: str) -> torch.Tensor:

@@ -88,7 +88,7 @@ class Generator:
         self.cfg = cfg
         self.device = runtime.configure(cfg)
         unet, ddpm, self.source = teachers.load_teacher(cfg)
-        self.unet = unet.to(self.device)
+        self.unet = runtime.for_inference(unet.to(self.device), cfg)
         self.scheduler = teachers.ddim_scheduler(ddpm)
         self.amp = runtime.autocast_dtype(cfg["gen_precision"], self.device)
         if cfg["steps"] > ddpm.config.num_train_timesteps:

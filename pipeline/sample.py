@@ -64,7 +64,7 @@ def plan(cfg) -> list:
             f"to {out_folder(cfg)}"]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def one_step_uint8(model, seed: int, index: list, batch_size: int, device) -> np.ndarray:
     """uint8 images [N, C, H, W] of ``model`` from the x_T that generate draws for these sample indices."""
     shape = [model.config["image_channels"], model.unet.config.sample_size, model.unet.config.sample_size]
@@ -91,7 +91,7 @@ def sample_command(cfg) -> Path:
     """Sample, write and say where the files are; returns the output folder."""
     model = load_student(cfg)
     device = runtime.configure(cfg)
-    model = model.to(device)
+    model = runtime.for_inference(model.to(device), cfg)
     index = indices(cfg)
     started = time.perf_counter()
     images_uint8 = one_step_uint8(model, cfg["seed"], index, cfg["fid_batch_size"], device)

@@ -73,7 +73,7 @@ def to_tensors(arrays: dict, rows=slice(None)) -> dict:
             "index": torch.from_numpy(arrays["index"][rows].astype(np.int64))}
 
 
-def _shards_overlapping(manifest, lo, hi):
+def shards_overlapping(manifest, lo, hi):
     return [s for s in manifest.shards if s["first_index"] < hi and s["first_index"] + s["count"] > lo]
 
 
@@ -86,7 +86,7 @@ def check_shards(manifest, lo, hi) -> None:
     if hi > manifest.next_index():
         raise UserError(f"{manifest.folder} holds records up to {manifest.next_index() - 1}, not {hi - 1}; "
                         f"generate more samples or train on fewer")
-    for entry in _shards_overlapping(manifest, lo, hi):
+    for entry in shards_overlapping(manifest, lo, hi):
         problem = store.shard_problem(manifest, entry, deep=False)
         if problem:
             raise manifest.shard_error(entry, problem)
@@ -96,13 +96,13 @@ def data_identity(manifest, lo, hi) -> dict:
     """Exactly which data a run over records [lo, hi) reads: the range and the (file, sha256) of every
     shard that holds some of it (JSON-able), so that a resumed run can refuse data that grew or changed."""
     return {"indices": [lo, hi],
-            "shards": [[s["file"], s["sha256"]] for s in _shards_overlapping(manifest, lo, hi)]}
+            "shards": [[s["file"], s["sha256"]] for s in shards_overlapping(manifest, lo, hi)]}
 
 
 def read_range(manifest, lo, hi) -> dict:
     """Every record with index in [lo, hi), as tensors in index order."""
     parts = []
-    for entry in _shards_overlapping(manifest, lo, hi):
+    for entry in shards_overlapping(manifest, lo, hi):
         arrays = manifest.read_shard(entry)
         rows = (arrays["index"] >= lo) & (arrays["index"] < hi)
         parts.append(to_tensors(arrays, rows))
@@ -117,7 +117,7 @@ class ShardStream(IterableDataset):
     def __init__(self, manifest, lo, hi, batch_size, buffer_size, seed):
         self.manifest, self.lo, self.hi = manifest, lo, hi
         self.batch_size, self.buffer_size, self.seed = batch_size, max(buffer_size, batch_size), seed
-        self.entries = _shards_overlapping(manifest, lo, hi)
+        self.entries = shards_overlapping(manifest, lo, hi)
 
     def _records(self, rng, worker, workers):
         for epoch in itertools.count():

@@ -45,12 +45,12 @@ def load_or_draw_samples(cfg, unet, ddpm, device, out_dir):
 def sample_and_score(cfg):
     device = runtime.configure(cfg)
     unet, ddpm, source = teachers.load_teacher(cfg)
-    unet = unet.to(device)
+    unet = runtime.for_inference(unet.to(device), cfg)
     out_dir = output_dir(cfg, "samples_dir")
     n = cfg["fid_samples"]
     samples = load_or_draw_samples(cfg, unet, ddpm, device, out_dir)
     images.save_grid(samples[:cfg["sample_count"]], out_dir / "grid.png")
-    features = fid.InceptionFeatures()
+    features = fid.InceptionFeatures(cfg["channels_last"])
     test, _, real, floor_feats = fid.reference_features(cfg, features, n)
     fake = fid.extract(features, samples[:n], cfg["fid_batch_size"], "inception: samples")
     report = {"teacher": source, "parameters": teachers.parameter_count(unet), "sampler": f"DDIM eta=0, {cfg['steps']} steps",

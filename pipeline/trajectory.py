@@ -16,7 +16,7 @@ def draw_x_T(seed: int, indices, shape) -> torch.Tensor:
     return torch.stack(noise).half().float()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ddim_sample(unet, scheduler, x_T, steps, *, callback=None):
     """Deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0) from ``x_T`` in ``steps`` steps.
 
@@ -33,7 +33,7 @@ def ddim_sample(unet, scheduler, x_T, steps, *, callback=None):
     return x
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def pixel_residual_record(unet, scheduler, x_T, steps, chunks):
     """One DDIM chain cut into ``chunks`` equal residuals, noisiest first.
 

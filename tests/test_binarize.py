@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, generate, packed, student_b, train_d
+from pipeline import checkpoint, generate, packed, runtime, student_b, train_d
 from pipeline.binarize import BTrainer
 
 from conftest import assert_one_sentence_error, cli_args, run_cli, tiny_config, tiny_items
@@ -65,6 +65,43 @@ def test_resume_keeps_the_lrm_bases_and_the_learned_scales(small_teacher, with_d
         assert torch.equal(basis, again.bases.state_dict()[name])
     for (_, a), (_, b) in zip(student_b.binary_layers(first.model), student_b.binary_layers(again.model)):
         assert torch.equal(a.scale1, b.scale1) and bool(b.started)
+
+
+def _losses(folder):
+    return [json.loads(line)["loss"] for line in (folder / "stats.jsonl").read_text().splitlines()]
+
+
+def test_d_outputs_kept_in_memory_train_b_exactly_as_d_run_in_every_step(small_teacher, with_d, tmp_path):
+    runs = {}
+    for name, budget in (("kept", 4096), ("live", 0)):
+        cfg = _cfg(small_teacher, with_d, b_run_dir=tmp_path / name, b_train_steps=4, b_checkpoint_every=4,
+                   data_workers=0, b_cache_d_mb=budget)
+        runs[name] = trainer = BTrainer(cfg)
+        trainer.run()
+        assert (trainer.d_outputs is not None) == (budget > 0)
+    assert _losses(tmp_path / "kept") == pytest.approx(_losses(tmp_path / "live"), rel=1e-5)
+    # a looked-up batch is what D computes on those records' x_T
+    kept = runs["kept"]
+    batch = next(iter(kept.batches()))
+    pred, feats = kept.d_outputs.lookup(batch["index"], kept.device)
+    with torch.no_grad(), runtime.autocast(kept.amp, kept.device):  # as the step would run D
+        live = kept.d(batch["x_T"])
+    live_feats = kept.taps_d.take()
+    torch.testing.assert_close(pred["chunks"], live["chunks"], rtol=1e-5, atol=1e-6)
+    assert feats.keys() == live_feats.keys()
+    for name in feats:
+        torch.testing.assert_close(feats[name], live_feats[name], rtol=1e-5, atol=1e-6)
+
+
+def test_d_outputs_over_the_budget_are_computed_in_every_step(small_teacher, with_d, tmp_path, monkeypatch, capsys):
+    from pipeline import d_outputs
+    monkeypatch.setattr(d_outputs, "MB", 1)  # the budget in bytes: smaller than any store
+    cfg = _cfg(small_teacher, with_d, b_run_dir=tmp_path / "b", b_train_steps=2, b_checkpoint_every=2,
+               data_workers=0, b_cache_d_mb=1000)
+    trainer = BTrainer(cfg)
+    trainer.run()
+    said = capsys.readouterr()
+    assert trainer.d_outputs is None and "D runs in every step instead" in said.out + said.err
 
 
 def test_bad_inputs_are_one_sentence(small_teacher, with_d, tmp_path):

@@ -16,6 +16,15 @@ def test_inception_features_and_fid_of_a_set_against_itself(tmp_path):
     assert fid.frechet_distance(feats, fid.extract(features, noise, 3, "noise")) > 10
 
 
+def test_the_fast_inception_path_gives_the_plain_networks_features():
+    """Frozen + channels-last (the default) against the network as published, on the same images."""
+    images = datasets.load_fashion_mnist("/usr/share/datasets/fashion-mnist", "test")[0][:4]
+    fast = fid.extract(fid.InceptionFeatures(channels_last=True), images, 4, "fast")
+    plain = fid.extract(fid.InceptionFeatures(channels_last=False), images, 4, "plain")
+    assert fid.InceptionFeatures(channels_last=True).memory_format == torch.channels_last
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+
+
 def _numpy_frechet(a: np.ndarray, b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), unbiased covariances."""
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
