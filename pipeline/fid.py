@@ -38,7 +38,7 @@ class InceptionFeatures(torch.nn.Module):
     """uint8 images [N, 1|3, H, W] -> 2048-d pool features (float32).
 
     ``channels_last``: the network is frozen (batch norms folded into the convolutions, constants
-    inlined) and run on channels-last tensors, about 1.15x faster on CPU; the features agree with the
+    inlined) and run on channels-last tensors, about 1.1x faster on CPU; the features agree with the
     plain network to ~1e-5 (docs/design.md §13)."""
 
     num_features = 2048

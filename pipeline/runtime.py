@@ -37,7 +37,8 @@ def configure(cfg) -> torch.device:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    print(f"[runtime] device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"[runtime] device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"inference memory={'channels-last' if cfg['channels_last'] else 'contiguous'}")
     return device
 
 

@@ -133,3 +133,18 @@ def test_shard_round_trip_with_plain_numpy_and_zstandard(tmp_path):
         np.testing.assert_array_equal(npz["a"], arrays["a"])
         assert npz["b"].dtype == np.float16
     assert raw[:2] == b"PK"  # a plain (uncompressed) npz inside one zstd frame
+
+
+def test_channels_last_teacher_gives_the_same_records(tiny_cfg):
+    """The inference memory format is a speed choice only: the teacher's chains agree to float rounding."""
+    import torch
+    records = {}
+    for layout in (True, False):
+        gen = generate.Generator(tiny_cfg(channels_last=layout))
+        conv = gen.unet.down_blocks[0].resnets[0].conv1.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == layout
+        records[layout] = gen.records(np.arange(4))
+    for key, value in records[True].items():
+        if value.dtype.kind == "f":
+            np.testing.assert_allclose(value.astype(np.float32), records[False][key].astype(np.float32),
+                                       atol=2e-3, rtol=0)
