@@ -161,7 +161,7 @@ def main():
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
             train = {side: dict(cfg, d_run_dir=str(scratch / f"d-{side}"), b_run_dir=str(scratch / f"b-{side}"),
-                                d_weights=str(students.d_folder(new)), data_workers=new["data_workers"])
+                                d_weights=str(students.d_folder(new)))
                      for side, cfg in cfgs.items()}
             rows = [teacher_sampling(cfgs, args.repeats),
                     training_steps(DTrainer, train, args.steps, args.repeats, "D training step"),
