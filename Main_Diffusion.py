@@ -1,5 +1,6 @@
-"""Prepare the teacher: ``--mode pretrain`` trains a DDPM where none exists, ``--mode sample`` draws
-from a teacher and measures its FID."""
+"""Prepare the teacher: ``--mode pretrain`` trains a DDPM where none exists, ``--mode rectify`` trains
+the rectified latent recurrence (RNet) around it, ``--mode sample`` draws from a teacher and measures
+its FID."""
 import sys
 
 from pipeline import cli
@@ -9,6 +10,16 @@ from pipeline.config import output_dir
 def pretrain(cfg):
     from pipeline import pretrain  # torch and diffusers load only when a stage runs
     pretrain.pretrain(cfg)
+
+
+def rectify(cfg):
+    from pipeline import rectify
+    rectify.rectify(cfg)
+
+
+def _rectify_plan(cfg):
+    from pipeline import rectify
+    return rectify.plan(cfg)
 
 
 def sample(cfg):
@@ -29,6 +40,8 @@ def _sample_plan(cfg):
 MODES = {
     "pretrain": cli.Mode("train a teacher DDPM (diffusers UNet2DModel) on the configured dataset", ("pretrain",),
                          pretrain, _pretrain_plan),
+    "rectify": cli.Mode("train the rectified latent recurrence RNet around the teacher (Rin, R, Rout, X0out)",
+                        ("rectify",), rectify, _rectify_plan),
     "sample": cli.Mode("draw a sample grid from the teacher and measure its FID against the test split",
                        ("teacher_sample",), sample, _sample_plan),
 }

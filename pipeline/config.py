@@ -183,6 +183,16 @@ def _latent_not_built(cfg):
     return None
 
 
+def _ring_fits_the_schedule(cfg):
+    T = cfg["num_train_timesteps"]
+    if cfg["rect_steps"] > T - 1:
+        return f"rect_steps={cfg['rect_steps']} must be at most num_train_timesteps - 1 = {T - 1} (the ring ends at t = 0)"
+    if len(cfg["rect_depth_weights"]) - 1 > cfg["rect_steps"]:
+        return (f"rect_depth_weights={cfg['rect_depth_weights']} reaches depth {len(cfg['rect_depth_weights']) - 1}, "
+                f"beyond the rect_steps={cfg['rect_steps']} of the ring")
+    return None
+
+
 def _beta_order(cfg):
     if cfg["beta_start"] >= cfg["beta_end"]:
         return f"beta_start={cfg['beta_start']} must be below beta_end={cfg['beta_end']}"
@@ -225,7 +235,8 @@ def _any_of(*names):
 RULES = (
     (_any_of("generate", "repair"), _chunks_divide_steps),
     (_any_of("generate", "repair"), _latent_not_built),
-    (_any_of("pretrain", *TEACHER_LOADERS), _beta_order),
+    (_any_of("pretrain", "rectify", *TEACHER_LOADERS), _beta_order),
+    (_any_of("rectify"), _ring_fits_the_schedule),
     (_any_of("pretrain"), _unet_shape),
     (_any_of("eval_d"), _holdout_before_fid),
     # a command that generates and then trains (--mode all): the split must fit the data it will make

@@ -9,7 +9,7 @@ import math
 from typing import Any, Callable, Optional
 
 # Stages, as ``--mode`` names them; "teacher_sample" is Main_Diffusion.py --mode sample.
-DIFFUSION_STAGES = ("pretrain", "teacher_sample")
+DIFFUSION_STAGES = ("pretrain", "rectify", "teacher_sample")
 DISTILL_STAGES = ("generate", "verify", "repair", "export", "import", "train_d", "binarize", "eval_d", "sample")
 STAGES = DIFFUSION_STAGES + DISTILL_STAGES
 EVERY = STAGES
@@ -70,6 +70,10 @@ def _non_empty(value):
     return None if value else "must list at least one value"
 
 
+def _some_weight(value):
+    return None if any(value) else "must give at least one depth a positive weight"
+
+
 def _device_name(value):
     if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
         return None
@@ -90,21 +94,21 @@ class _Table(dict):
 def _what_to_work_on(table):
     table.section = "what to work on"
     table.add("name", "fashion_mnist", EVERY, "run name: output folders are named after it")
-    table.add("dataset", "fashion_mnist", ("pretrain", "teacher_sample", "eval_d"), "image dataset",
+    table.add("dataset", "fashion_mnist", ("pretrain", "rectify", "teacher_sample", "eval_d"), "image dataset",
               choices=("fashion_mnist", "cifar10"))
-    table.add("dataset_dir", "/usr/share/datasets/fashion-mnist", ("pretrain", "teacher_sample", "eval_d"),
+    table.add("dataset_dir", "/usr/share/datasets/fashion-mnist", ("pretrain", "rectify", "teacher_sample", "eval_d"),
               "folder of the dataset's files", folder=".")
-    table.add("teacher_path", "Diffusion/fashion_mnist", ("pretrain", "teacher_sample", "generate", "repair", "train_d",
-                                                           "eval_d"),
+    table.add("teacher_path", "Diffusion/fashion_mnist", ("pretrain", "rectify", "teacher_sample", "generate", "repair",
+                                                           "train_d", "eval_d"),
               "teacher in diffusers layout (<path>/unet, <path>/scheduler)", folder=".")
-    table.add("teacher_hub_id", "", ("teacher_sample", "generate", "repair", "train_d", "eval_d"),
+    table.add("teacher_hub_id", "", ("rectify", "teacher_sample", "generate", "repair", "train_d", "eval_d"),
               "hub id tried when teacher_path holds no weights (\"\" = never)")
 
 
 def _machine(table):
     table.section = "machine"
     table.add("device", "auto", EVERY, "where to run", check=_device_name)
-    table.add("precision", "auto", ("pretrain",) + TRAINING,
+    table.add("precision", "auto", ("pretrain", "rectify") + TRAINING,
               "training autocast (auto: bf16 on a CPU with native bf16 or on a GPU that has it, else fp16 on "
               "CUDA, fp32 elsewhere)",
               choices=("auto", "fp32", "bf16", "fp16"))
@@ -123,7 +127,7 @@ def _pretrain(table):
     table.add("unet_attention_levels", [], pre, "indices of resolution levels with self-attention", range=NON_NEGATIVE)
     table.add("unet_norm_groups", 16, pre, "GroupNorm groups (must divide every level's channels)", range=POSITIVE)
     # a teacher folder without scheduler/ gets its schedule from these keys, in every stage that loads it
-    schedule = pre + TEACHER_LOADERS
+    schedule = pre + ("rectify",) + TEACHER_LOADERS
     table.add("num_train_timesteps", 1000, schedule, "DDPM timesteps T (of a teacher without scheduler/)",
               range=POSITIVE)
     table.add("beta_start", 0.0001, schedule, "first beta of the schedule", range=FRACTION_OPEN)
@@ -135,11 +139,13 @@ def _pretrain(table):
     table.add("lr", 0.0005, pre, "peak learning rate (warm-up, then cosine to 10 %)", range=POSITIVE)
     table.add("lr_warmup_steps", 200, pre, "linear warm-up steps", range=NON_NEGATIVE)
     table.add("weight_decay", 0.0, pre, "AdamW weight decay", range=NON_NEGATIVE)
-    table.add("ema_decay", 0.999, ("pretrain",) + TRAINING, "EMA decay of the exported weights", range=DECAY)
-    table.add("grad_clip", 1.0, ("pretrain",) + TRAINING, "gradient-norm clip", range=POSITIVE)
-    table.add("hflip", True, pre, "random horizontal flips")
+    table.add("ema_decay", 0.999, ("pretrain", "rectify") + TRAINING, "EMA decay of the exported weights", range=DECAY)
+    table.add("grad_clip", 1.0, ("pretrain", "rectify") + TRAINING, "gradient-norm clip", range=POSITIVE)
+    table.add("hflip", True, pre + ("rectify",), "random horizontal flips")
     table.add("checkpoint_every", 250, pre, "steps between checkpoints", range=POSITIVE)
     table.add("sample_every", 1000, pre, "steps between sample grids (0 = never)", range=NON_NEGATIVE)
+    table.add("snapshot_every", 0, pre, "steps between EMA snapshots in teacher layout under <run_dir>/snapshots "
+              "(0 = never; for FID-against-steps curves)", range=NON_NEGATIVE)
     table.add("run_dir", "", pre, "checkpoints and stats (\"\" = Checkpoints/diffusion/<name>)",
               folder="Checkpoints/diffusion")
     table.add("overwrite_teacher", False, pre, "replace an existing teacher at teacher_path")
@@ -188,7 +194,7 @@ def _reference_layout(table):
 
 def _recipe(table, prefix, lr, weight_decay, snapshot):
     """The keys of a student stage's training recipe (``trainer.Recipe`` and the one-cycle schedule)."""
-    stage = {"d": ("train_d",), "b": ("binarize",)}[prefix]
+    stage = {"d": ("train_d",), "b": ("binarize",), "rect": ("rectify",)}[prefix]
     table.add(f"{prefix}_train_steps", 500, stage, "optimizer steps", range=POSITIVE)
     table.add(f"{prefix}_batch_size", 64, stage, "records per step", range=POSITIVE)
     table.add(f"{prefix}_lr", lr, stage, "peak of the one-cycle schedule", range=POSITIVE)
@@ -247,6 +253,33 @@ def _student_b(table):
               range=NON_NEGATIVE)
 
 
+def _rectify(table):
+    table.section = "rectify: the rectified latent recurrence RNet around the teacher (docs/design.md §14)"
+    rect = ("rectify",)
+    table.add("rect_run_dir", "", rect, "\"\" = Checkpoints/rectify/<name>; the EMA RNet in <rect_run_dir>/rnet",
+              folder="Checkpoints/rectify")
+    table.add("rect_steps", 100, rect, "steps of the recurrence, on timesteps T-1 .. 0 evenly spaced (T-1 = all)",
+              range=POSITIVE)
+    table.add("rect_depth_weights", [0, 1], rect, "relative weights of the unroll depth s = 0, 1, 2, ... (one s "
+              "per batch; the reference's step_probs)", range=NON_NEGATIVE, check=_some_weight)
+    table.add("rect_prediction", "v", rect, "what Rout predicts", choices=("v", "eps", "x0"))
+    table.add("rect_teacher", "self", rect, "the chain's teacher: self (the RNet being trained) | ema (its EMA "
+              "weights, copied every step)", choices=("self", "ema"))
+    table.add("rect_lambda_consistency", 5.0, rect, "weight of the latent consistency loss", range=NON_NEGATIVE)
+    table.add("rect_lambda_x0", 1.0, rect, "weight of the X0out auxiliary loss", range=NON_NEGATIVE)
+    table.add("rect_depth_weight", 1.0, rect, "weight w of the unrolled steps: (L_0 + w mean_k L_k) / (1 + w)",
+              range=NON_NEGATIVE)
+    _recipe(table, "rect", lr=0.0002, weight_decay=(0.0001, "AdamW weight decay"), snapshot="the EMA RNet")
+    table.add("rect_rin_blocks", 4, rect, "FiLM blocks of Rin's output adapter", range=NON_NEGATIVE)
+    table.add("rect_r_blocks", 2, rect, "FiLM blocks of each of R's two adapters", range=NON_NEGATIVE)
+    table.add("rect_head_blocks", 4, rect, "FiLM blocks of each read-out head (Rout, X0out)", range=NON_NEGATIVE)
+    table.add("rect_lora", "attention", rect, "teacher layers that get LoRA: attention (q, k, v, out) | resnet "
+              "(every ResNet 3x3 conv) | none", choices=("attention", "resnet", "none"))
+    table.add("rect_lora_rank", 8, rect, "LoRA rank", range=POSITIVE)
+    table.add("rect_lora_alpha", 16.0, rect, "LoRA alpha (scale alpha / rank)", range=POSITIVE)
+    table.add("rect_gate_cap", 0.3, rect, "cap of the step gate s_t = cap * sigmoid(l_t)", range=POSITIVE)
+
+
 def _evaluation(table):
     table.section = "eval_d and sample"
     table.add("d_weights", "", ("binarize", "eval_d", "sample"), "a D folder (\"\" = <d_run_dir>/student)", folder=".")
@@ -256,7 +289,7 @@ def _evaluation(table):
               range=NON_NEGATIVE)
     table.add("eval_dir", "", ("eval_d",), "\"\" = SampledImgs/distill/<name>", folder="SampledImgs/distill")
     table.add("throughput_batch", 64, ("eval_d",), "batch of the images/s measurement", range=POSITIVE)
-    table.add("verify_dataset_md5", True, ("pretrain", "teacher_sample", "eval_d"),
+    table.add("verify_dataset_md5", True, ("pretrain", "rectify", "teacher_sample", "eval_d"),
               "check the published MD5 sums of the image dataset")
     table.add("sample_student", "b", ("sample",), "b (the packed B) | d (the full-precision D)", choices=("b", "d"))
     table.add("sample_first", 0, ("sample",),
@@ -267,8 +300,8 @@ def _evaluation(table):
 
 def _key_table():
     table = _Table()
-    for section in (_what_to_work_on, _machine, _pretrain, _teacher_samples, _generate, _reference_layout, _student_d,
-                    _student_b, _evaluation):
+    for section in (_what_to_work_on, _machine, _pretrain, _rectify, _teacher_samples, _generate, _reference_layout,
+                    _student_d, _student_b, _evaluation):
         section(table)
     return dict(table)
 

@@ -129,3 +129,15 @@ def to_model_range(images_uint8) -> torch.Tensor:
 def to_uint8(images) -> np.ndarray:
     """float [-1, 1] -> uint8 [0, 255], clamped."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def random_batches(images: torch.Tensor, batch_size: int, hflip: bool, generator: torch.Generator):
+    """Endless batches {"x0": images drawn with replacement, flipped left-right at random when ``hflip``};
+    ``generator`` alone decides them, so a run that saves its state resumes the same sequence."""
+    while True:
+        idx = torch.randint(len(images), (batch_size,), generator=generator)
+        x0 = images[idx]
+        if hflip:
+            flip = torch.rand(len(x0), generator=generator) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        yield {"x0": x0}

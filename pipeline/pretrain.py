@@ -62,14 +62,8 @@ class Trainer(trainer.Trainer):
         self.batch_rng.set_state(state["batch_rng"])
 
     def batches(self):
-        """Random training images (with replacement), flipped at random; the generator is in the checkpoint."""
-        while True:
-            idx = torch.randint(len(self.data), (self.cfg["batch_size"],), generator=self.batch_rng)
-            x0 = self.data[idx]
-            if self.cfg["hflip"]:
-                flip = torch.rand(len(x0), generator=self.batch_rng) < 0.5
-                x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
-            yield {"x0": x0}
+        """Random training images, flipped at random; the generator is in the checkpoint."""
+        return datasets.random_batches(self.data, self.cfg["batch_size"], self.cfg["hflip"], self.batch_rng)
 
     def loss(self, batch):
         """Epsilon prediction at a uniform timestep (Ho et al. 2020, eq. 14)."""
@@ -85,6 +79,8 @@ class Trainer(trainer.Trainer):
     def periodic(self):
         if self.cfg["sample_every"] and self.step % self.cfg["sample_every"] == 0:
             self.sample_grid()
+        if self.cfg["snapshot_every"] and self.step % self.cfg["snapshot_every"] == 0:
+            self.snapshot()
 
     def finish(self):
         self.export()
@@ -98,6 +94,13 @@ class Trainer(trainer.Trainer):
         x_T = torch.randn(64, *self.data.shape[1:], generator=torch.Generator().manual_seed(0)).to(self.device)
         x0 = ddim_sample(unet, teachers.ddim_scheduler(self.scheduler), x_T, 50)
         images.save_grid(datasets.to_uint8(x0), self.run_dir / "samples" / f"step-{self.step:06d}.png")
+
+    def snapshot(self):
+        """The EMA weights at this step as a teacher folder, so that ``--mode sample teacher_path=...``
+        scores it: one run gives the FID-against-steps curve."""
+        folder = self.run_dir / "snapshots" / f"step-{self.step:06d}"
+        teachers.save_teacher(self.ema_unet().cpu(), self.scheduler, folder,
+                              extra_files={"pretrain_config.json": {**self.cfg, "snapshot_step": self.step}})
 
     def export(self):
         teachers.save_teacher(self.ema_unet().cpu(), self.scheduler, self.teacher_dir,

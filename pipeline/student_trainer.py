@@ -7,12 +7,11 @@ lr / 1e8, as the reference). A run records which data it reads (generator finger
 sha256), and resuming on data that grew or changed is refused. The EMA student is exported at every
 checkpoint, and every ``snapshot_every`` steps into ``snapshots/``.
 """
-import torch
 
 from . import teacher_data
 from .config import output_dir
 from .errors import UserError
-from .trainer import Recipe, Trainer
+from .trainer import Recipe, Trainer, one_cycle
 
 DATA_KEYS = ("teacher_sha256", "space", "steps", "chunks", "T", "image_shape", "latent_channels", "percentile", "seed")
 
@@ -20,14 +19,6 @@ DATA_KEYS = ("teacher_sha256", "space", "steps", "chunks", "T", "image_shape", "
 def data_fingerprint(manifest) -> dict:
     generator = manifest.data["generator"]
     return {k: generator.get(k) for k in DATA_KEYS}
-
-
-def one_cycle(opt, train_steps: int, lr: float, warmup_fraction: float):
-    # torch needs at least one step in each phase: very short (test) runs get a longer warm-up share
-    total = max(train_steps, 4)
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=total, pct_start=max(warmup_fraction, 2.0 / total),
-        anneal_strategy="cos", div_factor=1e4, final_div_factor=1e4)
 
 
 class StudentTrainer(Trainer):

@@ -212,13 +212,13 @@ def read_safetensors(path):
     return tensors, metadata, len(data)
 
 
-def verify_checksum(path, metadata: dict, expected: str, redo: str) -> None:
+def verify_checksum(path, metadata: dict, expected: str, redo: str, config_name: str = CONFIG_FILE) -> None:
     """One sentence unless the file's stored checksum is ``expected``."""
     stored = metadata.get("sha256")
     if stored is None:
         raise UserError(f"{path} carries no checksum (written by an older version); {redo}")
     if stored != expected:
-        raise UserError(f"{path} or the {CONFIG_FILE} beside it was changed or damaged after it was written "
+        raise UserError(f"{path} or the {config_name} beside it was changed or damaged after it was written "
                         f"(checksum mismatch); restore the folder or {redo}")
 
 

@@ -39,6 +39,15 @@ class Recipe:
         return cls(stage, *(cfg[f"{prefix}{name}"] for name in names))
 
 
+def one_cycle(opt, train_steps: int, lr: float, warmup_fraction: float):
+    """The reference's one-cycle schedule: cosine, from lr / 1e4 up to lr and down to lr / 1e8."""
+    # torch needs at least one step in each phase: very short (test) runs get a longer warm-up share
+    total = max(train_steps, 4)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=total, pct_start=max(warmup_fraction, 2.0 / total),
+        anneal_strategy="cos", div_factor=1e4, final_div_factor=1e4)
+
+
 class Trainer:
     """Subclasses set ``run_keys`` and implement the stage's hooks below."""
 
@@ -55,7 +64,7 @@ class Trainer:
         self.model = self.build_model().to(self.device).train()
         self.opt = torch.optim.AdamW(self.parameter_groups(), lr=recipe.lr, weight_decay=recipe.weight_decay)
         self.schedule = self.make_schedule()
-        self.ema = EMAModel(self.model.parameters(), decay=cfg["ema_decay"], use_ema_warmup=True,
+        self.ema = EMAModel(self.ema_parameters(self.model), decay=cfg["ema_decay"], use_ema_warmup=True,
                             power=self.ema_power)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.step = 0  # a subclass calls resume() once its own state exists
@@ -66,6 +75,10 @@ class Trainer:
 
     def parameter_groups(self):
         return self.model.parameters()
+
+    def ema_parameters(self, model) -> list:
+        """The parameters the EMA averages (a frozen teacher inside the model need not be copied)."""
+        return list(model.parameters())
 
     def make_schedule(self):
         raise NotImplementedError
@@ -143,7 +156,7 @@ class Trainer:
     def ema_model(self, fresh_model):
         """``fresh_model`` (same architecture, not the training model) holding the EMA weights."""
         fresh_model.load_state_dict(self.model.state_dict())
-        self.ema.copy_to(fresh_model.parameters())
+        self.ema.copy_to(self.ema_parameters(fresh_model))
         return fresh_model.eval()
 
     def train_step(self, batch) -> dict:
@@ -157,7 +170,7 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.schedule.step()
-        self.ema.step(self.model.parameters())
+        self.ema.step(self.ema_parameters(self.model))
         self.step += 1
         return {"loss": loss.item(), **logged, "grad_norm": float(grad_norm), **self.after_step()}
 

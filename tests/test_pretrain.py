@@ -67,3 +67,14 @@ def test_learning_rate_warms_up_then_decays():
     cfg = config.resolve("fashion_mnist")
     assert learning_rate(cfg, 0) < learning_rate(cfg, cfg["lr_warmup_steps"]) == cfg["lr"]
     assert abs(learning_rate(cfg, cfg["train_steps"]) - 0.1 * cfg["lr"]) < 1e-12
+
+
+def test_snapshots_are_teachers_that_load_with_their_step(tmp_path):
+    Trainer(_cfg(tmp_path, train_steps=4, snapshot_every=2)).run()
+    snapshots = sorted((tmp_path / "run" / "snapshots").iterdir())
+    assert [s.name for s in snapshots] == ["step-000002", "step-000004"]
+    first, _, _ = teachers.load_teacher(_cfg(tmp_path, teacher_path=snapshots[0]))
+    last, _, _ = teachers.load_teacher(_cfg(tmp_path, teacher_path=snapshots[1]))
+    exported, _, _ = teachers.load_teacher(_cfg(tmp_path))
+    assert teachers.weights_sha256(last) == teachers.weights_sha256(exported) != teachers.weights_sha256(first)
+    assert json.loads((snapshots[0] / "pretrain_config.json").read_text())["snapshot_step"] == 2

@@ -1,0 +1,208 @@
+"""``Main_Diffusion.py --mode rectify``: train the rectified latent recurrence RNet (docs/design.md §14).
+
+One step: a depth s is drawn from ``rect_depth_weights`` (one per batch), and per image a start τ_i on
+the ring's grid with i + s within it; x_t = c0·x0 + c1·ε at τ_i. The chain's teacher (the RNet itself,
+or its EMA weights) runs s DDIM steps (η = 0) from x_t along the grid, giving its latents
+z̃_k = Rin(x̃_k, τ_{i+k}), predictions and x0 read-outs. The student unrolls z_0 = Rin(x_t, τ_i),
+z_k = R(z_{k-1}, τ_{i+k-1}) and is trained on
+
+  L = L_main + λ_cons · mean_k MSE(z_k, z̃_k) + λ_x0 · L_x0,
+  L_main = (L_0 + w · mean_{k≥1} L_k) / (1 + w),
+
+where L_0 compares Rout(z_0, τ_i) with the exact target (v, ε or x0 of the drawn x0 and ε), L_k with
+the teacher's prediction at x̃_k, and L_x0 combines X0out's losses the same way (against x0, then the
+teacher's read-outs). Everything else (AdamW, one-cycle schedule, EMA, clipping, autocast, resume,
+stats.jsonl, SIGTERM) is the shared training loop's.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from . import datasets, images, rnet, rnet_files, ring, runtime, teachers, trainer
+from .config import output_dir
+from .errors import UserError
+
+# keys whose change makes a saved run another experiment (a resume with any other value is refused)
+RUN_KEYS = ("dataset", "seed", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "hflip", "ema_decay",
+            "grad_clip", "rect_steps", "rect_depth_weights", "rect_prediction", "rect_teacher",
+            "rect_lambda_consistency", "rect_lambda_x0", "rect_depth_weight", "rect_batch_size", "rect_lr",
+            "rect_lr_warmup_fraction", "rect_weight_decay", "rect_train_steps", "rect_rin_blocks", "rect_r_blocks",
+            "rect_head_blocks", "rect_lora", "rect_lora_rank", "rect_lora_alpha", "rect_gate_cap")
+
+
+def rnet_settings(cfg, T: int) -> dict:
+    return {"T": T, "rin_blocks": cfg["rect_rin_blocks"], "r_blocks": cfg["rect_r_blocks"],
+            "head_blocks": cfg["rect_head_blocks"], "lora_target": cfg["rect_lora"], "lora_rank": cfg["rect_lora_rank"],
+            "lora_alpha": cfg["rect_lora_alpha"], "gate_cap": cfg["rect_gate_cap"]}
+
+
+def counts_line(net) -> str:
+    trainable, total = rnet.parameter_counts(net)
+    return f"{trainable:,} trainable of {total:,} parameters"
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+class RectifyTrainer(trainer.Trainer):
+    run_keys = RUN_KEYS
+
+    def __init__(self, cfg):
+        self.teacher, ddpm, self.teacher_source = teachers.load_teacher(cfg)
+        self.teacher_sha256 = teachers.weights_sha256(self.teacher)
+        self.data = datasets.to_model_range(datasets.load_images(cfg, "train"))
+        if list(self.data.shape[1:]) != [self.teacher.config.in_channels] + [self.teacher.config.sample_size] * 2:
+            raise UserError(f"the teacher in {self.teacher_source} makes {self.teacher.config.in_channels}-channel "
+                            f"{self.teacher.config.sample_size}px images but {cfg['dataset']} has shape "
+                            f"{list(self.data.shape[1:])}; rectify a teacher of this dataset")
+        self.T = ddpm.config.num_train_timesteps
+        self.batch_rng = torch.Generator().manual_seed(cfg["seed"])
+        super().__init__(cfg, trainer.Recipe.from_config(cfg, "rect_", "rectify"), output_dir(cfg, "rect_run_dir"))
+        self.alphas_cumprod = ddpm.alphas_cumprod.to(self.device)
+        self.grid = ring.ring_timesteps(self.T, cfg["rect_steps"]).to(self.device)
+        weights = torch.tensor(cfg["rect_depth_weights"], dtype=torch.float64)
+        self.depth_probs = weights / weights.sum()
+        self.chain_teacher = self.model
+        if cfg["rect_teacher"] == "ema":
+            # same requires_grad flags as the model, so that ema_parameters pairs them; used under no_grad only
+            self.chain_teacher = copy.deepcopy(self.model)
+        print(f"[rectify] RNet around {self.teacher_source}: {counts_line(self.model)}; ring of "
+              f"{cfg['rect_steps']} steps; autocast={self.amp or 'off (fp32)'}", flush=True)
+        self.resume()
+        self.after_step()  # an EMA teacher starts from the (resumed) EMA weights
+
+    # --- the stage's model and data
+    def build_model(self):
+        return rnet.RNet(self.teacher, **rnet_settings(self.cfg, self.T))
+
+    def parameter_groups(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def ema_parameters(self, model) -> list:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def make_schedule(self):
+        return trainer.one_cycle(self.opt, self.recipe.train_steps, self.recipe.lr, self.cfg["rect_lr_warmup_fraction"])
+
+    def record(self):
+        return dict(super().record(), teacher=self.teacher_source, teacher_sha256=self.teacher_sha256)
+
+    def check_resume(self, saved_record):
+        if saved_record.get("teacher_sha256") != self.teacher_sha256:
+            raise UserError(f"{self.run_dir} rectifies another teacher than {self.teacher_source}; use another "
+                            f"rect_run_dir or the teacher it was started with")
+
+    def extra_state(self):
+        return {"batch_rng": self.batch_rng.get_state()}
+
+    def load_extra_state(self, state):
+        self.batch_rng.set_state(state["batch_rng"])
+
+    def batches(self):
+        return datasets.random_batches(self.data, self.recipe.batch_size, self.cfg["hflip"], self.batch_rng)
+
+    # --- the loss
+    @torch.no_grad()
+    def teacher_chain(self, x_t, times):
+        """The teacher's latents, predictions and x0 read-outs at x̃_0 .. x̃_s (DDIM along ``times``)."""
+        net, prediction, out = self.chain_teacher, self.cfg["rect_prediction"], {"z": [], "pred": [], "x0": []}
+        x = x_t
+        for k, t in enumerate(times):
+            z = net.rin(x, t)
+            pred = net.rout(z, t).float()
+            out["z"].append(z.float())
+            out["pred"].append(pred)
+            out["x0"].append(net.x0out(z, t).float() if self.cfg["rect_lambda_x0"] else None)
+            if k + 1 < len(times):
+                eps, x0 = ring.eps_and_x0(prediction, pred, x, *ring.coefficients(self.alphas_cumprod, t))
+                c0, c1 = ring.coefficients(self.alphas_cumprod, times[k + 1])
+                x = c0 * x0 + c1 * eps
+        return out
+
+    def loss(self, batch):
+        x0 = batch["x0"]
+        depth = int(torch.multinomial(self.depth_probs, 1))
+        start = torch.randint(0, len(self.grid) - depth, (len(x0),), device=self.device)
+        times = [self.grid[start + k] for k in range(depth + 1)]
+        eps = torch.randn_like(x0)
+        c0, c1 = ring.coefficients(self.alphas_cumprod, times[0])
+        x_t = c0 * x0 + c1 * eps
+        with runtime.autocast(self.amp, self.device):
+            chain = self.teacher_chain(x_t, times) if depth else None
+            parts = self.unroll(x_t, times, chain, ring.target(self.cfg["rect_prediction"], x0, eps, c0, c1), x0)
+        w = self.cfg["rect_depth_weight"]
+
+        def combine(losses):
+            return losses[0] if len(losses) == 1 else (losses[0] + w * mean(losses[1:])) / (1 + w)
+
+        total = combine(parts["main"])
+        logged = {"main": total.item(), "depth": depth}
+        if parts["x0"]:
+            x0_loss = combine(parts["x0"])
+            total = total + self.cfg["rect_lambda_x0"] * x0_loss
+            logged["x0"] = x0_loss.item()
+        if parts["consistency"]:
+            consistency = mean(parts["consistency"])
+            total = total + self.cfg["rect_lambda_consistency"] * consistency
+            logged["consistency"] = consistency.item()
+        return total, logged
+
+    def unroll(self, x_t, times, chain, target_0, x0):
+        """The student's losses at depths 0..s: main, x0 read-out, latent consistency (k ≥ 1)."""
+        net, parts = self.model, {"main": [], "x0": [], "consistency": []}
+        z = net.rin(x_t, times[0])
+        for k, t in enumerate(times):
+            if k:
+                z = net.r(z, times[k - 1])
+                parts["consistency"].append(F.mse_loss(z.float(), chain["z"][k]))
+            parts["main"].append(F.mse_loss(net.rout(z, t).float(), chain["pred"][k] if k else target_0))
+            if self.cfg["rect_lambda_x0"]:
+                parts["x0"].append(F.mse_loss(net.x0out(z, t).float(), chain["x0"][k] if k else x0))
+        return parts
+
+    # --- what the run writes
+    def after_step(self):
+        if self.chain_teacher is not self.model:
+            self.ema.copy_to(self.ema_parameters(self.chain_teacher))
+        return {}
+
+    def ema_rnet(self):
+        return self.ema_model(rnet.RNet(self.teacher, **rnet_settings(self.cfg, self.T)).to(self.device))
+
+    def export(self, net, folder):
+        rnet_files.save_rnet(net, folder, self.teacher_sha256, self.cfg["rect_steps"], self.cfg["rect_prediction"])
+
+    def on_checkpoint(self):
+        self.export(self.ema_rnet(), self.run_dir / "rnet")
+
+    def periodic(self):
+        every = self.cfg["rect_snapshot_every"]
+        if every and self.step % every == 0:
+            folder = self.run_dir / "snapshots" / f"step-{self.step:06d}"
+            net = self.ema_rnet()
+            self.export(net, folder)
+            self.sample_grid(net, folder / "grid.png")
+
+    def sample_grid(self, net, path):
+        shape = [self.teacher.config.in_channels] + [self.teacher.config.sample_size] * 2
+        x_T = torch.randn([64] + shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+        images.save_grid(datasets.to_uint8(ring.ring_sample(net, x_T, self.grid)), path)
+
+    def finish(self):
+        print(f"[rectify] EMA RNet written to {self.run_dir / 'rnet'}")
+        return self.run_dir / "rnet"
+
+
+def rectify(cfg):
+    RectifyTrainer(cfg).run()
+
+
+def plan(cfg) -> list:
+    """--dry-run: what would train, with the RNet's parameter counts (built around the teacher)."""
+    teacher, ddpm, source = teachers.load_teacher(cfg)
+    net = rnet.RNet(teacher, **rnet_settings(cfg, ddpm.config.num_train_timesteps))
+    return [f"would rectify {source}: RNet with {counts_line(net)}",
+            f"would train {cfg['rect_train_steps']} steps at batch {cfg['rect_batch_size']} on a ring of "
+            f"{cfg['rect_steps']} steps (checkpoints in {output_dir(cfg, 'rect_run_dir')})"]

@@ -1,0 +1,53 @@
+"""The rectified teacher's time grid, its prediction types and the ring sampler (docs/design.md §14).
+
+The recurrence runs on ``steps`` + 1 DDPM timesteps τ_0 = T−1 > τ_1 > … > τ_steps = 0 (all T of them
+when steps = T−1); R(z, τ_i) maps the latent at τ_i to τ_{i+1}. The ring sampler is
+z = Rin(x_T, τ_0), then ``steps`` calls of R, then the image X0out(z, 0): R is never applied at t = 0,
+whose successor does not exist on the grid (the reference applies one R step too many there).
+"""
+import torch
+
+PREDICTIONS = ("v", "eps", "x0")
+
+
+def ring_timesteps(T: int, steps: int) -> torch.Tensor:
+    """[steps + 1] int64, from T−1 down to 0, evenly spaced (rounded)."""
+    if not 1 <= steps <= T - 1:
+        raise ValueError(f"the ring needs 1..{T - 1} steps on a {T}-step schedule, not {steps}")
+    return torch.round(torch.linspace(T - 1, 0, steps + 1, dtype=torch.float64)).long()
+
+
+def target(prediction: str, x0, eps, c0, c1):
+    """What a head predicting ``prediction`` is trained towards: v = c0·ε − c1·x0 (Salimans & Ho 2022,
+    §4), ε or x0; c0 = sqrt(ᾱ_t), c1 = sqrt(1 − ᾱ_t), broadcast [B, 1, 1, 1]."""
+    return {"v": lambda: c0 * eps - c1 * x0, "eps": lambda: eps, "x0": lambda: x0}[prediction]()
+
+
+def eps_and_x0(prediction: str, output, x_t, c0, c1):
+    """(ε̂, x̂0) from a head's output at x_t = c0·x0 + c1·ε."""
+    if prediction == "v":
+        return c1 * x_t + c0 * output, c0 * x_t - c1 * output
+    if prediction == "eps":
+        return output, (x_t - c1 * output) / c0
+    return (x_t - c0 * output) / c1, output
+
+
+def coefficients(alphas_cumprod, t):
+    """(c0, c1) at timesteps t, [B, 1, 1, 1]."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt(), (1 - a).sqrt()
+
+
+@torch.no_grad()
+def ring_sample(rnet, x_T, timesteps, *, callback=None):
+    """Image from x_T through the latent recurrence: X0out(R^steps(Rin(x_T, τ_0)), 0), clamped to [−1, 1].
+
+    ``callback(i, z)`` sees the latent after step i (at τ_{i+1}); ``generate`` cuts the chunks there.
+    """
+    batch = len(x_T)
+    z = rnet.rin(x_T, timesteps[0].expand(batch).to(x_T.device))
+    for i in range(len(timesteps) - 1):
+        z = rnet.r(z, timesteps[i].expand(batch).to(x_T.device))
+        if callback is not None:
+            callback(i, z)
+    return rnet.x0out(z, torch.zeros(batch, dtype=torch.long, device=x_T.device)).clamp(-1, 1)

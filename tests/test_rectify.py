@@ -1,0 +1,97 @@
+"""Main_Diffusion.py --mode rectify: the ring's grid and prediction types, a short run that resumes and
+exports a loadable RNet, the EMA teacher that really updates, and the refusals."""
+import json
+
+import pytest
+import torch
+
+from pipeline import config, ring, rnet_files, teachers
+from pipeline.errors import UserError
+from pipeline.rectify import RectifyTrainer
+
+from conftest import assert_one_sentence_error, run_cli
+
+SMALL = {"rect_steps": 5, "rect_depth_weights": "0,1,1", "rect_batch_size": 4, "rect_rin_blocks": 1,
+         "rect_r_blocks": 1, "rect_head_blocks": 1, "rect_checkpoint_every": 2, "rect_lora": "resnet",
+         "rect_lora_rank": 2}
+
+
+def _items(teacher, tmp_path, **extra):
+    return {"teacher_path": teacher, "rect_run_dir": tmp_path / "run", **SMALL, **extra}
+
+
+def _cfg(teacher, tmp_path, **extra):
+    return config.resolve("tiny", [f"{k}={v}" for k, v in _items(teacher, tmp_path, **extra).items()])
+
+
+def test_ring_grid_runs_from_T_minus_1_to_0():
+    grid = ring.ring_timesteps(1000, 50)
+    assert grid[0] == 999 and grid[-1] == 0 and len(grid) == 51 and bool((grid[1:] < grid[:-1]).all())
+    assert torch.equal(ring.ring_timesteps(1000, 999), torch.arange(999, -1, -1))
+    with pytest.raises(ValueError):
+        ring.ring_timesteps(1000, 1000)
+
+
+@pytest.mark.parametrize("prediction", ring.PREDICTIONS)
+def test_each_prediction_type_gives_back_eps_and_x0(prediction):
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    a = torch.tensor([0.99, 0.5, 0.01]).view(-1, 1, 1, 1)
+    c0, c1 = a.sqrt(), (1 - a).sqrt()
+    x_t = c0 * x0 + c1 * eps
+    eps_hat, x0_hat = ring.eps_and_x0(prediction, ring.target(prediction, x0, eps, c0, c1), x_t, c0, c1)
+    torch.testing.assert_close(eps_hat, eps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
+
+
+class _InterruptedAfterStep2(RectifyTrainer):
+    def periodic(self):
+        if self.step == 2:
+            raise KeyboardInterrupt  # as Ctrl-C / SIGTERM reach the loop
+
+
+def test_rectify_trains_resumes_and_exports_an_rnet_that_loads(small_teacher, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _InterruptedAfterStep2(_cfg(small_teacher, tmp_path, rect_train_steps=4)).run()
+    trainer = RectifyTrainer(_cfg(small_teacher, tmp_path, rect_train_steps=4))
+    assert trainer.step == 2
+    trainer.run()
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert stats[-1]["step"] == 4 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in stats)
+    teacher, _, _ = teachers.load_teacher(trainer.cfg)
+    net, meta = rnet_files.load_rnet(tmp_path / "run" / "rnet", teacher, teachers.weights_sha256(teacher), steps=5)
+    assert meta["prediction"] == "v" and meta["steps"] == 5
+    expected = trainer.ema_rnet()
+    x_T, grid = torch.randn(2, 1, 32, 32), ring.ring_timesteps(1000, 5)
+    torch.testing.assert_close(ring.ring_sample(net, x_T, grid), ring.ring_sample(expected, x_T, grid))
+    # only what differs from the teacher is stored
+    stored = (tmp_path / "run" / "rnet" / rnet_files.WEIGHTS_FILE).stat().st_size
+    assert stored < 4 * sum(p.numel() for p in net.parameters())
+    with pytest.raises(UserError, match="another teacher"):
+        rnet_files.load_rnet(tmp_path / "run" / "rnet", teacher, "0" * 64)
+    with pytest.raises(UserError, match="ring steps"):
+        rnet_files.load_rnet(tmp_path / "run" / "rnet", teacher, teachers.weights_sha256(teacher), steps=10)
+
+
+def test_the_ema_teacher_follows_the_ema_weights(small_teacher, tmp_path):
+    trainer = RectifyTrainer(_cfg(small_teacher, tmp_path, rect_train_steps=4, rect_lr=0.1, rect_teacher="ema"))
+    before = [p.clone() for p in trainer.ema_parameters(trainer.chain_teacher)]
+    trainer.run()
+    after = trainer.ema_parameters(trainer.chain_teacher)
+    assert len(after) == len(trainer.ema.shadow_params) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    for teacher_p, ema_p in zip(after, trainer.ema.shadow_params):
+        torch.testing.assert_close(teacher_p, ema_p)
+
+
+def test_rectify_cli_prints_counts_and_refuses_bad_input(small_teacher, tmp_path):
+    args = [f"{k}={v}" for k, v in _items(small_teacher, tmp_path, rect_train_steps=1).items()]
+    result = run_cli("Main_Diffusion.py", "--mode", "rectify", "--config", "tiny", "--dry-run", *args)
+    assert result.returncode == 0 and "trainable of" in result.stdout, result.stderr
+    result = run_cli("Main_Diffusion.py", "--mode", "rectify", "--config", "tiny", *args)
+    assert result.returncode == 0 and "trainable of" in result.stdout, result.stderr
+    changed = run_cli("Main_Diffusion.py", "--mode", "rectify", "--config", "tiny", *args, "rect_lr=0.001")
+    assert_one_sentence_error(changed, "rect_lr")
+    too_many = run_cli("Main_Diffusion.py", "--mode", "rectify", "--config", "tiny", *args, "rect_steps=1000")
+    assert_one_sentence_error(too_many, "rect_steps")
+    deep = run_cli("Main_Diffusion.py", "--mode", "rectify", "--config", "tiny", *args, "rect_steps=1")
+    assert_one_sentence_error(deep, "rect_depth_weights")
