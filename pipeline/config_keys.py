@@ -163,6 +163,8 @@ def _teacher_samples(table):
               "Inception features of dataset images, computed once", folder=".")
     table.add("samples_dir", "", ("teacher_sample",), "\"\" = SampledImgs/diffusion/<name>",
               folder="SampledImgs/diffusion")
+    table.add("rnet_path", "", ("teacher_sample",), "an RNet folder (rectify's <rect_run_dir>/rnet): its ring sampler "
+              "is scored beside the DDIM teacher (\"\" = none)", folder=".")
 
 
 def _generate(table):

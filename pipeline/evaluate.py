@@ -15,7 +15,6 @@ side by side, report.json and report.md (rendered by ``report``).
 """
 import io
 import json
-import time
 
 import numpy as np
 import torch
@@ -65,19 +64,6 @@ def one_step_images(model, x_T, batch_size, device, label="D"):
     return torch.cat(out)
 
 
-def seconds_per_call(fn, repeats, warm_up=True):
-    """The fastest of ``repeats`` timed calls after a warm-up (first calls allocate): the least
-    disturbed by other work on the machine."""
-    if warm_up:
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
 @torch.inference_mode()
 def throughput(models: dict, teacher, ddpm, x_T, steps, device) -> dict:
     """Images/s of each student's single call and of the teacher's full DDIM chain on the same batch,
@@ -87,15 +73,15 @@ def throughput(models: dict, teacher, ddpm, x_T, steps, device) -> dict:
     def finished(fn):  # CUDA calls return before the work is done
         return lambda: (fn(), torch.cuda.synchronize(device) if device.type == "cuda" else None)
 
-    call_seconds = seconds_per_call(finished(lambda: teacher(x, int(ddpm.config.num_train_timesteps) - 1)),
+    call_seconds = runtime.seconds_per_call(finished(lambda: teacher(x, int(ddpm.config.num_train_timesteps) - 1)),
                                     THROUGHPUT_REPEATS)
     scheduler = teachers.ddim_scheduler(ddpm)
-    chain_seconds = seconds_per_call(finished(lambda: ddim_sample(teacher, scheduler, x, steps)), repeats=1,
+    chain_seconds = runtime.seconds_per_call(finished(lambda: ddim_sample(teacher, scheduler, x, steps)), repeats=1,
                                      warm_up=False)  # the single-call timing above warmed the teacher
     speed = {"batch": len(x), "device": str(device), "threads": torch.get_num_threads(),
              "teacher_images_per_s": len(x) / chain_seconds, "teacher_steps": steps}
     for key, model in models.items():
-        seconds = seconds_per_call(finished(lambda: students.one_step(model, x)), THROUGHPUT_REPEATS)
+        seconds = runtime.seconds_per_call(finished(lambda: students.one_step(model, x)), THROUGHPUT_REPEATS)
         speed[key] = {"images_per_s": len(x) / seconds, "speedup": chain_seconds / seconds,
                       "cost_in_teacher_calls": seconds / call_seconds}
     return speed

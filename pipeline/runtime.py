@@ -1,5 +1,6 @@
 """Backend switches in one place: device, threads, autocast precision. Each choice is logged once."""
 import contextlib
+import time
 from pathlib import Path
 
 import torch
@@ -62,3 +63,16 @@ def autocast(dtype, device: torch.device):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seconds_per_call(fn, repeats, warm_up=True):
+    """The fastest of ``repeats`` timed calls after a warm-up (first calls allocate): the least
+    disturbed by other work on the machine."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)

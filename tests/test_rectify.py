@@ -95,3 +95,23 @@ def test_rectify_cli_prints_counts_and_refuses_bad_input(small_teacher, tmp_path
     assert_one_sentence_error(too_many, "rect_steps")
     deep = run_cli("Main_Diffusion.py", "--mode", "rectify", "--config", "tiny", *args, "rect_steps=1")
     assert_one_sentence_error(deep, "rect_depth_weights")
+
+
+def test_sample_mode_scores_the_ring_sampler_beside_the_ddim_teacher(small_teacher, tmp_path):
+    from safetensors.torch import save_file
+    RectifyTrainer(_cfg(small_teacher, tmp_path, rect_train_steps=2)).run()
+    cache = tmp_path / "fid"
+    cache.mkdir()
+    # the reference set's features are derived data: stand-ins spare the test 10,000 Inception calls
+    save_file({"features": torch.randn(10000, 2048)}, cache / "fashion_mnist-test-10000.safetensors")
+    args = ["--mode", "sample", "--config", "tiny", f"teacher_path={small_teacher}", f"fid_cache_dir={cache}",
+            f"samples_dir={tmp_path / 'samples'}", "fid_samples=4", "sample_count=4", "steps=5"]
+    result = run_cli("Main_Diffusion.py", *args, f"rnet_path={tmp_path / 'run' / 'rnet'}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "samples" / "report.json").read_text())
+    assert report["ring"]["fid"] > 0 and report["fid"] > 0 and report["ring"]["cost_per_step_in_teacher_calls"] > 0
+    assert (tmp_path / "samples" / "ring_grid.png").is_file() and "ring sampler FID" in result.stdout
+    other_steps = run_cli("Main_Diffusion.py", *args[:-1], "steps=6", f"rnet_path={tmp_path / 'run' / 'rnet'}")
+    assert_one_sentence_error(other_steps, "ring steps")
+    missing = run_cli("Main_Diffusion.py", *args, f"rnet_path={tmp_path}")
+    assert_one_sentence_error(missing, "--mode rectify")
