@@ -176,10 +176,10 @@ def _chunks_divide_steps(cfg):
     return None
 
 
-def _latent_not_built(cfg):
-    if cfg["space"] == "latent":
-        return ("space=latent needs the rectified latent recurrence (Main_Diffusion.py --mode rectify), which is "
-                "not built yet; use space=pixel")
+def _latent_needs_rnet(cfg):
+    if cfg["space"] == "latent" and not cfg["rnet_path"]:
+        return ("space=latent needs the rectified teacher: train one with 'Main_Diffusion.py --mode rectify' and set "
+                "rnet_path= to its rnet folder")
     return None
 
 
@@ -234,7 +234,7 @@ def _any_of(*names):
 # Rules between keys: (does it apply to the stages of this command, rule returning what is wrong or None).
 RULES = (
     (_any_of("generate", "repair"), _chunks_divide_steps),
-    (_any_of("generate", "repair"), _latent_not_built),
+    (_any_of("generate", "repair"), _latent_needs_rnet),
     (_any_of("pretrain", "rectify", *TEACHER_LOADERS), _beta_order),
     (_any_of("rectify"), _ring_fits_the_schedule),
     (_any_of("pretrain"), _unet_shape),

@@ -163,14 +163,16 @@ def _teacher_samples(table):
               "Inception features of dataset images, computed once", folder=".")
     table.add("samples_dir", "", ("teacher_sample",), "\"\" = SampledImgs/diffusion/<name>",
               folder="SampledImgs/diffusion")
-    table.add("rnet_path", "", ("teacher_sample",), "an RNet folder (rectify's <rect_run_dir>/rnet): its ring sampler "
-              "is scored beside the DDIM teacher (\"\" = none)", folder=".")
+    table.add("rnet_path", "", ("teacher_sample", "generate", "repair"), "an RNet folder (rectify's "
+              "<rect_run_dir>/rnet): the latent-space teacher of generate, scored beside the DDIM teacher by sample "
+              "(\"\" = none)", folder=".")
 
 
 def _generate(table):
     table.section = "generate: offline teacher data"
     gen = ("generate", "repair")
-    table.add("space", "pixel", gen, "trajectory space (latent needs --mode rectify, not built yet)",
+    table.add("space", "pixel", gen, "trajectory space: pixel (DDIM chains) | latent (the ring of the RNet at "
+              "rnet_path; steps = its ring steps)",
               choices=("pixel", "latent"))
     table.add("steps", 100, gen + ("teacher_sample", "eval_d"),
               "deterministic DDIM steps (eta = 0); eval_d times the teacher with them on imported data", range=POSITIVE)

@@ -15,15 +15,15 @@ import torch
 import zstandard
 from tqdm import tqdm
 
-from . import atomic, config, quant, runtime, store, teachers
-from .config import output_dir
+from . import atomic, config, quant, ring, rnet_files, runtime, store, teachers
+from .config import output_dir, project_path
 from .errors import UserError
 from .trajectory import draw_x_T, pixel_residual_record
 
 # Keys of the generator config that decide the content of a record: a folder made with other
 # values cannot be extended or resumed.
 CONTENT_KEYS = ("teacher_sha256", "space", "steps", "chunks", "T", "chunk_size", "percentile", "seed",
-                "image_shape", "latent_channels", "scheduler", "gen_precision")
+                "image_shape", "latent_channels", "scheduler", "gen_precision", "rnet_sha256")
 CODEC_VERSION = 1
 
 
@@ -35,25 +35,32 @@ def codec_info(cfg) -> dict:
             "zstd_level": cfg["zstd_level"], "zstandard_version": zstandard.__version__}
 
 
-def generator_info(cfg, unet, scheduler, source) -> dict:
+def generator_info(cfg, unet, scheduler, source, rnet=None) -> dict:
+    """What made the data; in latent space also the RNet (its sha256 over every weight, its folder)."""
     c, size = unet.config.in_channels, unet.config.sample_size
     T = scheduler.config.num_train_timesteps
-    return {"teacher": source, "teacher_sha256": teachers.weights_sha256(unet), "space": cfg["space"],
+    info = {"teacher": source, "teacher_sha256": teachers.weights_sha256(unet), "space": cfg["space"],
             "sampler": "DDIM, eta=0 (diffusers DDIMScheduler)", "steps": cfg["steps"], "chunks": cfg["chunks"],
             "T": T, "chunk_size": T // cfg["chunks"], "percentile": cfg["percentile"], "seed": cfg["seed"],
             "image_shape": [c, size, size], "latent_channels": c, "gen_precision": cfg["gen_precision"],
             "scheduler": {k: scheduler.config[k] for k in ("beta_start", "beta_end", "beta_schedule",
                                                            "num_train_timesteps", "timestep_spacing")},
-            "x_T": "torch.randn(image_shape) from torch.Generator seeded by sample_seed(seed, index), rounded to float16"}
+            "x_T": "torch.randn(image_shape) from torch.Generator seeded by sample_seed(seed, index), rounded to float16",
+            "rnet_sha256": None}
+    if rnet is not None:
+        info.update(sampler=f"ring of the RNet: Rin(x_T, {T - 1}), {cfg['steps']} R steps, X0out(z, 0)",
+                    latent_channels=rnet.latent_channels, rnet=cfg["rnet_path"], rnet_sha256=teachers.weights_sha256(rnet))
+    return info
 
 
-def quantized_record(x_T, rin0, r_chunks, z_final, T, chunk_size, percentile) -> dict:
-    """One batch of records with the reference keys (numpy, leading sample axis)."""
+def quantized_record(x_T, rin0, r_chunks, x0, T, chunk_size, percentile) -> dict:
+    """One batch of records with the reference keys (numpy, leading sample axis); ``x0`` is the teacher's
+    image (the final state in pixel space, X0out's read-out in latent space)."""
     rin0_q, rin0_scale = quant.quantize(rin0.cpu().numpy(), percentile)
     chunks_q, chunks_scale = quant.quantize(r_chunks.cpu().numpy(), percentile)
     n = len(x_T)
     return {"x_T_f16": x_T.cpu().numpy().astype(np.float16),
-            "x0_teacher_f16": z_final.clamp(-1, 1).cpu().numpy().astype(np.float16),
+            "x0_teacher_f16": x0.clamp(-1, 1).cpu().numpy().astype(np.float16),
             "rin0_q": rin0_q, "rin0_scale_f16": rin0_scale, "r_chunks_q": chunks_q, "r_chunks_scale_f16": chunks_scale,
             "T": np.full((n, 1), T, np.int16), "chunk_size": np.full((n, 1), chunk_size, np.int16)}
 
@@ -94,7 +101,13 @@ class Generator:
         if cfg["steps"] > ddpm.config.num_train_timesteps:
             raise UserError(f"steps={cfg['steps']} is more than the teacher's {ddpm.config.num_train_timesteps} "
                             f"timesteps; use at most that many")
-        self.generator = generator_info(cfg, unet, ddpm, self.source)
+        self.rnet = None
+        if cfg["space"] == "latent":  # refused here, before any work, when it does not fit teacher or steps
+            net, _ = rnet_files.load_rnet(project_path(cfg["rnet_path"]), unet, teachers.weights_sha256(unet),
+                                          steps=cfg["steps"])
+            self.rnet = runtime.for_inference(net.to(self.device), cfg)
+            self.ring_timesteps = ring.ring_timesteps(net.T, cfg["steps"])
+        self.generator = generator_info(cfg, unet, ddpm, self.source, self.rnet)
         c, size, _ = self.generator["image_shape"]
         self.spec = store.record_spec(c, size, self.generator["latent_channels"], cfg["chunks"])
         self.seconds = {"teacher": 0.0, "quantize": 0.0, "compress": 0.0, "write": 0.0}
@@ -104,13 +117,18 @@ class Generator:
         x_T = draw_x_T(self.cfg["seed"], indices, g["image_shape"]).to(self.device)
         start = time.perf_counter()
         with runtime.autocast(self.amp, self.device):
-            rin0, r_chunks, z_final = pixel_residual_record(self.unet, self.scheduler, x_T, g["steps"], g["chunks"])
+            if self.rnet is None:
+                rin0, r_chunks, z_final = pixel_residual_record(self.unet, self.scheduler, x_T, g["steps"], g["chunks"])
+                x0 = z_final
+            else:
+                rin0, r_chunks, z_final, x0 = ring.latent_residual_record(self.rnet, x_T, self.ring_timesteps,
+                                                                          g["chunks"])
         finite = bool(torch.isfinite(z_final).all() and torch.isfinite(r_chunks).all())
         middle = time.perf_counter()
         if not finite:
             raise UserError(f"the teacher produced NaN or inf for samples {indices[0]}..{indices[-1]} with "
                             f"gen_precision={self.cfg['gen_precision']}; use gen_precision=fp32")
-        record = quantized_record(x_T, rin0, r_chunks, z_final, g["T"], g["chunk_size"], g["percentile"])
+        record = quantized_record(x_T, rin0, r_chunks, x0, g["T"], g["chunk_size"], g["percentile"])
         self.seconds["teacher"] += middle - start
         self.seconds["quantize"] += time.perf_counter() - middle
         return record

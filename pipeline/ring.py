@@ -39,15 +39,46 @@ def coefficients(alphas_cumprod, t):
 
 
 @torch.no_grad()
-def ring_sample(rnet, x_T, timesteps, *, callback=None):
-    """Image from x_T through the latent recurrence: X0out(R^steps(Rin(x_T, τ_0)), 0), clamped to [−1, 1].
-
-    ``callback(i, z)`` sees the latent after step i (at τ_{i+1}); ``generate`` cuts the chunks there.
-    """
+def ring_latents(rnet, x_T, timesteps, *, callback=None):
+    """The ring's final latent: R^steps(Rin(x_T, τ_0)). ``callback(i, z)`` sees z_i, the latent at τ_i,
+    for i = 0 (Rin's output) .. steps."""
     batch = len(x_T)
     z = rnet.rin(x_T, timesteps[0].expand(batch).to(x_T.device))
+    if callback is not None:
+        callback(0, z)
     for i in range(len(timesteps) - 1):
         z = rnet.r(z, timesteps[i].expand(batch).to(x_T.device))
         if callback is not None:
-            callback(i, z)
-    return rnet.x0out(z, torch.zeros(batch, dtype=torch.long, device=x_T.device)).clamp(-1, 1)
+            callback(i + 1, z)
+    return z
+
+
+@torch.no_grad()
+def read_out(rnet, z):
+    """The image of a latent at t = 0: clamp(X0out(z, 0), −1, 1)."""
+    return rnet.x0out(z, torch.zeros(len(z), dtype=torch.long, device=z.device)).clamp(-1, 1)
+
+
+def ring_sample(rnet, x_T, timesteps):
+    """Image from x_T through the latent recurrence: X0out(R^steps(Rin(x_T, τ_0)), 0), clamped."""
+    return read_out(rnet, ring_latents(rnet, x_T, timesteps))
+
+
+@torch.inference_mode()
+def latent_residual_record(rnet, x_T, timesteps, chunks):
+    """The ring cut into ``chunks`` equal residuals, noisiest first (docs/design.md §2).
+
+    Returns float32 ``rin0`` = Rin(x_T, T−1) [B,F,H,W], ``r_chunks`` [B,chunks,F,H,W] with r_j = z(end of
+    chunk j) − z(start of chunk j), ``z_final`` and the image X0out(z_final, 0); rin0 + Σ_j r_j = z_final
+    up to float rounding.
+    """
+    chunk_size = (len(timesteps) - 1) // chunks
+    boundaries = []
+
+    def snapshot(i, z):
+        if i % chunk_size == 0:
+            boundaries.append(z.float())
+
+    z_final = ring_latents(rnet, x_T, timesteps, callback=snapshot).float()
+    r_chunks = torch.stack([b - a for a, b in zip(boundaries[:-1], boundaries[1:])], dim=1)
+    return boundaries[0], r_chunks, z_final, read_out(rnet, z_final).float()

@@ -1,0 +1,89 @@
+"""Teacher data in latent space: the ring's record (telescoping in latent space), generate / verify /
+repair / export with an RNet, the reference reader on exported latent files, and the refusals."""
+import io
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from pipeline import config, generate, ring, rnet_files, store, teachers
+from pipeline.rectify import RectifyTrainer
+
+from conftest import assert_one_sentence_error, read_folder, run_cli
+
+RING_STEPS, CHUNKS, LATENT = 5, 5, 16
+
+
+@pytest.fixture(scope="module")
+def rnet_folder(small_teacher, tmp_path_factory):
+    """A tiny RNet around the small teacher, trained for two steps on a 5-step ring."""
+    run = tmp_path_factory.mktemp("rectify")
+    items = {"teacher_path": small_teacher, "rect_run_dir": run, "rect_steps": RING_STEPS, "rect_train_steps": 2,
+             "rect_batch_size": 4, "rect_rin_blocks": 1, "rect_r_blocks": 1, "rect_head_blocks": 1,
+             "rect_lora": "resnet", "rect_lora_rank": 2}
+    RectifyTrainer(config.resolve("tiny", [f"{k}={v}" for k, v in items.items()])).run()
+    return run / "rnet"
+
+
+def _args(small_teacher, rnet_folder, data, **extra):
+    items = {"teacher_path": small_teacher, "rnet_path": rnet_folder, "data_dir": data, "space": "latent",
+             "steps": RING_STEPS, "chunks": CHUNKS, "samples_total": 6, "shard_size": 3, **extra}
+    return ["--config", "tiny", *(f"{k}={v}" for k, v in items.items())]
+
+
+def test_the_ring_record_telescopes_in_latent_space(small_teacher, rnet_folder):
+    unet, _, _ = teachers.load_teacher(config.resolve("tiny", [f"teacher_path={small_teacher}"]))
+    net, meta = rnet_files.load_rnet(rnet_folder, unet, teachers.weights_sha256(unet), steps=RING_STEPS)
+    x_T, grid = torch.randn(3, 1, 32, 32), ring.ring_timesteps(1000, RING_STEPS)
+    rin0, r_chunks, z_final, x0 = ring.latent_residual_record(net, x_T, grid, CHUNKS)
+    assert rin0.shape == (3, LATENT, 32, 32) and r_chunks.shape == (3, CHUNKS, LATENT, 32, 32)
+    torch.testing.assert_close(rin0 + r_chunks.sum(1), z_final, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rin0, net.rin(x_T, torch.full((3,), 999)))
+    torch.testing.assert_close(x0, ring.ring_sample(net, x_T, grid))
+
+
+def test_generate_verify_repair_and_export_in_latent_space(small_teacher, rnet_folder, tmp_path):
+    data, ref = tmp_path / "data", tmp_path / "ref"
+    result = run_cli("Main_Distill.py", "--mode", "generate", *_args(small_teacher, rnet_folder, data))
+    assert result.returncode == 0, result.stderr
+    manifest = store.Manifest.load(data)
+    gen = manifest.data["generator"]
+    assert gen["space"] == "latent" and gen["latent_channels"] == LATENT and len(gen["rnet_sha256"]) == 64
+    records = read_folder(data)
+    assert records["rin0_q"].shape == (6, LATENT, 32, 32) and records["r_chunks_q"].shape == (6, CHUNKS, LATENT, 32, 32)
+    assert records["x0_teacher_f16"].shape == (6, 1, 32, 32)
+    first = (data / "shard-00000.npz.zst").read_bytes()
+    (data / "shard-00000.npz.zst").write_bytes(first[:100])
+    assert run_cli("Main_Distill.py", "--mode", "verify", *_args(small_teacher, rnet_folder, data)).returncode != 0
+    result = run_cli("Main_Distill.py", "--mode", "repair", *_args(small_teacher, rnet_folder, data))
+    assert result.returncode == 0, result.stderr
+    assert (data / "shard-00000.npz.zst").read_bytes() == first
+    result = run_cli("Main_Distill.py", "--mode", "export", *_args(small_teacher, rnet_folder, data,
+                                                                     reference_dir=ref))
+    assert result.returncode == 0, result.stderr
+    # the reference's QuantChunkDataset: stream_reader(f).read(), np.load, dequantise with the fp16 scales
+    with open(ref / "sample_00000004.zst", "rb") as f, \
+            zstandard.ZstdDecompressor().stream_reader(f) as reader:
+        sample = dict(np.load(io.BytesIO(reader.read())))
+    rin0 = sample["rin0_q"].astype(np.float16) * sample["rin0_scale_f16"][:, None, None]
+    chunks = sample["r_chunks_q"].astype(np.float16) * sample["r_chunks_scale_f16"][:, :, None, None]
+    assert rin0.shape == (LATENT, 32, 32) and chunks.shape == (CHUNKS, LATENT, 32, 32)
+    np.testing.assert_array_equal(sample["rin0_q"], records["rin0_q"][4])
+
+
+def test_latent_generate_refuses_what_does_not_fit(small_teacher, rnet_folder, tmp_path):
+    data = tmp_path / "data"
+    no_rnet = run_cli("Main_Distill.py", "--mode", "generate", *_args(small_teacher, "", data))
+    assert_one_sentence_error(no_rnet, "--mode rectify")
+    other_steps = run_cli("Main_Distill.py", "--mode", "generate", *_args(small_teacher, rnet_folder, data, steps=10))
+    assert_one_sentence_error(other_steps, "ring steps")
+    odd_chunks = run_cli("Main_Distill.py", "--mode", "generate", *_args(small_teacher, rnet_folder, data, chunks=2))
+    assert_one_sentence_error(odd_chunks, "chunks=2")
+    other = tmp_path / "other_teacher"
+    cfg = config.resolve("tiny")
+    torch.manual_seed(1)
+    teachers.save_teacher(teachers.new_unet(cfg, channels=1), teachers.new_scheduler(cfg), other)
+    other_teacher = run_cli("Main_Distill.py", "--mode", "generate", *_args(other, rnet_folder, data))
+    assert_one_sentence_error(other_teacher, "another teacher")
+    assert not (data / store.MANIFEST).exists()
