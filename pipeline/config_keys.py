@@ -163,9 +163,10 @@ def _teacher_samples(table):
               "Inception features of dataset images, computed once", folder=".")
     table.add("samples_dir", "", ("teacher_sample",), "\"\" = SampledImgs/diffusion/<name>",
               folder="SampledImgs/diffusion")
-    table.add("rnet_path", "", ("teacher_sample", "generate", "repair"), "an RNet folder (rectify's "
-              "<rect_run_dir>/rnet): the latent-space teacher of generate, scored beside the DDIM teacher by sample "
-              "(\"\" = none)", folder=".")
+    table.add("rnet_path", "", ("teacher_sample", "generate", "repair", "train_d", "eval_d"), "an RNet folder "
+              "(rectify's <rect_run_dir>/rnet): the latent-space teacher of generate, scored beside the DDIM teacher "
+              "by sample (\"\" = none; train_d and eval_d default to the folder the data's manifest names)",
+              folder=".")
 
 
 def _generate(table):

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from . import (atomic, config, datasets, fid, images, latent_walk, metrics, packed, runtime, student_b, students,
+from . import (atomic, config, datasets, fid, images, latent_walk, metrics, packed, ring, runtime, student_b, students,
                teacher_data, teachers)
 from . import report as report_text
 from .config import output_dir
@@ -65,19 +65,19 @@ def one_step_images(model, x_T, batch_size, device, label="D"):
 
 
 @torch.inference_mode()
-def throughput(models: dict, teacher, ddpm, x_T, steps, device) -> dict:
-    """Images/s of each student's single call and of the teacher's full DDIM chain on the same batch,
-    each the best of several timings."""
+def throughput(models: dict, teacher, ddpm, chain, x_T, steps, device) -> dict:
+    """Images/s of each student's single call and of the teacher's whole chain (``chain(x_T)``: DDIM in
+    pixel space, the ring in latent space) on the same batch, each the best of several timings."""
     x = x_T.to(device)
 
     def finished(fn):  # CUDA calls return before the work is done
         return lambda: (fn(), torch.cuda.synchronize(device) if device.type == "cuda" else None)
 
     call_seconds = runtime.seconds_per_call(finished(lambda: teacher(x, int(ddpm.config.num_train_timesteps) - 1)),
-                                    THROUGHPUT_REPEATS)
-    scheduler = teachers.ddim_scheduler(ddpm)
-    chain_seconds = runtime.seconds_per_call(finished(lambda: ddim_sample(teacher, scheduler, x, steps)), repeats=1,
-                                     warm_up=False)  # the single-call timing above warmed the teacher
+                                            THROUGHPUT_REPEATS)
+    # timed once: the single-call timing above warmed the teacher, and a chain is long enough to amortise
+    # the first-call allocations of the ring's own modules
+    chain_seconds = runtime.seconds_per_call(finished(lambda: chain(x)), repeats=1, warm_up=False)
     speed = {"batch": len(x), "device": str(device), "threads": torch.get_num_threads(),
              "teacher_images_per_s": len(x) / chain_seconds, "teacher_steps": steps}
     for key, model in models.items():
@@ -149,6 +149,7 @@ class Evaluation:
                 raise UserError(f"B in {b} held out records {b_holdout} but D held out {[self.lo, self.hi]}; "
                                 f"binarize this D again or set b_weights= to its B (none = D alone)")
         self.teacher, self.ddpm, self.teacher_source = teacher_data.teacher_of(cfg, self.manifest, self.device)
+        self.rnet = teacher_data.rnet_of(cfg, self.manifest, self.teacher)
         runtime.for_inference(self.teacher, cfg)  # timed in the students' memory format
         self.out_dir = output_dir(cfg, "eval_dir")
         self.cache_dir = self.manifest.folder / "eval"
@@ -192,9 +193,20 @@ class Evaluation:
         """The DDIM steps that made the data; imported data does not record them, so the config's are timed."""
         return self.manifest.data["generator"]["steps"] or self.cfg["steps"]
 
+    def chain(self):
+        """The teacher chain that made the data, as x_T -> images: DDIM, or the RNet's ring."""
+        steps = self.teacher_steps()
+        if self.rnet is None:
+            scheduler = teachers.ddim_scheduler(self.ddpm)
+            return lambda x: ddim_sample(self.teacher, scheduler, x, steps)
+        rnet = runtime.for_inference(self.rnet.to(self.device), self.cfg)
+        grid = ring.ring_timesteps(rnet.T, steps)
+        return lambda x: ring.ring_sample(rnet, x, grid)
+
     def speed(self, records):
         batch_x = records["x_T"][:self.cfg["throughput_batch"]]
-        return throughput(self.models, self.teacher, self.ddpm, batch_x, self.teacher_steps(), self.device)
+        return throughput(self.models, self.teacher, self.ddpm, self.chain(), batch_x, self.teacher_steps(),
+                          self.device)
 
     def run(self):
         cfg, n = self.cfg, self.n

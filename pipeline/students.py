@@ -7,9 +7,11 @@ ones, the chunk list being split into contiguous groups, noisiest first (10 chun
 4/3/3, the reference's split). Every head also sees rin, the state the chain starts from, and adds a
 learned linear function of it (1x1, started at the least-squares fit on the first batch), because the
 noisy part of a residual is close to a multiple of the start noise. In pixel space rin0 is x_T itself
-and is passed through; in latent space a head on the coarsest features predicts it.
+and is passed through; in latent space a head on the coarsest features predicts it, and D carries a
+frozen copy of the rectified teacher's x0 head (``x0out``, docs/design.md §14) as its read-out, so the
+one-step generator is D alone and its parameters, bytes and time include that head.
 
-    z_hat = rin + sum_j chunk_j            one-step sample = readout(z_hat)
+    z_hat = rin + sum_j chunk_j            one-step sample = readout(z_hat)  (X0out(z_hat, 0) in latent space)
 
 The constructor's arguments are the model's config: ``save_student`` writes them as JSON beside the
 safetensors weights, whose metadata holds a sha256 of both (``content_sha256``), and ``load_student``
@@ -29,6 +31,7 @@ from torch import nn
 
 from . import atomic
 from .config import output_dir, project_path
+from .film import Readout
 from .errors import UserError
 
 CONFIG_FILE = "student_config.json"
@@ -86,11 +89,15 @@ class ReadoutHead(nn.Module):
 
 class StudentD(nn.Module):
     def __init__(self, backbone: dict, chunks: int, image_channels: int, latent_channels: int,
-                 space: str, timestep: int, head_channels: int):
+                 space: str, timestep: int, head_channels: int, x0out: dict = None):
+        """``x0out`` (latent space): the rectified teacher's x0 head as ``film.Readout`` arguments
+        {width, T, groups, blocks}; its groups also normalise the predicted rin as Rin does."""
         super().__init__()
         self.config = {"kind": KIND, "backbone": dict(backbone), "chunks": chunks, "image_channels": image_channels,
                        "latent_channels": latent_channels, "space": space, "timestep": timestep,
                        "head_channels": head_channels}
+        if x0out is not None:
+            self.config["x0out"] = dict(x0out)
         if space == "pixel" and latent_channels != image_channels:
             raise UserError(f"in pixel space latent_channels ({latent_channels}) must equal image_channels "
                             f"({image_channels})")
@@ -110,7 +117,11 @@ class StudentD(nn.Module):
                         len(g)) for d, g in zip(self.depths, self.groups))
         if self.predicts_rin:
             self.rin_head = ReadoutHead(depth_channels[0], levels - 2, head_channels, 0, latent_channels, 1)
-            self.rin_norm = nn.GroupNorm(math.gcd(latent_channels, 32), latent_channels, affine=False)
+            groups = x0out["groups"] if x0out else math.gcd(latent_channels, 32)
+            self.rin_norm = nn.GroupNorm(groups, latent_channels, affine=False)
+        if x0out is not None:
+            self.x0out = Readout(latent_channels, x0out["width"], image_channels, x0out["T"], x0out["groups"],
+                                 x0out["blocks"]).requires_grad_(False)
         self._features = []
         for blk in ups[:-1]:
             blk.register_forward_hook(self._keep_feature)  # a bound method, so deepcopy rebinds it
@@ -134,13 +145,22 @@ class StudentD(nn.Module):
         return {"rin": rin, "chunks": chunks}
 
 
-def new_student(backbone_config: dict, manifest_generator: dict, head_channels: int) -> StudentD:
-    """A D shaped by the teacher data: chunk count, channels, space and T come from the manifest."""
+def new_student(backbone_config: dict, manifest_generator: dict, head_channels: int, rnet=None) -> StudentD:
+    """A D shaped by the teacher data: chunk count, channels, space and T come from the manifest; in latent
+    space it carries a frozen copy of ``rnet``'s x0 head."""
     backbone = {k: v for k, v in dict(backbone_config).items() if not k.startswith("_")}
     image_channels = manifest_generator["image_shape"][0]
-    return StudentD(backbone, chunks=manifest_generator["chunks"], image_channels=image_channels,
-                    latent_channels=manifest_generator["latent_channels"], space=manifest_generator["space"],
-                    timestep=manifest_generator["T"] - 1, head_channels=head_channels)
+    x0out = None
+    if manifest_generator["space"] == "latent":
+        net = rnet.config
+        x0out = {"width": rnet.latent_channels, "T": net["T"], "groups": net["teacher"]["norm_num_groups"],
+                 "blocks": net["head_blocks"]}
+    student = StudentD(backbone, chunks=manifest_generator["chunks"], image_channels=image_channels,
+                       latent_channels=manifest_generator["latent_channels"], space=manifest_generator["space"],
+                       timestep=manifest_generator["T"] - 1, head_channels=head_channels, x0out=x0out)
+    if x0out is not None:
+        student.x0out.load_state_dict(rnet.x0out.state_dict())
+    return student
 
 
 def init_from_teacher(student: StudentD, teacher_unet) -> None:
@@ -169,10 +189,10 @@ def fit_rin_skips(student: StudentD, rin, chunks) -> None:
 
 
 def readout(student: StudentD, z_hat):
-    """The image of a predicted end state; in pixel space the end state is the image."""
-    if student.config["space"] != "pixel":
-        raise UserError("latent-space readout needs the rectified teacher's x0 head, which is not built yet")
-    return z_hat
+    """The image of a predicted end state: the state itself in pixel space, X0out(z_hat, 0) in latent space."""
+    if student.config["space"] == "pixel":
+        return z_hat
+    return student.x0out(z_hat, torch.zeros(len(z_hat), dtype=torch.long, device=z_hat.device))
 
 
 def one_step(student: StudentD, x_T):

@@ -14,7 +14,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import quant, store, teachers
+from .config import project_path
 from .errors import UserError
+from .rnet_files import load_rnet
 
 ERROR_KEY = "user_error"  # the key of the one item a stream yields after a UserError
 
@@ -30,9 +32,10 @@ def open_data(cfg) -> store.Manifest:
             raise UserError(f"{folder} was imported without naming the teacher that made it; import it again "
                             f"(into a new or emptied data_dir) with import_teacher=<folder of that teacher>")
         raise UserError(f"{folder / store.MANIFEST} names no teacher (teacher_sha256); regenerate the folder")
-    if manifest.data["generator"].get("space") != "pixel":
-        raise UserError(f"{folder} holds {manifest.data['generator'].get('space')}-space data; only pixel-space "
-                        f"data can be distilled so far")
+    gen = manifest.data["generator"]
+    if gen.get("space") == "latent" and not gen.get("rnet_sha256"):
+        raise UserError(f"{folder} holds latent-space data that names no RNet (imported?); D reads its images "
+                        f"through the RNet's x0 head, so generate the data here with space=latent rnet_path=<RNet>")
     return manifest
 
 
@@ -44,6 +47,20 @@ def teacher_of(cfg, manifest, device):
         raise UserError(f"the teacher in {source} is not the one that made {manifest.folder} (sha256 "
                         f"{made_by[:12]}...); set teacher_path= to that teacher or regenerate the data")
     return unet.to(device).eval(), ddpm, source
+
+
+def rnet_of(cfg, manifest, teacher):
+    """The RNet that made latent data (None in pixel space): ``rnet_path``, else the folder the manifest
+    names, refused unless its weights are the ones that made the data."""
+    gen = manifest.data["generator"]
+    if gen.get("space") != "latent":
+        return None
+    folder = project_path(cfg["rnet_path"] or gen["rnet"])
+    net, _ = load_rnet(folder, teacher, gen["teacher_sha256"], steps=gen["steps"])
+    if teachers.weights_sha256(net) != gen["rnet_sha256"]:
+        raise UserError(f"the RNet in {folder} is not the one that made {manifest.folder} (sha256 "
+                        f"{gen['rnet_sha256'][:12]}...); set rnet_path= to that RNet or regenerate the data")
+    return net
 
 
 def split(cfg, manifest):

@@ -29,7 +29,9 @@ class DTrainer(StudentTrainer):
 
     def build_model(self):
         teacher, _, self.teacher_source = teacher_data.teacher_of(self.cfg, self.manifest, "cpu")
-        model = students.new_student(teacher.config, self.manifest.data["generator"], self.cfg["d_head_channels"])
+        rnet = teacher_data.rnet_of(self.cfg, self.manifest, teacher)
+        model = students.new_student(teacher.config, self.manifest.data["generator"], self.cfg["d_head_channels"],
+                                     rnet)
         if self.cfg["d_init"] == "teacher":
             students.init_from_teacher(model, teacher)
         return model

@@ -1,13 +1,14 @@
 """Teacher data in latent space: the ring's record (telescoping in latent space), generate / verify /
 repair / export with an RNet, the reference reader on exported latent files, and the refusals."""
 import io
+import json
 
 import numpy as np
 import pytest
 import torch
 import zstandard
 
-from pipeline import config, generate, ring, rnet_files, store, teachers
+from pipeline import config, ring, rnet_files, store, students, teachers
 from pipeline.rectify import RectifyTrainer
 
 from conftest import assert_one_sentence_error, read_folder, run_cli
@@ -87,3 +88,22 @@ def test_latent_generate_refuses_what_does_not_fit(small_teacher, rnet_folder, t
     other_teacher = run_cli("Main_Distill.py", "--mode", "generate", *_args(other, rnet_folder, data))
     assert_one_sentence_error(other_teacher, "another teacher")
     assert not (data / store.MANIFEST).exists()
+
+
+def test_d_and_b_train_and_evaluate_on_latent_data(small_teacher, rnet_folder, tmp_path):
+    from conftest import cli_args, tiny_items
+    items = tiny_items(small_teacher, tmp_path, rnet_path=rnet_folder, space="latent", steps=RING_STEPS,
+                       chunks=CHUNKS)
+    for mode in ("generate", "train_d", "binarize", "eval_d"):
+        result = run_cli("Main_Distill.py", "--mode", mode, *cli_args(items))
+        assert result.returncode == 0, (mode, result.stderr[-2000:])
+    d = students.load_student(tmp_path / "d" / "student")
+    assert d.config["space"] == "latent" and d.config["x0out"]["width"] == LATENT
+    # D's read-out is the RNet's x0 head, unchanged by training
+    unet, _, _ = teachers.load_teacher(config.resolve("tiny", [f"teacher_path={small_teacher}"]))
+    net, _ = rnet_files.load_rnet(rnet_folder, unet, teachers.weights_sha256(unet))
+    for name, tensor in net.x0out.state_dict().items():
+        torch.testing.assert_close(d.x0out.state_dict()[name], tensor)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["scores"]["d"]["fid"] > 0 and report["scores"]["b"]["fid"] > 0
+    assert report["throughput"]["d"]["speedup"] > 0
