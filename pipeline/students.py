@@ -152,6 +152,8 @@ def new_student(backbone_config: dict, manifest_generator: dict, head_channels: 
     image_channels = manifest_generator["image_shape"][0]
     x0out = None
     if manifest_generator["space"] == "latent":
+        if rnet is None:
+            raise ValueError("a latent-space D needs the RNet whose x0 head reads its images out")
         net = rnet.config
         x0out = {"width": rnet.latent_channels, "T": net["T"], "groups": net["teacher"]["norm_num_groups"],
                  "blocks": net["head_blocks"]}

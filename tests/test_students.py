@@ -25,11 +25,17 @@ def test_pixel_student_predicts_every_chunk_and_passes_x_T_through(chunks, chann
     assert sample.shape == x_T.shape and sample.abs().max() <= 1
 
 
-def test_latent_student_predicts_rin_with_its_own_channel_count():
+def test_latent_student_predicts_rin_with_its_own_channel_count_and_reads_out_through_x0out():
     backbone = dict(SMALL_BACKBONE, in_channels=3, out_channels=3)
-    model = students.new_student(backbone, student_generator(4, 3, space="latent", latent=6), head_channels=8)
+    x0out = {"width": 6, "T": 1000, "groups": 3, "blocks": 1}
+    model = students.StudentD(backbone, chunks=4, image_channels=3, latent_channels=6, space="latent", timestep=999,
+                              head_channels=8, x0out=x0out)
     out = model(torch.randn(2, 3, 16, 16))
     assert out["rin"].shape == (2, 6, 16, 16) and out["chunks"].shape == (2, 4, 6, 16, 16)
+    assert students.one_step(model, torch.randn(2, 3, 16, 16)).shape == (2, 3, 16, 16)
+    assert not any(p.requires_grad for p in model.x0out.parameters())  # the teacher's head stays as it was
+    with pytest.raises(ValueError, match="RNet"):
+        students.new_student(backbone, student_generator(4, 3, space="latent", latent=6), head_channels=8)
 
 
 def test_coarse_depths_serve_the_noisy_chunks():
