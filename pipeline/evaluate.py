@@ -98,7 +98,9 @@ def sample_scores(features, images_uint8, real_feats, train_uint8, n, batch_size
 
 def d_size(model, folder) -> dict:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    x0out = getattr(model, "x0out", None)  # latent space: the RNet's x0 head is part of the one-step generator
     return {"parameters": students.parameter_count(model),
+            "x0out_parameters": students.parameter_count(x0out) if x0out is not None else 0,
             "fp32_bytes": (folder / students.WEIGHTS_FILE).stat().st_size,
             "fp16_bytes": len(safetensors_bytes({k: v.half() for k, v in state.items()}))}
 
@@ -239,14 +241,19 @@ class Evaluation:
             size["b"] = b_size(self.models["b"], self.folders["b"], size["d"])
         return size
 
+    def sampler_text(self, gen) -> str:
+        if self.rnet is not None:
+            return f"ring of the RNet ({gen.get('rnet')}), {self.teacher_steps()} R steps"
+        return f"DDIM eta=0, {self.teacher_steps()} steps" + (
+            "" if gen["steps"] else " (the config's: the imported data does not record the teacher's steps)")
+
     def report(self, rows, fidelity, speed):
         gen = self.manifest.data["generator"]
         size = {"teacher_parameters": teachers.parameter_count(self.teacher),
                 "teacher_file_bytes": teachers.safetensors_bytes(self.teacher), **self.student_sizes()}
         return {
             "students": {key: str(folder) for key, folder in self.folders.items()}, "teacher": self.teacher_source,
-            "data_dir": str(self.manifest.folder), "teacher_sampler": f"DDIM eta=0, {self.teacher_steps()} steps"
-            + ("" if gen["steps"] else " (the config's: the imported data does not record the teacher's steps)"),
+            "data_dir": str(self.manifest.folder), "teacher_sampler": self.sampler_text(gen),
             "held_out_records": [self.lo, self.hi - 1], "fid_samples": self.n, "fid_reference": self.reference_name,
             "scores": rows, "fidelity_vs_teacher": fidelity, "throughput": speed, "size": size,
             "metrics": {"precision_recall": f"k-NN manifolds, k={metrics.PR_NEIGHBOURS}, Inception pool features, "

@@ -74,7 +74,9 @@ def value_breakdown(model) -> dict:
     for key in _value_keys(model, binary):
         owner, _, leaf = key.rpartition(".")
         module = modules.get(owner)
-        if owner in binary:
+        if key.startswith("x0out."):
+            kind = "x0 head (X0out, latent space)"
+        elif owner in binary:
             kind = "binarizer scales" if leaf.startswith("scale") else (
                 "binary-layer biases" if leaf == "bias" else "W1A1 thresholds, k filters, shortcuts")
         elif owner.rpartition(".")[0] in binary:  # a W1A1 shortcut convolution

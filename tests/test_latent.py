@@ -106,4 +106,7 @@ def test_d_and_b_train_and_evaluate_on_latent_data(small_teacher, rnet_folder, t
         torch.testing.assert_close(d.x0out.state_dict()[name], tensor)
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["scores"]["d"]["fid"] > 0 and report["scores"]["b"]["fid"] > 0
-    assert report["throughput"]["d"]["speedup"] > 0
+    assert report["throughput"]["d"]["speedup"] > 0 and report["teacher_sampler"].startswith("ring")
+    x0out_parameters = sum(p.numel() for p in net.x0out.parameters())
+    assert report["size"]["d"]["x0out_parameters"] == x0out_parameters
+    assert report["size"]["b"]["values_by_kind"]["x0 head (X0out, latent space)"] == x0out_parameters
