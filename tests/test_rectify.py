@@ -115,3 +115,14 @@ def test_sample_mode_scores_the_ring_sampler_beside_the_ddim_teacher(small_teach
     assert_one_sentence_error(other_steps, "ring steps")
     missing = run_cli("Main_Diffusion.py", *args, f"rnet_path={tmp_path}")
     assert_one_sentence_error(missing, "--mode rectify")
+
+
+@pytest.mark.parametrize("prediction", ring.PREDICTIONS)
+def test_every_prediction_type_trains_with_the_x0_loss(small_teacher, tmp_path, prediction):
+    # the reference's x0 mode fails when its auxiliary x0 loss is on; here every type pays all three losses
+    trainer = RectifyTrainer(_cfg(small_teacher, tmp_path, rect_train_steps=1, rect_prediction=prediction,
+                                  rect_depth_weights="0,0,1"))
+    trainer.run()
+    stats = json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[-1])
+    assert stats["depth"] == 2 and all(torch.isfinite(torch.tensor(stats[k])) and stats[k] > 0
+                                       for k in ("main", "x0", "consistency"))
