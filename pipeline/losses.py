@@ -18,6 +18,8 @@ def d_losses(student, pred: dict, batch: dict, cfg):
     parts = {"chunks": per_chunk.mean(), "x0": F.mse_loss(readout(student, z_hat), batch["x0"])}
     total = cfg["lambda_chunks"] * parts["chunks"] + cfg["lambda_x0"] * parts["x0"]
     if student.predicts_rin:
+        if pred["rin"].shape != batch["rin0"].shape:  # mse_loss would broadcast a wrong target silently
+            raise ValueError(f"rin {list(pred['rin'].shape)} and its target {list(batch['rin0'].shape)} differ")
         parts["rin"] = F.mse_loss(pred["rin"].float(), batch["rin0"])
         total = total + cfg["lambda_rin"] * parts["rin"]
     return total, parts, per_chunk.detach()

@@ -80,14 +80,20 @@ def split(cfg, manifest):
     return (0, holdout), (holdout, hi)
 
 
-def to_tensors(arrays: dict, rows=slice(None)) -> dict:
-    """Model inputs and targets of decoded records (float32): x_T, rin0, chunks, x0, index."""
+def to_tensors(arrays: dict, rows=slice(None), latent: bool = False) -> dict:
+    """Model inputs and targets of decoded records (float32): x_T, rin0, chunks, x0, index. In pixel space
+    rin0 is x_T exactly (its stored int8 copy is the reference's format only); in latent space it is the
+    dequantised Rin(x_T)."""
     x_T = torch.from_numpy(arrays["x_T_f16"][rows].astype(np.float32))
     chunks = quant.dequantize(arrays["r_chunks_q"][rows], arrays["r_chunks_scale_f16"][rows])
-    return {"x_T": x_T, "rin0": x_T,  # pixel space: the chain starts at x_T exactly
-            "chunks": torch.from_numpy(chunks),
+    rin0 = torch.from_numpy(quant.dequantize(arrays["rin0_q"][rows], arrays["rin0_scale_f16"][rows])) if latent else x_T
+    return {"x_T": x_T, "rin0": rin0, "chunks": torch.from_numpy(chunks),
             "x0": torch.from_numpy(arrays["x0_teacher_f16"][rows].astype(np.float32)),
             "index": torch.from_numpy(arrays["index"][rows].astype(np.int64))}
+
+
+def is_latent(manifest) -> bool:
+    return manifest.data["generator"].get("space") == "latent"
 
 
 def shards_overlapping(manifest, lo, hi):
@@ -122,7 +128,7 @@ def read_range(manifest, lo, hi) -> dict:
     for entry in shards_overlapping(manifest, lo, hi):
         arrays = manifest.read_shard(entry)
         rows = (arrays["index"] >= lo) & (arrays["index"] < hi)
-        parts.append(to_tensors(arrays, rows))
+        parts.append(to_tensors(arrays, rows, is_latent(manifest)))
     if not parts or sum(len(p["index"]) for p in parts) != hi - lo:
         raise UserError(f"{manifest.folder} does not hold every record of {lo}..{hi - 1}; run '--mode verify'")
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -142,7 +148,7 @@ class ShardStream(IterableDataset):
             for k in order[worker::workers]:
                 arrays = self.manifest.read_shard(self.entries[k])
                 keep = np.flatnonzero((arrays["index"] >= self.lo) & (arrays["index"] < self.hi))
-                tensors = to_tensors(arrays, keep)
+                tensors = to_tensors(arrays, keep, is_latent(self.manifest))
                 for i in range(len(keep)):
                     yield {key: value[i] for key, value in tensors.items()}
 

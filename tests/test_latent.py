@@ -8,7 +8,7 @@ import pytest
 import torch
 import zstandard
 
-from pipeline import config, ring, rnet_files, store, students, teachers
+from pipeline import config, ring, rnet_files, store, students, teacher_data, teachers
 from pipeline.rectify import RectifyTrainer
 
 from conftest import assert_one_sentence_error, read_folder, run_cli
@@ -54,6 +54,14 @@ def test_generate_verify_repair_and_export_in_latent_space(small_teacher, rnet_f
     records = read_folder(data)
     assert records["rin0_q"].shape == (6, LATENT, 32, 32) and records["r_chunks_q"].shape == (6, CHUNKS, LATENT, 32, 32)
     assert records["x0_teacher_f16"].shape == (6, 1, 32, 32)
+    # training reads rin0 as the dequantised latent, not x_T (as in pixel space)
+    tensors = teacher_data.read_range(manifest, 0, 6)
+    unet, _, _ = teachers.load_teacher(config.resolve("tiny", [f"teacher_path={small_teacher}"]))
+    net, _ = rnet_files.load_rnet(rnet_folder, unet, teachers.weights_sha256(unet))
+    with torch.no_grad():
+        rin0 = net.rin(tensors["x_T"], torch.full((6,), 999))
+    assert tensors["rin0"].shape == (6, LATENT, 32, 32)
+    assert (tensors["rin0"] - rin0).abs().mean() < 0.02 * rin0.abs().mean()
     first = (data / "shard-00000.npz.zst").read_bytes()
     (data / "shard-00000.npz.zst").write_bytes(first[:100])
     assert run_cli("Main_Distill.py", "--mode", "verify", *_args(small_teacher, rnet_folder, data)).returncode != 0
