@@ -110,3 +110,10 @@ def test_cifar10_preset_end_to_end_with_the_google_config_teacher(google_config_
     assert report["size"]["b"]["times_smaller_than_d_fp32"] > 20
     assert report["throughput"]["teacher_steps"] == 2
     assert (tmp_path / "out" / "grid.png").is_file()
+
+
+def test_cifar10_rectify_dry_run_prints_the_reference_parameter_counts(google_config_teacher):
+    path, _ = google_config_teacher
+    result = run_cli("Main_Diffusion.py", "--mode", "rectify", "--config", "cifar10", "--dry-run", f"teacher_path={path}")
+    assert result.returncode == 0, result.stderr
+    assert "16,445,806 trainable of 87,210,094 parameters" in result.stdout
