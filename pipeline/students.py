@@ -31,8 +31,8 @@ from torch import nn
 
 from . import atomic
 from .config import output_dir, project_path
-from .film import Readout
 from .errors import UserError
+from .film import Readout
 
 CONFIG_FILE = "student_config.json"
 WEIGHTS_FILE = "model.safetensors"
