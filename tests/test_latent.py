@@ -115,6 +115,11 @@ def test_d_and_b_train_and_evaluate_on_latent_data(small_teacher, rnet_folder, t
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["scores"]["d"]["fid"] > 0 and report["scores"]["b"]["fid"] > 0
     assert report["throughput"]["d"]["speedup"] > 0 and report["teacher_sampler"].startswith("ring")
+    for student in ("d", "b"):  # one-step samples read out through X0out, from D and from the packed B
+        result = run_cli("Main_Distill.py", "--mode", "sample", *cli_args(items), f"sample_student={student}",
+                         "sample_count=2", f"student_samples_dir={tmp_path / student}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (tmp_path / student / "grid.png").is_file()
     x0out_parameters = sum(p.numel() for p in net.x0out.parameters())
     assert report["size"]["d"]["x0out_parameters"] == x0out_parameters
     assert report["size"]["b"]["values_by_kind"]["x0 head (X0out, latent space)"] == x0out_parameters
