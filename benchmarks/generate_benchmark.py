@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from pipeline import runtime
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
@@ -29,14 +31,6 @@ cfg = config.resolve(sys.argv[1], sys.argv[2:])
 folder, seconds = generate.generate(cfg)
 print("RESULT " + json.dumps({"seconds": seconds, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown cpu"
 
 
 def run_generate(config_name, overrides):
@@ -89,7 +83,7 @@ def main():
         seconds = runs[4]["seconds"]
         codec_s = seconds["quantize"] + seconds["compress"] + seconds["write"]
         figures = {
-            "machine": f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores",
+            "machine": f"{platform.machine()}, {runtime.cpu_model()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d"),
             "command": "benchmarks/generate_benchmark.py " + " ".join(sys.argv[1:]),
             "teacher_seconds": seconds["teacher"], "quantize_seconds": seconds["quantize"],

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import config, rnet, runtime, teachers
 from pipeline.errors import UserError
-from pipeline.rectify import RectifyTrainer
+from pipeline.rectify import RectifyTrainer, rnet_settings
 
 
 def flops(fn) -> int:
@@ -80,10 +80,7 @@ def main():
             rin_blocks, r_blocks, head_blocks = (int(v) for v in size.split(","))
             cfg = dict(base, rect_rin_blocks=rin_blocks, rect_r_blocks=r_blocks, rect_head_blocks=head_blocks)
             unet, ddpm, _ = teachers.load_teacher(cfg)
-            settings = {"T": ddpm.config.num_train_timesteps, "rin_blocks": rin_blocks, "r_blocks": r_blocks,
-                        "head_blocks": head_blocks, "lora_target": cfg["rect_lora"], "lora_rank": cfg["rect_lora_rank"],
-                        "lora_alpha": cfg["rect_lora_alpha"], "gate_cap": cfg["rect_gate_cap"]}
-            net = rnet.RNet(unet, **settings)
+            net = rnet.RNet(unet, **rnet_settings(cfg, ddpm.config.num_train_timesteps))
             trainable, total = rnet.parameter_counts(net)
             costs = call_costs(net, unet, cfg, device)
             seconds = step_seconds(cfg, args.steps)

@@ -122,19 +122,12 @@ def main():
                     f.write(json.dumps(rows[-1]) + "\n")
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"\nCPU: {cpu_model()}; N = {cfg['fid_samples']} against the whole test split\n")
+    print(f"\nCPU: {runtime.cpu_model()}; N = {cfg['fid_samples']} against the whole test split\n")
     print("| teacher | training step | DDIM steps | FID | floor | precision | recall | ms / call (batch "
           f"{cfg['gen_batch_size']}) |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['teacher']} | {r['training_step'] or '–'} | {r['ddim_steps']} | {r['fid']:.2f} | {r['floor']:.2f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['ms_per_call']:.1f} |")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Backend switches in one place: device, threads, autocast precision. Each choice is logged once."""
 import contextlib
+import platform
 import time
 from pathlib import Path
 
@@ -16,6 +17,15 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as benchmarks name the machine they ran on."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown cpu"
 
 
 def select_device(cfg) -> torch.device:

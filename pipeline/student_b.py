@@ -4,8 +4,8 @@
 projection of it are constants, so they become per-channel full-precision biases. It then replaces
 every ``nn.Conv2d`` / ``nn.Linear`` of D by its binary counterpart, except the layers whose name
 matches a pattern of ``b_full_precision`` (by default the first convolution and the heads' output
-convolutions and rin paths) and, in latent space, D's frozen copy of the rectified teacher's x0 head
-(``x0out``), which B keeps frozen and in full precision. Layers whose input is at least ``b_lmb_min_size`` times the image size
+convolutions and rin paths) and the layers D keeps frozen (in latent space its copy of the rectified
+teacher's x0 head, ``x0out``), which B keeps frozen and in full precision. Layers whose input is at least ``b_lmb_min_size`` times the image size
 (default one half) use the two-basis binarizer ``lmb2`` when ``b_lmb`` is on (BinaryDM puts its LMB on
 the first and last layers); the others the one-basis ``scaled_sign`` (``binary.BINARIZERS``). Norms,
 activations and the attention softmax are not weights and stay in full precision.
@@ -124,8 +124,9 @@ def to_binary(model, cfg):
         if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             continue
         params = sum(p.numel() for p in module.parameters(recurse=False))
-        if name.startswith("x0out."):  # the rectified teacher's read-out: frozen and full precision, as in D
-            table.append({"name": name, "kind": "full precision (x0out)", "parameters": params, "bits": 32,
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            # a teacher part D carries frozen (latent space: the RNet's x0 head) stays as it is in B
+            table.append({"name": name, "kind": "full precision (frozen)", "parameters": params, "bits": 32,
                           "ring": None})
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
