@@ -1,7 +1,8 @@
 """Figures of ``generate`` on the embedded teacher (issue targets, written to BENCHMARKS.md):
 
-* overhead of quantize + compress + write against the time spent in teacher calls, same run;
-* bytes per sample and compression ratios on real trajectories; codec encode/decode MB/s;
+* overhead of encode + compress + write against the time spent in teacher calls, same run;
+* bytes per sample and compression ratios on real trajectories; zstd MB/s; decoding through the tool's
+  reader (checks, decompression, the codec's unpacking, x_T regenerated) in ms per shard;
 * peak memory (max RSS) of a generate process at 1x and 4x ``samples_total``.
 
 Usage: .venv/bin/python benchmarks/generate_benchmark.py [--samples 64] [--config fashion_mnist] [key=value ...]
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from pipeline import runtime
+from pipeline import runtime, store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,18 +55,21 @@ def codec_figures(folder: Path):
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
     for c in compressed:
-        with np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(c))) as npz:
-            [npz[k] for k in npz.files]
-    decode_s = time.perf_counter() - start
+        zstandard.ZstdDecompressor().decompress(c)
+    decompress_s = time.perf_counter() - start
+    reader = store.Manifest.load(folder)
+    start = time.perf_counter()
+    records = [reader.read_shard(entry) for entry in reader.shards]
+    read_s = time.perf_counter() - start
     n = manifest["totals"]["samples"]
-    arrays = dict(np.load(io.BytesIO(raw[0])))
-    per_sample_fp32 = sum(a[0].size * 4 for k, a in arrays.items() if k not in ("index", "T", "chunk_size")
+    per_sample_fp32 = sum(a[0].size * 4 for k, a in records[0].items() if k not in ("index", "T", "chunk_size")
                           and not k.endswith("scale_f16"))
     raw_bytes, comp_bytes = sum(map(len, raw)), sum(map(len, compressed))
     return {"samples": n, "bytes_per_sample": comp_bytes / n, "npz_bytes_per_sample": raw_bytes / n,
             "fp32_bytes_per_sample": per_sample_fp32, "zstd_ratio": raw_bytes / comp_bytes,
             "ratio_vs_fp32": per_sample_fp32 / (comp_bytes / n),
-            "encode_mb_s": raw_bytes / 1e6 / encode_s, "decode_mb_s": raw_bytes / 1e6 / decode_s}
+            "zstd_encode_mb_s": raw_bytes / 1e6 / encode_s, "zstd_decode_mb_s": raw_bytes / 1e6 / decompress_s,
+            "read_shard_ms": 1000 * read_s / len(compressed), "read_ms_per_sample": 1000 * read_s / n}
 
 
 def main():
@@ -81,12 +85,12 @@ def main():
             runs[factor] = run_generate(args.config, [*args.overrides, f"samples_total={factor * args.samples}",
                                                       f"data_dir={folder}"])
         seconds = runs[4]["seconds"]
-        codec_s = seconds["quantize"] + seconds["compress"] + seconds["write"]
+        codec_s = seconds["encode"] + seconds["compress"] + seconds["write"]
         figures = {
             "machine": f"{platform.machine()}, {runtime.cpu_model()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d"),
             "command": "benchmarks/generate_benchmark.py " + " ".join(sys.argv[1:]),
-            "teacher_seconds": seconds["teacher"], "quantize_seconds": seconds["quantize"],
+            "teacher_seconds": seconds["teacher"], "encode_seconds": seconds["encode"],
             "compress_seconds": seconds["compress"], "write_seconds": seconds["write"],
             "overhead_percent_of_teacher": 100 * codec_s / seconds["teacher"],
             "teacher_seconds_per_sample": seconds["teacher"] / (4 * args.samples),

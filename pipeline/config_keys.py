@@ -182,9 +182,15 @@ def _generate(table):
     table.add("shard_size", 256, gen + ("import",), "samples per shard", range=POSITIVE)
     table.add("gen_batch_size", 64, gen, "trajectories computed at once", range=POSITIVE)
     table.add("gen_precision", "fp32", gen, "teacher precision while generating", choices=("fp32", "bf16", "fp16"))
-    table.add("codec", "int8+zstd", gen, "record codec (the reference's per-channel INT8 in zstd shards)",
-              choices=("int8+zstd",))
-    table.add("percentile", 99.5, gen + ("import",), "clip of the per-channel INT8 scales", range=Range(50, 100))
+    table.add("codec", "ef-int8", gen, "record codec: ef-int8 (error feedback along the chunks, at codec_step) | "
+              "int8-p99.5 (the reference's, bit-compatible; clip at percentile) | int8+zstd (old name of int8-p99.5)",
+              choices=("ef-int8", "int8-p99.5", "int8+zstd"))
+    table.add("codec_step", 0.05, gen, "ef-int8: quantization step as a fraction of the RMS of each channel of the "
+              "final state (z_final RMSE ~ step x RMS / 3.5)", range=Range(1e-4, 1))
+    table.add("codec_x_T", "regenerate", gen, "ef-int8: x_T regenerated from (seed, index) on reading (checked "
+              "by sha256) | stored", choices=("regenerate", "store"))
+    table.add("percentile", 99.5, gen + ("import",), "clip of the per-channel INT8 scales (int8-p99.5; ef-int8 "
+              "uses it for the pixel-space rin0 copy only)", range=Range(50, 100))
     table.add("zstd_level", 10, gen + ("import",), "zstd compression level", range=Range(1, 22))
     table.add("data_dir", "", DATA_READERS + ("generate", "import"), "teacher-data folder (\"\" = data/<name>)",
               folder="data")

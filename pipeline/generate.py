@@ -12,10 +12,9 @@ import time
 
 import numpy as np
 import torch
-import zstandard
 from tqdm import tqdm
 
-from . import atomic, config, quant, ring, rnet_files, runtime, store, teachers
+from . import atomic, codec as codecs, config, ring, rnet_files, runtime, store, teachers
 from .config import output_dir, project_path
 from .errors import UserError
 from .trajectory import draw_x_T, pixel_residual_record
@@ -24,15 +23,11 @@ from .trajectory import draw_x_T, pixel_residual_record
 # values cannot be extended or resumed.
 CONTENT_KEYS = ("teacher_sha256", "space", "steps", "chunks", "T", "chunk_size", "percentile", "seed",
                 "image_shape", "latent_channels", "scheduler", "gen_precision", "rnet_sha256")
-CODEC_VERSION = 1
 
 
 def codec_info(cfg) -> dict:
     """The self-description of the codec that the manifest carries."""
-    return {"name": f"int8-p{cfg['percentile']:g}+zstd", "version": CODEC_VERSION,
-            "quantizer": "per-channel symmetric int8, zero point 0, clip at the percentile of |x|, float16 scales",
-            "percentile": cfg["percentile"], "container": "uncompressed npz in one zstd frame",
-            "zstd_level": cfg["zstd_level"], "zstandard_version": zstandard.__version__}
+    return codecs.from_config(cfg).describe()
 
 
 def generator_info(cfg, unet, scheduler, source, rnet=None) -> dict:
@@ -53,18 +48,6 @@ def generator_info(cfg, unet, scheduler, source, rnet=None) -> dict:
     return info
 
 
-def quantized_record(x_T, rin0, r_chunks, x0, T, chunk_size, percentile) -> dict:
-    """One batch of records with the reference keys (numpy, leading sample axis); ``x0`` is the teacher's
-    image (the final state in pixel space, X0out's read-out in latent space)."""
-    rin0_q, rin0_scale = quant.quantize(rin0.cpu().numpy(), percentile)
-    chunks_q, chunks_scale = quant.quantize(r_chunks.cpu().numpy(), percentile)
-    n = len(x_T)
-    return {"x_T_f16": x_T.cpu().numpy().astype(np.float16),
-            "x0_teacher_f16": x0.clamp(-1, 1).cpu().numpy().astype(np.float16),
-            "rin0_q": rin0_q, "rin0_scale_f16": rin0_scale, "r_chunks_q": chunks_q, "r_chunks_scale_f16": chunks_scale,
-            "T": np.full((n, 1), T, np.int16), "chunk_size": np.full((n, 1), chunk_size, np.int16)}
-
-
 def open_manifest(folder, cfg, codec, generator, spec):
     """The folder's manifest after checking that it was made with the same content keys, or a new one."""
     manifest = store.Manifest.load(folder)
@@ -76,10 +59,10 @@ def open_manifest(folder, cfg, codec, generator, spec):
             raise UserError(f"{folder} holds data made with {key}={json.dumps(old.get(key))}, not "
                             f"{json.dumps(generator[key])}; use another data_dir or the original config")
     old_codec = manifest.data["codec"]
-    for key in ("name", "version", "zstd_level"):
-        if old_codec.get(key) != codec[key]:
+    for key in codecs.IDENTITY_KEYS:
+        if old_codec.get(key) != codec.get(key):
             raise UserError(f"{folder} holds data written with codec {key}={json.dumps(old_codec.get(key))}, not "
-                            f"{json.dumps(codec[key])}; use another data_dir or the original config")
+                            f"{json.dumps(codec.get(key))}; use another data_dir or the original config")
     problem = store.layout_problem(manifest)
     if problem:
         raise UserError(f"{folder / store.MANIFEST} {problem}, so it was edited by hand; restore it or use another "
@@ -110,9 +93,11 @@ class Generator:
         self.generator = generator_info(cfg, unet, ddpm, self.source, self.rnet)
         c, size, _ = self.generator["image_shape"]
         self.spec = store.record_spec(c, size, self.generator["latent_channels"], cfg["chunks"])
-        self.seconds = {"teacher": 0.0, "quantize": 0.0, "compress": 0.0, "write": 0.0}
+        self.codec = codecs.from_config(cfg)
+        self.seconds = {"teacher": 0.0, "encode": 0.0, "compress": 0.0, "write": 0.0}
 
-    def records(self, indices) -> dict:
+    def trajectories(self, indices) -> codecs.Trajectories:
+        """The float trajectories of the given sample indices (the teacher's time is counted)."""
         g = self.generator
         x_T = draw_x_T(self.cfg["seed"], indices, g["image_shape"]).to(self.device)
         start = time.perf_counter()
@@ -124,32 +109,41 @@ class Generator:
                 rin0, r_chunks, z_final, x0 = ring.latent_residual_record(self.rnet, x_T, self.ring_timesteps,
                                                                           g["chunks"])
         finite = bool(torch.isfinite(z_final).all() and torch.isfinite(r_chunks).all())
-        middle = time.perf_counter()
+        self.seconds["teacher"] += time.perf_counter() - start
         if not finite:
             raise UserError(f"the teacher produced NaN or inf for samples {indices[0]}..{indices[-1]} with "
                             f"gen_precision={self.cfg['gen_precision']}; use gen_precision=fp32")
-        record = quantized_record(x_T, rin0, r_chunks, x0, g["T"], g["chunk_size"], g["percentile"])
-        self.seconds["teacher"] += middle - start
-        self.seconds["quantize"] += time.perf_counter() - middle
+        return codecs.Trajectories(*(t.float().cpu().numpy() for t in (x_T, rin0, r_chunks, z_final, x0)),
+                                   T=g["T"], chunk_size=g["chunk_size"], latent=self.rnet is not None)
+
+    def records(self, indices, tally) -> dict:
+        """The encoded records of the given sample indices; ``tally`` measures their codec error."""
+        traj = self.trajectories(indices)
+        start = time.perf_counter()
+        record = self.codec.encode(traj)
+        tally.add(traj, record)
+        self.seconds["encode"] += time.perf_counter() - start
         return record
 
-    def shard_payload(self, first, count, bar) -> bytes:
-        parts = []
+    def shard_payload(self, first, count, bar):
+        """(shard bytes, the codec's fields of its manifest entry)."""
+        parts, tally = [], codecs.ErrorTally()
         for lo in range(first, first + count, self.cfg["gen_batch_size"]):
             indices = np.arange(lo, min(lo + self.cfg["gen_batch_size"], first + count))
-            parts.append(self.records(indices))
+            parts.append(self.records(indices, tally))
             bar.update(len(indices))
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         arrays["index"] = np.arange(first, first + count, dtype=np.int64)
         start = time.perf_counter()
-        payload = store.encode_npz(arrays, self.cfg["zstd_level"])
+        stored, extra = self.codec.pack(arrays, latent=self.rnet is not None)
+        payload = store.encode_npz(stored, self.cfg["zstd_level"])
         self.seconds["compress"] += time.perf_counter() - start
-        return payload
+        return payload, dict(extra, codec_error=tally.summary())
 
     def write_shard(self, manifest, number, first, count, bar):
-        payload = self.shard_payload(first, count, bar)
+        payload, extra = self.shard_payload(first, count, bar)
         start = time.perf_counter()
-        manifest.add_shard(number, first, count, payload)
+        manifest.add_shard(number, first, count, payload, extra=extra)
         self.seconds["write"] += time.perf_counter() - start
 
 
@@ -206,6 +200,12 @@ def _generate_locked(cfg, folder, gen):
     return folder, gen.seconds
 
 
+def error_text(error: dict) -> str:
+    return (f"z_final RMSE {error['z_final_rmse']:.3g} (max abs {error['z_final_max_abs']:.3g}), image RMSE "
+            f"{error['x0_rmse']:.3g}, chunk RMSE {min(error['chunk_rmse']):.3g}..{max(error['chunk_rmse']):.3g} "
+            f"over {error['samples']} samples")
+
+
 def log_shard(folder, number, first, count, shards, seconds):
     entry = next(s for s in shards if s["file"] == store.shard_name(number))
     with open(folder / "stats.jsonl", "a") as f:
@@ -216,12 +216,19 @@ def log_shard(folder, number, first, count, shards, seconds):
 
 def report(folder, manifest, seconds, todo):
     totals = manifest.data["totals"]
-    codec = seconds["quantize"] + seconds["compress"] + seconds["write"]
+    codec = seconds["encode"] + seconds["compress"] + seconds["write"]
     if todo and seconds["teacher"] > 0:
-        print(f"[generate] teacher {seconds['teacher']:.1f}s, quantize+compress+write {codec:.2f}s "
+        print(f"[generate] teacher {seconds['teacher']:.1f}s, encode+compress+write {codec:.2f}s "
               f"({100 * codec / seconds['teacher']:.2f}% of teacher time)")
     print(f"[generate] {totals['samples']} samples in {len(manifest.shards)} shard(s), {totals['bytes']:,} bytes "
           f"({totals['bytes_per_sample']:,.0f} bytes/sample) in {folder}")
-    print(f"[generate] read it with numpy + zstandard (README, 'Teacher data format'), e.g.\n"
-          f"  np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(open('{folder}/"
-          f"{manifest.shards[0]['file']}', 'rb').read())))")
+    error = codecs.combined([s.get("codec_error") for s in manifest.shards])
+    if error:
+        print(f"[generate] codec {manifest.data['codec']['name']}: {error_text(error)}")
+    if manifest.data["codec"]["name"] == codecs.FEEDBACK:
+        print("[generate] read its records with pipeline.store.Manifest.load(folder).read_shard(entry) (README, "
+              "'Teacher data format'), or write the reference layout with '--mode export'")
+    else:
+        print(f"[generate] read it with numpy + zstandard (README, 'Teacher data format'), e.g.\n"
+              f"  np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(open('{folder}/"
+              f"{manifest.shards[0]['file']}', 'rb').read())))")

@@ -30,3 +30,38 @@ def quantize(x: np.ndarray, percentile: float = 99.5):
 def dequantize(q: np.ndarray, scale_f16: np.ndarray) -> np.ndarray:
     """float32 values of ``q`` [..., C, H, W] with float16 scales [..., C]."""
     return q.astype(np.float32) * scale_f16.astype(np.float32)[..., None, None]
+
+
+# The error-feedback quantizer of codec ef-int8 (docs/design.md §15).
+F16_TINY = np.float32(2.0 ** -24)  # the smallest positive float16: a scale below it would be stored as 0
+
+
+def fitting_scales(x: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """float16 scales [n, C] for ``x`` [n, C, H, W]: ``step`` [n, C] where |x| / step fits in ±127, else
+    the smallest scale that fits; rounded up to float16 so the stored scale still fits."""
+    absmax = np.abs(x.reshape(*x.shape[:2], -1)).max(-1) / np.float32(127)
+    wanted = np.maximum(np.maximum(step, absmax), F16_TINY).astype(np.float32)
+    stored = wanted.astype(np.float16)
+    short = stored.astype(np.float32) < wanted
+    return np.where(short, np.nextafter(stored, np.float16(np.inf)), stored)
+
+
+def quantize_step(x: np.ndarray, scale_f16: np.ndarray) -> np.ndarray:
+    """int8 codes of ``x`` [n, C, H, W] at the float16 scales [n, C] (round half to even)."""
+    return np.clip(np.rint(x / scale_f16.astype(np.float32)[..., None, None]), -127, 127).astype(np.int8)
+
+
+def feedback_quantize(start_error: np.ndarray, chunks: np.ndarray, step: np.ndarray):
+    """(codes int8 [n, K, C, H, W], scales float16 [n, K, C], final error) of residual chunks [n, K, C, H, W]
+    quantized one after another against the running reconstruction: chunk k is coded together with what
+    the codes before it missed (``start_error`` for the first), so every partial sum is off by one rounding
+    at most and the errors do not add up along the chain. ``step`` [n, C] is the wanted quantization step."""
+    codes = np.empty(chunks.shape, np.int8)
+    scales = np.empty(chunks.shape[:3], np.float16)
+    error = start_error.astype(np.float32)
+    for k in range(chunks.shape[1]):
+        target = chunks[:, k] + error
+        scales[:, k] = fitting_scales(target, step)
+        codes[:, k] = quantize_step(target, scales[:, k])
+        error = target - dequantize(codes[:, k], scales[:, k])
+    return codes, scales, error

@@ -2,7 +2,8 @@
 
 A shard is the bytes of an uncompressed ``np.savez`` archive compressed as one zstd frame, named
 ``shard-NNNNN.npz.zst``; every key has a leading sample axis and ``index`` holds the global sample
-indices. ``manifest.json`` names every shard with its index range, byte size and sha256, the codec
+indices; which keys it stores is the codec's (codec.py), and reading a shard returns the records.
+``manifest.json`` names every shard with its index range, byte size, sha256 and codec error, the codec
 and the generating config. Both are replaced atomically, the shard first, so a listed shard is
 always complete. The rules of a folder's layout (names, index coverage) and the one loader of a
 configured folder's manifest live here too, beside the format they describe.
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from . import atomic
+from . import atomic, codec as codecs
 from .config import output_dir
 from .errors import UserError
 
@@ -185,12 +186,21 @@ class Manifest:
         if data["format_version"] > FORMAT_VERSION:
             raise UserError(f"{path} has format version {data['format_version']}, newer than this tool "
                             f"({FORMAT_VERSION}); update the tool")
+        codecs.from_manifest(data["codec"], path)  # an unknown codec is refused before any shard is read
         data["shards"].sort(key=lambda s: s["first_index"])
         return cls(folder, data)
 
     @property
     def shards(self):
         return self.data["shards"]
+
+    @property
+    def codec(self):
+        return codecs.from_manifest(self.data["codec"], self.folder / MANIFEST)
+
+    @property
+    def latent(self) -> bool:
+        return self.data["generator"].get("space") == "latent"
 
     @property
     def spec(self):
@@ -204,13 +214,15 @@ class Manifest:
     def next_index(self) -> int:
         return max((s["first_index"] + s["count"] for s in self.shards), default=0)
 
-    def add_shard(self, number: int, first_index: int, count: int, payload: bytes, save: bool = True) -> None:
-        """Write the shard file, then (unless ``save`` is False) the manifest that lists it."""
+    def add_shard(self, number: int, first_index: int, count: int, payload: bytes, save: bool = True,
+                  extra: dict = None) -> None:
+        """Write the shard file, then (unless ``save`` is False) the manifest that lists it; ``extra`` holds the
+        codec's fields of the entry (its measured error, the sha256 of a regenerated x_T)."""
         name = shard_name(number)
         atomic.write_bytes(self.folder / name, payload)
         self.data["shards"] = [s for s in self.shards if s["file"] != name]
         self.shards.append({"file": name, "first_index": first_index, "count": count,
-                            "bytes": len(payload), "sha256": sha256(payload)})
+                            "bytes": len(payload), "sha256": sha256(payload), **(extra or {})})
         self.shards.sort(key=lambda s: s["first_index"])
         if save:
             self.save()
@@ -263,16 +275,22 @@ def _inspect_shard(manifest: Manifest, entry: dict, deep: bool):
         return "does not match its sha256 in the manifest (corrupted)", None
     if not deep:
         return None, None
+    codec = manifest.codec
+    stored_spec = codec.stored_spec(manifest.spec, manifest.latent)
     try:
-        arrays = decode_npz(data, npz_bound(manifest.spec, entry["count"]))
+        stored = decode_npz(data, npz_bound(stored_spec, entry["count"]))
     except ValueError as err:
         return str(err), None
-    problem = check_arrays(arrays, manifest.spec, entry["count"])
+    problem = check_arrays(stored, stored_spec, entry["count"])
     if problem:
         return problem, None
     expected = np.arange(entry["first_index"], entry["first_index"] + entry["count"])
-    if not np.array_equal(arrays["index"], expected):
+    if not np.array_equal(stored["index"], expected):
         return f"holds indices other than {entry['first_index']}..{expected[-1]}", None
+    try:
+        arrays = codec.unpack(stored, manifest.data["generator"], entry)
+    except ValueError as err:
+        return str(err), None
     return None, arrays
 
 

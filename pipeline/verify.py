@@ -3,9 +3,9 @@ the listed shards that are missing or damaged (records are a function of the gen
 the sample index, so a repaired shard holds the records that were lost)."""
 from tqdm import tqdm
 
-from . import atomic, store
+from . import atomic, codec as codecs, store
 from .errors import UserError
-from .generate import Generator, codec_info, open_manifest
+from .generate import Generator, codec_info, error_text, open_manifest
 from .store import index_text
 
 
@@ -42,6 +42,9 @@ def verify_command(cfg):
                         f"{problems[0][2]}; {store.damage_advice(manifest)}")
     print(f"[verify] OK: {len(manifest.shards)} shard(s), {totals['samples']} samples (indices 0..{totals['samples'] - 1}), "
           f"{totals['bytes']:,} bytes, codec {manifest.data['codec'].get('name')}")
+    error = codecs.combined([s.get("codec_error") for s in manifest.shards])
+    print(f"[verify] codec error measured when encoding: {error_text(error)}" if error else
+          "[verify] codec error: not recorded (data written or imported before shards recorded it)")
 
 
 def repair(cfg):

@@ -76,13 +76,22 @@ def cli_args(items: dict) -> list:
 
 
 def read_folder(folder):
-    """Every record of a data folder, read with nothing but numpy + zstandard, in index order."""
+    """Every stored array of a data folder, read with nothing but numpy + zstandard, in index order (the
+    records themselves with codec int8-p99.5)."""
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
     parts = []
     for shard in manifest["shards"]:
         raw = zstandard.ZstdDecompressor().decompress((Path(folder) / shard["file"]).read_bytes())
         with np.load(io.BytesIO(raw)) as npz:
             parts.append({k: npz[k] for k in npz.files})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def read_records(folder):
+    """Every record of a data folder through the tool's reader (any codec), in index order."""
+    from pipeline import store
+    manifest = store.Manifest.load(folder)
+    parts = [manifest.read_shard(entry) for entry in manifest.shards]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

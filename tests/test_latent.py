@@ -11,7 +11,7 @@ import zstandard
 from pipeline import config, ring, rnet_files, store, students, teacher_data, teachers
 from pipeline.rectify import RectifyTrainer
 
-from conftest import assert_one_sentence_error, read_folder, run_cli
+from conftest import assert_one_sentence_error, read_records, run_cli
 
 RING_STEPS, CHUNKS, LATENT = 5, 5, 16
 
@@ -51,7 +51,7 @@ def test_generate_verify_repair_and_export_in_latent_space(small_teacher, rnet_f
     manifest = store.Manifest.load(data)
     gen = manifest.data["generator"]
     assert gen["space"] == "latent" and gen["latent_channels"] == LATENT and len(gen["rnet_sha256"]) == 64
-    records = read_folder(data)
+    records = read_records(data)
     assert records["rin0_q"].shape == (6, LATENT, 32, 32) and records["r_chunks_q"].shape == (6, CHUNKS, LATENT, 32, 32)
     assert records["x0_teacher_f16"].shape == (6, 1, 32, 32)
     # training reads rin0 as the dequantised latent, not x_T (as in pixel space)

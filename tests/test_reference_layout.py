@@ -11,7 +11,7 @@ import zstandard
 from pipeline import config, generate, reference_layout, store, verify
 from pipeline.errors import UserError
 
-from conftest import assert_one_sentence_error, npz_with_absurd_header, read_folder, run_cli
+from conftest import assert_one_sentence_error, npz_with_absurd_header, read_folder, read_records, run_cli
 
 KEYS = ("x_T_f16", "x0_teacher_f16", "rin0_q", "rin0_scale_f16", "r_chunks_q", "r_chunks_scale_f16", "T", "chunk_size")
 
@@ -86,7 +86,7 @@ def exported(tmp_path_factory, small_teacher):
 def test_the_reference_reader_reads_our_export(exported):
     """What the reference's QuantChunkDataset does with a file: stream_reader(f).read(), then np.load."""
     _, folder, ref = exported
-    ours = read_folder(folder)
+    ours = read_records(folder)
     files = sorted(p for p in ref.iterdir() if p.name.endswith(".zst"))
     assert [p.name for p in files] == [f"sample_{i:08d}.zst" for i in range(12)]
     for i, path in enumerate(files):
@@ -104,7 +104,7 @@ def test_export_then_import_gives_the_same_records(exported, tmp_path):
     cfg, folder, ref = exported
     back = tmp_path / "imported"
     reference_layout.import_command(dict(cfg, reference_dir=str(ref), data_dir=str(back), shard_size=4))
-    original, imported = read_folder(folder), read_folder(back)
+    original, imported = read_records(folder), read_records(back)
     assert sorted(imported) == sorted(original)
     for key in original:
         np.testing.assert_array_equal(imported[key], original[key], err_msg=key)

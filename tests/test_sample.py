@@ -1,19 +1,17 @@
 """--mode sample: a trained student's one-step images from the x_T that generate draws, its files, and
 refused students. D and B are built untrained (random weights) on tiny teacher data: sampling does not
 care how they were trained, and the data's records say which x_T each index has."""
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-import zstandard
 from PIL import Image
 
 from pipeline import config, datasets, generate, packed, sample, student_b, students
 from pipeline.errors import UserError
 
-from conftest import assert_one_sentence_error, run_cli
+from conftest import assert_one_sentence_error, read_records, run_cli
 
 BACKBONE = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
             "layers_per_block": 1, "norm_num_groups": 4, "down_block_types": ["DownBlock2D"] * 2,
@@ -22,14 +20,9 @@ FIRST, COUNT = 3, 5
 
 
 def _records_x_T(folder) -> dict:
-    """index -> x_T of the teacher records, read with numpy + zstandard only."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    x_T = {}
-    for shard in manifest["shards"]:
-        raw = zstandard.ZstdDecompressor().decompress((folder / shard["file"]).read_bytes())
-        arrays = np.load(io.BytesIO(raw))
-        x_T.update({int(i): x.astype(np.float32) for i, x in zip(arrays["index"], arrays["x_T_f16"])})
-    return x_T
+    """index -> x_T of the teacher records, read through the tool's reader."""
+    records = read_records(folder)
+    return {int(i): x.astype(np.float32) for i, x in zip(records["index"], records["x_T_f16"])}
 
 
 @pytest.fixture(scope="module")

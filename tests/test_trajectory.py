@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 import torch
 
-from pipeline import generate, teachers
+from pipeline import codec as codecs, teachers
 from pipeline.trajectory import ddim_sample, draw_x_T, pixel_residual_record
 
 
@@ -31,11 +32,13 @@ def test_x_T_depends_only_on_seed_and_index():
     assert a.dtype == torch.float32 and torch.equal(a, a.half().float())  # exactly representable in float16
 
 
-def test_record_keys_and_dtypes(small_teacher):
+@pytest.mark.parametrize("codec", [codecs.ReferenceCodec(99.5, 10), codecs.FeedbackCodec(0.05, "regenerate", 99.5, 10)])
+def test_record_keys_and_dtypes(small_teacher, codec):
     unet, scheduler = _teacher(small_teacher)
     x_T = draw_x_T(0, range(2), [1, 32, 32])
-    rec = generate.quantized_record(x_T, *pixel_residual_record(unet, scheduler, x_T, 4, 2), T=1000,
-                                    chunk_size=500, percentile=99.5)
+    rin0, r_chunks, z_final = pixel_residual_record(unet, scheduler, x_T, 4, 2)
+    rec = codec.encode(codecs.Trajectories(*(t.numpy() for t in (x_T, rin0, r_chunks, z_final, z_final)), T=1000,
+                                           chunk_size=500, latent=False))
     dtypes = {k: str(v.dtype) for k, v in rec.items()}
     assert dtypes == {"x_T_f16": "float16", "x0_teacher_f16": "float16", "rin0_q": "int8", "rin0_scale_f16": "float16",
                       "r_chunks_q": "int8", "r_chunks_scale_f16": "float16", "T": "int16", "chunk_size": "int16"}

@@ -13,7 +13,8 @@ from conftest import assert_one_sentence_error, flip_a_bit, npz_with_absurd_head
 
 @pytest.fixture
 def dataset(tiny_cfg):
-    cfg = tiny_cfg()
+    """Reference-codec data: its shards hold the records themselves, which the tests below forge."""
+    cfg = tiny_cfg(codec="int8-p99.5")
     folder, _ = generate.generate(cfg)
     return cfg, folder
 

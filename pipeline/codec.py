@@ -1,0 +1,249 @@
+"""Record codecs of the teacher data (docs/design.md §3, §15).
+
+A codec turns a batch of float trajectories into records (the reference's keys: int8 codes with
+float16 scales), a shard's records into the arrays its npz stores, and those arrays back into
+records; the encoder also measures how far the decoded records are from the floats.
+
+    int8-p99.5+zstd  the reference codec: each chunk on its own, scale = the 99.5th percentile of |x| / 127;
+                     the npz stores the records as they are.
+    ef-int8+zstd     error feedback along the chain with a step relative to the final state's RMS; the npz
+                     stores the chunk codes position-major and neither x_T (regenerated from (seed, index))
+                     nor, in pixel space, the start codes and the image (both follow from x_T and the chunks).
+
+Every codec's records dequantize the same way, so the students, ``export`` and the reference's own
+reader take them unchanged.
+"""
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from . import quant
+from .errors import UserError
+from .trajectory import draw_x_T
+
+REFERENCE_PREFIX = "int8-p"
+FEEDBACK = "ef-int8+zstd"
+# codec keys that decide the bytes of a shard: a folder is only extended with the same values
+IDENTITY_KEYS = ("name", "version", "zstd_level", "step", "x_T")
+X_T_MODES = ("regenerate", "store")
+
+
+@dataclass
+class Trajectories:
+    """One batch of float32 trajectories [n, ...]: the chain starts at ``start`` (x_T in pixel space,
+    Rin(x_T) in latent space) and ``start + sum(chunks) = z_final``; ``x0`` is the teacher's image."""
+    x_T: np.ndarray
+    start: np.ndarray
+    chunks: np.ndarray
+    z_final: np.ndarray
+    x0: np.ndarray
+    T: int
+    chunk_size: int
+    latent: bool
+
+
+def decoded_start(records: dict, latent: bool) -> np.ndarray:
+    """The chain's start as the students read it: x_T itself in pixel space, the dequantised codes in latent."""
+    if latent:
+        return quant.dequantize(records["rin0_q"], records["rin0_scale_f16"])
+    return records["x_T_f16"].astype(np.float32)
+
+
+def decoded_final(records: dict, latent: bool) -> np.ndarray:
+    """start + every dequantised chunk: the final state the records encode."""
+    chunks = quant.dequantize(records["r_chunks_q"], records["r_chunks_scale_f16"])
+    return decoded_start(records, latent) + chunks.sum(axis=1)
+
+
+def common_records(traj: Trajectories) -> dict:
+    n = len(traj.x_T)
+    return {"x_T_f16": traj.x_T.astype(np.float16),
+            "x0_teacher_f16": np.clip(traj.x0, -1, 1).astype(np.float16),
+            "T": np.full((n, 1), traj.T, np.int16), "chunk_size": np.full((n, 1), traj.chunk_size, np.int16)}
+
+
+class ReferenceCodec:
+    """The reference's codec, bit-compatible with its writer: every value is quantized on its own."""
+
+    version = 1
+
+    def __init__(self, percentile: float, zstd_level: int):
+        self.percentile, self.zstd_level = percentile, zstd_level
+        self.name = f"{REFERENCE_PREFIX}{percentile:g}+zstd"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version,
+                "quantizer": "per-channel symmetric int8, zero point 0, clip at the percentile of |x|, float16 scales",
+                "percentile": self.percentile, "container": "uncompressed npz in one zstd frame",
+                "zstd_level": self.zstd_level, "zstandard_version": zstandard.__version__}
+
+    def encode(self, traj: Trajectories) -> dict:
+        rin0_q, rin0_scale = quant.quantize(traj.start, self.percentile)
+        chunks_q, chunks_scale = quant.quantize(traj.chunks, self.percentile)
+        return dict(common_records(traj), rin0_q=rin0_q, rin0_scale_f16=rin0_scale, r_chunks_q=chunks_q,
+                    r_chunks_scale_f16=chunks_scale)
+
+    def stored_spec(self, spec: dict, latent: bool) -> dict:
+        return spec
+
+    def pack(self, records: dict, latent: bool):
+        """(arrays to store, fields for the shard's manifest entry)."""
+        return records, {}
+
+    def unpack(self, stored: dict, generator: dict, entry: dict) -> dict:
+        return stored
+
+
+class FeedbackCodec:
+    """Error feedback along the chain (quant.feedback_quantize) at a step of ``step`` times the RMS of each
+    channel of the sample's final state, so the final state is off by half a step at most."""
+
+    version = 1
+    name = FEEDBACK
+
+    def __init__(self, step: float, x_T: str, percentile: float, zstd_level: int):
+        self.step, self.x_T, self.percentile, self.zstd_level = step, x_T, percentile, zstd_level
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "step": self.step, "x_T": self.x_T,
+                "quantizer": "per-channel symmetric int8 with error feedback along the chunks; step = `step` x the RMS "
+                             "of the channel's final state, widened where the codes would leave +-127; float16 scales",
+                "layout": "chunk codes position-major [C, H, W, chunks]; pixel space: rin0 codes (the reference "
+                          "quantizer at `percentile`) and the image (clamped decoded final state) are derived",
+                "percentile": self.percentile, "container": "uncompressed npz in one zstd frame",
+                "zstd_level": self.zstd_level, "zstandard_version": zstandard.__version__}
+
+    def encode(self, traj: Trajectories) -> dict:
+        rms = np.sqrt(np.mean(np.square(traj.z_final.reshape(*traj.z_final.shape[:2], -1)), axis=-1))
+        step = (np.float32(self.step) * rms).astype(np.float32)
+        records = common_records(traj)
+        if traj.latent:
+            rin0_scale = quant.fitting_scales(traj.start, step)
+            rin0_q = quant.quantize_step(traj.start, rin0_scale)
+            start_error = traj.start - quant.dequantize(rin0_q, rin0_scale)
+        else:  # the chain starts at x_T exactly; rin0 is the reference's copy of it
+            rin0_q, rin0_scale = self.pixel_start_codes(records["x_T_f16"])
+            start_error = traj.start - records["x_T_f16"].astype(np.float32)
+        codes, scales, _ = quant.feedback_quantize(start_error, traj.chunks, step)
+        records.update(rin0_q=rin0_q, rin0_scale_f16=rin0_scale, r_chunks_q=codes, r_chunks_scale_f16=scales)
+        if not traj.latent:
+            records["x0_teacher_f16"] = self.pixel_image(records)
+        return records
+
+    def pixel_start_codes(self, x_T_f16):
+        return quant.quantize(x_T_f16.astype(np.float32), self.percentile)
+
+    @staticmethod
+    def pixel_image(records: dict) -> np.ndarray:
+        return np.clip(decoded_final(records, latent=False), -1, 1).astype(np.float16)
+
+    def kept_keys(self, latent: bool) -> tuple:
+        """Record keys stored as they are, beside the chunk codes, their scales, T and chunk_size."""
+        return (("rin0_q", "rin0_scale_f16", "x0_teacher_f16") if latent else ()) + (("x_T_f16",) if self.x_T == "store" else ())
+
+    def stored_spec(self, spec: dict, latent: bool) -> dict:
+        chunk_dtype, (k, c, h, w) = spec["r_chunks_q"]
+        kept = ("r_chunks_scale_f16", "T", "chunk_size") + self.kept_keys(latent)
+        return {"r_chunks_q_by_position": (chunk_dtype, [c, h, w, k]), **{key: spec[key] for key in kept}}
+
+    def pack(self, records: dict, latent: bool):
+        kept = ("r_chunks_scale_f16", "T", "chunk_size", "index") + self.kept_keys(latent)
+        stored = {key: records[key] for key in kept if key in records}
+        stored["r_chunks_q_by_position"] = np.ascontiguousarray(records["r_chunks_q"].transpose(0, 2, 3, 4, 1))
+        extra = {}
+        if self.x_T == "regenerate":
+            extra["x_T_sha256"] = hashlib.sha256(records["x_T_f16"].tobytes()).hexdigest()
+        return stored, extra
+
+    def unpack(self, stored: dict, generator: dict, entry: dict) -> dict:
+        """Records of a shard's stored arrays; ValueError (completing "<shard> ...") where x_T does not regenerate."""
+        latent = generator.get("space") == "latent"
+        records = {key: value for key, value in stored.items() if key != "r_chunks_q_by_position"}
+        records["r_chunks_q"] = np.ascontiguousarray(stored["r_chunks_q_by_position"].transpose(0, 4, 1, 2, 3))
+        if self.x_T == "regenerate":
+            records["x_T_f16"] = regenerated_x_T(stored["index"], generator, entry)
+        if not latent:
+            records["rin0_q"], records["rin0_scale_f16"] = self.pixel_start_codes(records["x_T_f16"])
+            records["x0_teacher_f16"] = self.pixel_image(records)
+        return records
+
+
+def regenerated_x_T(index, generator: dict, entry: dict) -> np.ndarray:
+    x_T = draw_x_T(generator["seed"], index, generator["image_shape"]).numpy().astype(np.float16)
+    if hashlib.sha256(x_T.tobytes()).hexdigest() != entry.get("x_T_sha256"):
+        raise ValueError("holds records whose x_T does not regenerate bit-exactly from (seed, index) on this machine "
+                         "(torch.randn's CPU kernels differ between x86 and ARM); decode it on an x86 CPU or "
+                         "regenerate the data with codec_x_T=store")
+    return x_T
+
+
+def from_config(cfg):
+    """The codec that ``generate`` writes with."""
+    if cfg["codec"] == "ef-int8":
+        return FeedbackCodec(cfg["codec_step"], cfg["codec_x_T"], cfg["percentile"], cfg["zstd_level"])
+    return ReferenceCodec(cfg["percentile"], cfg["zstd_level"])
+
+
+def from_manifest(described: dict, where) -> object:
+    """The codec a manifest names; one sentence where this tool does not know it."""
+    name, version = described.get("name"), described.get("version", 1)
+    known = {FEEDBACK: FeedbackCodec.version}.get(name, ReferenceCodec.version)
+    if not isinstance(version, int) or version > known or not isinstance(name, str) or not (
+            name == FEEDBACK or (name.startswith(REFERENCE_PREFIX) and name.endswith("+zstd"))):
+        raise UserError(f"{where} names codec {name!r} version {version}, which this tool does not read; update the "
+                        f"tool or regenerate the data")
+    level = described.get("zstd_level", 10)
+    if name != FEEDBACK:
+        return ReferenceCodec(described.get("percentile", 99.5), level)
+    step, x_T, percentile = described.get("step"), described.get("x_T"), described.get("percentile")
+    if not (isinstance(step, (int, float)) and step > 0 and x_T in X_T_MODES and isinstance(percentile, (int, float))):
+        raise UserError(f"{where} describes codec {FEEDBACK} without a positive step, an x_T mode "
+                        f"({' or '.join(X_T_MODES)}) and a percentile; restore the manifest or regenerate the data")
+    return FeedbackCodec(step, x_T, percentile, level)
+
+
+class ErrorTally:
+    """How far the decoded records of one shard are from the floats they encode: the final state (start +
+    every chunk, as the students read it), each chunk, and the image."""
+
+    def __init__(self):
+        self.samples, self.sums, self.max_abs = 0, {}, {}
+
+    def add(self, traj: Trajectories, records: dict) -> None:
+        chunks = quant.dequantize(records["r_chunks_q"], records["r_chunks_scale_f16"])
+        errors = {"z_final": decoded_final(records, traj.latent) - traj.z_final,
+                  "x0": records["x0_teacher_f16"].astype(np.float32) - np.clip(traj.x0, -1, 1)}
+        errors.update({f"chunk_{k}": chunks[:, k] - traj.chunks[:, k] for k in range(chunks.shape[1])})
+        for key, error in errors.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(np.square(error, dtype=np.float64).mean()) * len(error)
+            self.max_abs[key] = max(self.max_abs.get(key, 0.0), float(np.abs(error).max()))
+        self.samples += len(traj.x_T)
+
+    def summary(self) -> dict:
+        """Per-sample mean squared errors as RMSE (values per sample are equal within a folder)."""
+        rmse = {key: float(np.sqrt(total / self.samples)) for key, total in self.sums.items()}
+        chunks = sorted((key for key in rmse if key.startswith("chunk_")), key=lambda key: int(key[6:]))
+        return {"samples": self.samples, "z_final_rmse": _round(rmse["z_final"]),
+                "z_final_max_abs": _round(self.max_abs["z_final"]), "x0_rmse": _round(rmse["x0"]),
+                "x0_max_abs": _round(self.max_abs["x0"]), "chunk_rmse": [_round(rmse[key]) for key in chunks]}
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def combined(summaries: list):
+    """One summary of several shards' error summaries (None where none has one)."""
+    summaries = [s for s in summaries if isinstance(s, dict) and s.get("samples")]
+    if not summaries:
+        return None
+    total = sum(s["samples"] for s in summaries)
+
+    def pooled(values):
+        return _round(float(np.sqrt(sum(v * v * s["samples"] for v, s in zip(values, summaries)) / total)))
+    return {"samples": total, "z_final_rmse": pooled([s["z_final_rmse"] for s in summaries]),
+            "z_final_max_abs": max(s["z_final_max_abs"] for s in summaries),
+            "x0_rmse": pooled([s["x0_rmse"] for s in summaries]), "x0_max_abs": max(s["x0_max_abs"] for s in summaries),
+            "chunk_rmse": [pooled(column) for column in zip(*(s["chunk_rmse"] for s in summaries))]}
