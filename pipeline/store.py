@@ -178,8 +178,9 @@ class Manifest:
                   and all(isinstance(data.get(k), dict) for k in ("codec", "generator", "record"))
                   and all(isinstance(v, dict) and isinstance(v.get("dtype"), str) and np.dtype(v["dtype"]).kind in "iuf"
                           and isinstance(v.get("shape"), list)
-                          and all(isinstance(n, int) and n >= 0 for n in v["shape"]) for v in data["record"].values()))
-        except (ValueError, UnicodeDecodeError, AttributeError, TypeError, SyntaxError):
+                          and all(isinstance(n, int) and n >= 0 for n in v["shape"]) for v in data["record"].values())
+                  and len(data["record"]["r_chunks_q"]["shape"]) == 4)
+        except (ValueError, UnicodeDecodeError, AttributeError, TypeError, SyntaxError, KeyError):
             ok = False
         if not ok:
             raise UserError(f"{path} is not a readable teacher-data manifest; restore it or regenerate the folder")

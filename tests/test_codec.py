@@ -201,3 +201,10 @@ def test_extending_with_another_step_or_codec_is_refused(ef_data, tmp_path):
         generate.generate(dict(cfg, data_dir=str(folder), codec_step=0.1, samples_total=13))
     with pytest.raises(UserError, match='codec name="ef-int8\\+zstd", not "int8-p99.5\\+zstd"'):
         generate.generate(dict(cfg, data_dir=str(folder), codec="int8+zstd", samples_total=13))
+
+
+def test_a_manifest_whose_record_lacks_the_chunks_is_refused(ef_data, tmp_path):
+    folder = _copy(ef_data[1], tmp_path)
+    _rewrite_manifest(folder, lambda m: m["record"].pop("r_chunks_q"))
+    with pytest.raises(UserError, match="is not a readable teacher-data manifest"):
+        store.Manifest.load(folder)
