@@ -6,7 +6,9 @@ reaches the user as one sentence and exit status 2, never as a traceback; Ctrl-C
 after saving what can be saved, with exit status 130.
 """
 import argparse
+import contextlib
 import dataclasses
+import os
 import signal
 import sys
 from typing import Callable, Optional
@@ -62,20 +64,37 @@ def main(prog, description, modes, default_mode="generate", argv=None):
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     mode = modes[args.mode]
+    ranks = _process_group()
     try:
-        cfg = config.resolve(args.config, args.overrides)
-        config.validate(cfg, mode.stages)
-        print(f"[config] mode={args.mode} from {config.source_of(args.config)}\n{config.to_json(cfg)}", flush=True)
+        with ranks.together() if ranks else contextlib.nullcontext():
+            cfg = config.resolve(args.config, args.overrides)
+            config.validate(cfg, mode.stages)
+        if ranks is None or ranks.is_main():
+            print(f"[config] mode={args.mode} from {config.source_of(args.config)}\n{config.to_json(cfg)}", flush=True)
         if args.dry_run:
             for line in (mode.plan(cfg) if mode.plan else [f"would run {args.mode}: {mode.help}"]):
                 print(f"[dry-run] {line}")
             return 0
         mode.run(cfg)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not (ranks and isinstance(err, ranks.RankFailed)):  # rank 0 says it once for every rank
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: what was complete is kept (training saved a checkpoint); rerun the same command to "
               "continue", file=sys.stderr)
         return 130
+    finally:
+        if ranks:
+            ranks.finish()
     return 0
+
+
+def _process_group():
+    """The distributed module with this process in its group when torchrun launched it, else None; torch is only
+    imported then (a plain launch answers --help and a refused config without it)."""
+    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        return None
+    from . import distributed
+    distributed.init()
+    return distributed

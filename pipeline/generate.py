@@ -7,6 +7,7 @@ batch, shard or process layout (its floats after the chain can, at rounding leve
 file, then manifest), so rerunning the same command after a crash resumes at the first index no
 shard holds, and a larger ``samples_total`` extends the folder.
 """
+import contextlib
 import json
 import time
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import atomic, codec as codecs, config, ring, rnet_files, runtime, store, teachers
+from . import atomic, codec as codecs, config, distributed, ring, rnet_files, runtime, store, teachers
 from .config import output_dir, project_path
 from .errors import UserError
 from .trajectory import draw_x_T, pixel_residual_record
@@ -140,11 +141,16 @@ class Generator:
         self.seconds["compress"] += time.perf_counter() - start
         return payload, dict(extra, codec_error=tally.summary())
 
-    def write_shard(self, manifest, number, first, count, bar):
+    def write_shard_file(self, folder, number, first, count, bar) -> dict:
+        """Compute, encode and write one shard file; its manifest entry, for the manifest's one writer."""
         payload, extra = self.shard_payload(first, count, bar)
         start = time.perf_counter()
-        manifest.add_shard(number, first, count, payload, extra=extra)
+        entry = store.write_shard_file(folder, number, first, count, payload, extra)
         self.seconds["write"] += time.perf_counter() - start
+        return entry
+
+    def write_shard(self, manifest, number, first, count, bar):
+        manifest.list_shard(self.write_shard_file(manifest.folder, number, first, count, bar))
 
 
 def reopen_partial_last_shard(manifest, cfg) -> None:
@@ -170,13 +176,28 @@ def plan(manifest, cfg):
 
 
 def generate(cfg):
+    """Write the shards the configured folder lacks. Under torchrun every rank writes its own shards and rank 0
+    alone holds the folder's lock and writes the manifest, so the folder is the same as one process makes."""
     folder = output_dir(cfg, "data_dir")
-    gen = Generator(cfg)
-    with atomic.folder_lock(folder, "run"):
-        return _generate_locked(cfg, folder, gen)
+    with contextlib.ExitStack() as held:
+        with distributed.together():
+            gen = Generator(cfg)
+            manifest, todo, done = None, None, 0
+            if distributed.is_main():
+                held.enter_context(atomic.folder_lock(folder, "run"))
+                manifest, todo, done = prepare(cfg, folder, gen)
+        todo = distributed.broadcast(todo)
+        # as a context the bar is closed before an error is printed, which then stays on its own line
+        with tqdm(total=cfg["samples_total"], initial=min(done, cfg["samples_total"]), desc="generate",
+                  unit="sample", dynamic_ncols=True, disable=manifest is None) as bar:
+            write_rounds(folder, gen, manifest, todo, bar)
+        if manifest is not None:
+            report(folder, manifest, gen.seconds, todo)
+    return folder, gen.seconds
 
 
-def _generate_locked(cfg, folder, gen):
+def prepare(cfg, folder, gen):
+    """(manifest, shards to write, samples present) after checking what the folder holds."""
     atomic.remove_stale_temporaries(folder)
     manifest = open_manifest(folder, cfg, codec_info(cfg), gen.generator, gen.spec)
     if manifest.shards:
@@ -189,15 +210,28 @@ def _generate_locked(cfg, folder, gen):
     todo = plan(manifest, cfg)
     done = manifest.next_index()
     print(f"[generate] {folder}: {done} samples present, {sum(c for _, _, c in todo)} to generate "
-          f"in {len(todo)} shard(s) ({cfg['steps']} DDIM steps, {cfg['chunks']} chunks)")
-    # as a context the bar is closed before an error is printed, which then stays on its own line
-    with tqdm(total=cfg["samples_total"], initial=min(done, cfg["samples_total"]), desc="generate",
-              unit="sample", dynamic_ncols=True) as bar:
-        for number, first, count in todo:
-            gen.write_shard(manifest, number, first, count, bar)
-            log_shard(folder, number, first, count, manifest.shards, gen.seconds)
-    report(folder, manifest, gen.seconds, todo)
-    return folder, gen.seconds
+          f"in {len(todo)} shard(s) ({cfg['steps']} DDIM steps, {cfg['chunks']} chunks)"
+          + (f" on {distributed.world()} processes" if distributed.world() > 1 else ""))
+    return manifest, todo, done
+
+
+def write_rounds(folder, gen, manifest, todo, bar, on_listed=None):
+    """In each round every rank writes the next shard of ``todo`` (number, first index, count) that is its own;
+    then rank 0 (the one holding ``manifest``) lists the round's shards, which exist by then, in one save."""
+    world, rank = distributed.world(), distributed.rank()
+    for start in range(0, len(todo), world):
+        mine = todo[start + rank] if start + rank < len(todo) else None
+        with distributed.together():
+            entry = gen.write_shard_file(folder, *mine, bar) if mine else None
+        entries = [e for e in distributed.gather(entry) if e is not None]
+        if manifest is None:
+            continue
+        for e in entries:
+            manifest.list_shard(e, save=False)
+        manifest.save()
+        for e in entries:
+            (on_listed or log_shard)(folder, e, gen.seconds)
+        bar.update(sum(e["count"] for e in entries) - (mine[2] if mine else 0))
 
 
 def error_text(error: dict) -> str:
@@ -206,10 +240,9 @@ def error_text(error: dict) -> str:
             f"over {error['samples']} samples")
 
 
-def log_shard(folder, number, first, count, shards, seconds):
-    entry = next(s for s in shards if s["file"] == store.shard_name(number))
+def log_shard(folder, entry, seconds):
     with open(folder / "stats.jsonl", "a") as f:
-        f.write(json.dumps({"shard": entry["file"], "first_index": first, "count": count,
+        f.write(json.dumps({"shard": entry["file"], "first_index": entry["first_index"], "count": entry["count"],
                             "bytes": entry["bytes"], **{f"{k}_seconds_total": round(v, 4) for k, v in seconds.items()}})
                 + "\n")
 

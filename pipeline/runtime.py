@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .errors import UserError
 
 
@@ -32,6 +33,8 @@ def select_device(cfg) -> torch.device:
     name = cfg["device"]
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.launched():
+        name = f"cuda:{distributed.local_rank()}"  # one GPU per process
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg['device']} was asked for but torch sees no CUDA device; use device=cpu")
     try:
@@ -48,8 +51,10 @@ def configure(cfg) -> torch.device:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    print(f"[runtime] device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"inference memory={'channels-last' if cfg['channels_last'] else 'contiguous'}")
+    if distributed.is_main():
+        print(f"[runtime] device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
+              f"inference memory={'channels-last' if cfg['channels_last'] else 'contiguous'}"
+              + (f", {distributed.world()} processes" if distributed.world() > 1 else ""))
     return device
 
 

@@ -219,11 +219,12 @@ class Manifest:
                   extra: dict = None) -> None:
         """Write the shard file, then (unless ``save`` is False) the manifest that lists it; ``extra`` holds the
         codec's fields of the entry (its measured error, the sha256 of a regenerated x_T)."""
-        name = shard_name(number)
-        atomic.write_bytes(self.folder / name, payload)
-        self.data["shards"] = [s for s in self.shards if s["file"] != name]
-        self.shards.append({"file": name, "first_index": first_index, "count": count,
-                            "bytes": len(payload), "sha256": sha256(payload), **(extra or {})})
+        self.list_shard(write_shard_file(self.folder, number, first_index, count, payload, extra), save)
+
+    def list_shard(self, entry: dict, save: bool = True) -> None:
+        """List a shard file already written (replacing an entry of the same name), then save unless told not to."""
+        self.data["shards"] = [s for s in self.shards if s["file"] != entry["file"]]
+        self.shards.append(entry)
         self.shards.sort(key=lambda s: s["first_index"])
         if save:
             self.save()
@@ -256,6 +257,14 @@ class Manifest:
                              f"data that no one writes meanwhile")
         return UserError(f"{self.folder / entry['file']} {problem}; run '--mode verify' to list every damaged "
                          f"shard, then {damage_advice(self)}")
+
+
+def write_shard_file(folder, number: int, first_index: int, count: int, payload: bytes, extra: dict = None) -> dict:
+    """Write one shard file atomically; its manifest entry, for the one writer of the manifest to list."""
+    name = shard_name(number)
+    atomic.write_bytes(Path(folder) / name, payload)
+    return {"file": name, "first_index": first_index, "count": count, "bytes": len(payload),
+            "sha256": sha256(payload), **(extra or {})}
 
 
 def shard_problem(manifest: Manifest, entry: dict, deep: bool = True):
