@@ -24,6 +24,7 @@ class Mode:
     stages: tuple
     run: Callable  # run(cfg)
     plan: Optional[Callable] = None  # plan(cfg) -> lines that --dry-run prints
+    many_processes: bool = False  # the stages share their work between torchrun's processes (docs/design.md §16)
 
 
 def _sigterm_as_interrupt(signum, frame):
@@ -69,6 +70,9 @@ def main(prog, description, modes, default_mode="generate", argv=None):
         with ranks.together() if ranks else contextlib.nullcontext():
             cfg = config.resolve(args.config, args.overrides)
             config.validate(cfg, mode.stages)
+            if ranks and ranks.world() > 1 and not mode.many_processes:
+                raise UserError(f"--mode {args.mode} runs in one process so far (docs/design.md §8); launch it with "
+                                f"python, or torchrun --nproc_per_node=1")
         if ranks is None or ranks.is_main():
             print(f"[config] mode={args.mode} from {config.source_of(args.config)}\n{config.to_json(cfg)}", flush=True)
         if args.dry_run:

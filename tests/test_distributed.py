@@ -54,6 +54,14 @@ def test_a_refused_config_stops_every_rank_with_one_sentence(small_teacher, tmp_
     assert "/pipeline/" not in result.stderr  # no frame of ours: only torchrun's own report of a failed child
 
 
+def test_a_stage_that_runs_in_one_process_refuses_two(tmp_path):
+    result = _torchrun("--mode", "train_d", "--config", "tiny", f"data_dir={tmp_path}")
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and errors == [
+        "error: --mode train_d runs in one process so far (docs/design.md §8); launch it with python, or torchrun "
+        "--nproc_per_node=1"]
+
+
 def test_killing_a_rank_then_rerunning_resumes(small_teacher, tmp_path):
     folder = tmp_path / "killed"
     args = _generate_args(small_teacher, folder, samples_total=30)
