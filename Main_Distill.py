@@ -130,7 +130,7 @@ MODES = {
     "import": cli.Mode("read a reference-layout folder (reference_dir) into shards + manifest in data_dir",
                        ("import",), import_, import_plan),
     "train_d": cli.Mode("train the one-step student D on the teacher data (resumes from its checkpoint)",
-                        ("train_d",), train_d, training_plan("d", "D")),
+                        ("train_d",), train_d, training_plan("d", "D"), many_processes=True),
     "binarize": cli.Mode("train the 1-bit student B from D (SPD + LRM, progressive) and export it bit-packed",
                          ("binarize",), binarize, training_plan("b", "B")),
     "eval_d": cli.Mode("one-step samples of D and B, FID / precision / recall / PSNR / speed against the teacher, "

@@ -174,8 +174,8 @@ def regenerated_x_T(index, generator: dict, entry: dict) -> np.ndarray:
     x_T = draw_x_T(generator["seed"], index, generator["image_shape"]).numpy().astype(np.float16)
     if hashlib.sha256(x_T.tobytes()).hexdigest() != entry.get("x_T_sha256"):
         raise ValueError("holds records whose x_T does not regenerate bit-exactly from (seed, index) on this machine "
-                         "(torch.randn's CPU kernels differ between x86 and ARM); decode it on an x86 CPU or "
-                         "regenerate the data with codec_x_T=store")
+                         "(torch.randn's CPU kernels with and without AVX2, e.g. on ARM, differ in rare float16 "
+                         "values); read it on a CPU with AVX2 or regenerate the data with codec_x_T=store")
     return x_T
 
 

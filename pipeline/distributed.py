@@ -70,6 +70,37 @@ def broadcast(obj):
     return box[0]
 
 
+def wrap(model, device):
+    """``model`` in DistributedDataParallel over the ranks (rank 0's weights broadcast to all); the model itself
+    in one process. Only the training forward pass goes through the wrapper."""
+    if not active() or world() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def broadcast_module(model) -> None:
+    """Give every rank rank 0's parameters and buffers (after a rank-local change such as a fitted start)."""
+    if not active() or world() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def mean_over_ranks(record: dict) -> dict:
+    """``record`` with every number (and list of numbers) averaged over the ranks."""
+    if not active() or world() == 1:
+        return record
+    records = gather(record)
+
+    def mean(values):
+        if isinstance(values[0], list):
+            return [sum(column) / len(column) for column in zip(*values)]
+        return sum(values) / len(values) if isinstance(values[0], (int, float)) else values[0]
+    return {key: mean([r[key] for r in records]) for key in record}
+
+
 class RankFailed(UserError):
     """Another rank failed; that rank's sentence is printed by rank 0, so this one stays silent."""
 

@@ -8,7 +8,7 @@ sha256), and resuming on data that grew or changed is refused. The EMA student i
 checkpoint, and every ``snapshot_every`` steps into ``snapshots/``.
 """
 
-from . import teacher_data
+from . import distributed, teacher_data
 from .config import output_dir
 from .errors import UserError
 from .trainer import Recipe, Trainer, one_cycle
@@ -47,9 +47,10 @@ class StudentTrainer(Trainer):
 
     def batches(self):
         stream = teacher_data.batches(self.cfg, self.manifest, *self.train_range, seed=[self.cfg["seed"], self.step],
-                                      batch_size=self.recipe.batch_size)
+                                      batch_size=self.local_batch, rank=distributed.rank(), ranks=distributed.world())
         if self.step == 0:
             self.first_batch({k: v.to(self.device) for k, v in next(stream).items()})
+            distributed.broadcast_module(self.model)  # every rank starts from rank 0's fit
         return stream
 
     def record(self) -> dict:

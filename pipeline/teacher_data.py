@@ -137,15 +137,19 @@ def read_range(manifest, lo, hi) -> dict:
 class ShardStream(IterableDataset):
     """An endless stream of shuffled training batches; each worker decodes its own share of the shards."""
 
-    def __init__(self, manifest, lo, hi, batch_size, buffer_size, seed):
+    def __init__(self, manifest, lo, hi, batch_size, buffer_size, seed, rank=0, ranks=1):
         self.manifest, self.lo, self.hi = manifest, lo, hi
         self.batch_size, self.buffer_size, self.seed = batch_size, max(buffer_size, batch_size), seed
+        self.rank, self.ranks = rank, ranks
         self.entries = shards_overlapping(manifest, lo, hi)
 
-    def _records(self, rng, worker, workers):
+    def _records(self, part, parts):
+        """Every epoch, one permutation of the shards that all ranks and workers share (seeded by the epoch),
+        of which this reader takes every ``parts``-th: the readers' shards are disjoint and an epoch reads
+        each shard once."""
         for epoch in itertools.count():
-            order = rng.permutation(len(self.entries))
-            for k in order[worker::workers]:
+            order = np.random.default_rng([*self.seed, epoch]).permutation(len(self.entries))
+            for k in order[part::parts]:
                 arrays = self.manifest.read_shard(self.entries[k])
                 keep = np.flatnonzero((arrays["index"] >= self.lo) & (arrays["index"] < self.hi))
                 tensors = to_tensors(arrays, keep, is_latent(self.manifest))
@@ -161,11 +165,12 @@ class ShardStream(IterableDataset):
     def _batches(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = np.random.default_rng([*self.seed, worker])
-        if len(self.entries) < workers:  # more workers than shards: some read the same shards in another order
-            worker, workers = worker % len(self.entries), len(self.entries)
+        rng = np.random.default_rng([*self.seed, self.rank, worker])  # this reader's picks from its buffer
+        part, parts = self.rank * workers + worker, self.ranks * workers
+        if len(self.entries) < parts:  # more readers than shards: some read the same shards
+            part, parts = part % len(self.entries), len(self.entries)
         buffer = []
-        for record in self._records(rng, worker, workers):
+        for record in self._records(part, parts):
             buffer.append(record)
             if len(buffer) < self.buffer_size:
                 continue
@@ -181,10 +186,11 @@ def _quiet_worker(_):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def batches(cfg, manifest, lo, hi, seed, batch_size):
+def batches(cfg, manifest, lo, hi, seed, batch_size, rank=0, ranks=1):
     """An endless iterator over training batches of records [lo, hi), decoded by ``data_workers``
-    processes (0 = in the training process); ``seed`` is a list of ints that fixes the order."""
-    stream = ShardStream(manifest, lo, hi, batch_size, cfg["shuffle_buffer"], seed)
+    processes (0 = in the training process); ``seed`` is a list of ints that fixes the order; each of
+    ``ranks`` processes reads its own share of the shards."""
+    stream = ShardStream(manifest, lo, hi, batch_size, cfg["shuffle_buffer"], seed, rank, ranks)
     workers = cfg["data_workers"]
     loader = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_quiet_worker,
                         prefetch_factor=4 if workers else None)

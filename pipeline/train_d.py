@@ -6,7 +6,7 @@ least-squares start of the heads' linear rin paths. The training machinery (sche
 stats, data checks) is ``student_trainer.StudentTrainer``; the EMA student is written to ``<run>/student`` at every
 checkpoint.
 """
-from . import atomic, runtime, students, teacher_data
+from . import atomic, distributed, runtime, students, teacher_data
 from .losses import d_losses
 from .student_trainer import StudentTrainer
 
@@ -21,10 +21,12 @@ class DTrainer(StudentTrainer):
 
     def __init__(self, cfg):
         super().__init__(cfg, "d", "train_d")
-        print(f"[train_d] D: {students.parameter_count(self.model):,} parameters ({cfg['d_init']} init), "
-              f"chunk groups by decoder depth {self.model.groups}; autocast={self.amp or 'off (fp32)'}; "
-              f"held-out records {self.holdout[0]}..{self.holdout[1] - 1}, training records "
-              f"{self.train_range[0]}..{self.train_range[1] - 1}")
+        if distributed.is_main():
+            print(f"[train_d] D: {students.parameter_count(self.model):,} parameters ({cfg['d_init']} init), "
+                  f"chunk groups by decoder depth {self.model.groups}; autocast={self.amp or 'off (fp32)'}; "
+                  f"held-out records {self.holdout[0]}..{self.holdout[1] - 1}, training records "
+                  f"{self.train_range[0]}..{self.train_range[1] - 1}"
+                  + (f"; {distributed.world()} processes of batch {self.local_batch}" if distributed.world() > 1 else ""))
         self.resume()
 
     def build_model(self):
@@ -44,7 +46,7 @@ class DTrainer(StudentTrainer):
 
     def loss(self, batch):
         with runtime.autocast(self.amp, self.device):
-            pred = self.model(batch["x_T"])
+            pred = self.network(batch["x_T"])
         loss, parts, per_chunk = d_losses(self.model, pred, batch, self.cfg)
         return loss, {**{f"loss_{k}": v.item() for k, v in parts.items()}, "chunk_losses": per_chunk.tolist()}
 
@@ -54,4 +56,6 @@ class DTrainer(StudentTrainer):
 
 
 def train_d(cfg):
-    return DTrainer(cfg).run()
+    with distributed.together():  # under torchrun a refused set-up stops every rank with one sentence
+        trainer = DTrainer(cfg)
+    return trainer.run()

@@ -19,7 +19,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from . import atomic, checkpoint, config, runtime
+from . import atomic, checkpoint, config, distributed, runtime
 from .errors import UserError
 
 
@@ -62,6 +62,11 @@ class Trainer:
         self.amp = runtime.autocast_dtype(cfg["precision"], self.device)
         torch.manual_seed(cfg["seed"])
         self.model = self.build_model().to(self.device).train()
+        self.network = self.model  # what the loss calls forward on: DistributedDataParallel under torchrun (run)
+        if recipe.batch_size % distributed.world():
+            raise UserError(f"the batch size {recipe.batch_size} does not split evenly over {distributed.world()} "
+                            f"processes; use a multiple of {distributed.world()}")
+        self.local_batch = recipe.batch_size // distributed.world()  # the config's batch is the global batch
         self.opt = torch.optim.AdamW(self.parameter_groups(), lr=recipe.lr, weight_decay=recipe.weight_decay)
         self.schedule = self.make_schedule()
         self.ema = EMAModel(self.ema_parameters(self.model), decay=cfg["ema_decay"], use_ema_warmup=True,
@@ -122,17 +127,21 @@ class Trainer:
 
     # --- the shared machinery
     def resume(self):
-        # held until the process ends: a second run writing the same folder is refused at once
+        # held until the process ends: a second run writing the same folder is refused at once (rank 0 alone
+        # writes the run folder; every rank resumes from the same checkpoint)
         self._lock = contextlib.ExitStack()
-        self._lock.enter_context(atomic.folder_lock(self.run_dir, f"{self.recipe.stage} run"))
+        main = distributed.is_main()
+        if main:
+            self._lock.enter_context(atomic.folder_lock(self.run_dir, f"{self.recipe.stage} run"))
         state = checkpoint.load(self.run_dir)
         if state is not None:
             checkpoint.check_same_config(state["config"], self.cfg, self.run_keys, self.run_dir)
             self.check_resume(json.loads(state["record"]))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        # after the checks: a refused resume leaves the record alone
-        atomic.write_json(self.run_dir / "run.json", self.record())
-        atomic.write_json(self.run_dir / "config.json", self.cfg)
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            # after the checks: a refused resume leaves the record alone
+            atomic.write_json(self.run_dir / "run.json", self.record())
+            atomic.write_json(self.run_dir / "config.json", self.cfg)
         if state is None:
             return
         try:
@@ -143,9 +152,13 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError):
             raise UserError(f"{self.run_dir / checkpoint.LATEST} holds another model or an older checkpoint "
                             f"format; use another run folder") from None
-        print(f"[{self.recipe.stage}] resumed {self.run_dir / checkpoint.LATEST} at step {self.step}")
+        if main:
+            print(f"[{self.recipe.stage}] resumed {self.run_dir / checkpoint.LATEST} at step {self.step}")
 
     def save(self):
+        """Rank 0 writes the checkpoint (every rank holds the same weights) and what follows it."""
+        if not distributed.is_main():
+            return
         checkpoint.save(self.run_dir, {
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "schedule": self.schedule.state_dict(), "ema": self.ema.state_dict(), "scaler": self.scaler.state_dict(),
@@ -175,9 +188,10 @@ class Trainer:
         return {"loss": loss.item(), **logged, "grad_norm": float(grad_norm), **self.after_step()}
 
     def run(self):
-        recipe = self.recipe
+        recipe, main = self.recipe, distributed.is_main()
+        self.network = distributed.wrap(self.model, self.device)
         stream = self.batches()
-        bar = tqdm(total=recipe.train_steps, initial=self.step, desc=recipe.stage, dynamic_ncols=True)
+        bar = tqdm(total=recipe.train_steps, initial=self.step, desc=recipe.stage, dynamic_ncols=True, disable=not main)
         window, waited, started = [], 0.0, time.time()
         with self._lock, checkpoint.saved_on_exit(self.save, bar):
             while self.step < recipe.train_steps:
@@ -191,8 +205,9 @@ class Trainer:
                     window, waited, started = [], 0.0, time.time()
                 if self.step % recipe.checkpoint_every == 0:
                     self.save()
-                self.periodic()
-        return self.finish()
+                if main:
+                    self.periodic()
+        return self.finish() if main else None
 
     def _log(self, window, waited, elapsed, bar):
         n = len(window)
@@ -203,6 +218,9 @@ class Trainer:
                 record[key] = [sum(w[key][j] for w in window) / n for j in range(len(window[0][key]))]
             else:
                 record[key] = sum(w[key] for w in window) / n
+        record = distributed.mean_over_ranks(record)  # every rank calls this: it is a collective
+        if not distributed.is_main():
+            return
         with open(self.run_dir / "stats.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{record['loss']:.4f}", wait=f"{100 * record['data_wait_fraction']:.1f}%")
