@@ -132,7 +132,7 @@ MODES = {
     "train_d": cli.Mode("train the one-step student D on the teacher data (resumes from its checkpoint)",
                         ("train_d",), train_d, training_plan("d", "D"), many_processes=True),
     "binarize": cli.Mode("train the 1-bit student B from D (SPD + LRM, progressive) and export it bit-packed",
-                         ("binarize",), binarize, training_plan("b", "B")),
+                         ("binarize",), binarize, training_plan("b", "B"), many_processes=True),
     "eval_d": cli.Mode("one-step samples of D and B, FID / precision / recall / PSNR / speed against the teacher, "
                        "report", ("eval_d",), eval_d, eval_plan),
     "sample": cli.Mode("one-step images of a trained D or packed B (PNGs + grid + npz) in seconds, no teacher data",

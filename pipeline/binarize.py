@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from . import atomic, binary, packed, runtime, student_b, students, teacher_data
+from . import atomic, binary, distributed, packed, runtime, student_b, students, teacher_data
 from .d_outputs import DOutputs
 from .errors import UserError
 from .feature_losses import FeatureTaps, LowRankBases, spd_loss
@@ -57,6 +57,7 @@ def load_d(cfg, manifest):
 class BTrainer(StudentTrainer):
     run_keys = RUN_KEYS
     export_name = "packed"
+    ddp_unused_parameters = True  # layers not yet binary in the progressive schedule leave their scales unused
 
     def __init__(self, cfg):
         super().__init__(cfg, "b", "binarize")
@@ -65,13 +66,14 @@ class BTrainer(StudentTrainer):
         self.bases = LowRankBases(self.model.unet).to(self.device)
         self._signs = None  # latent signs before the step, for sign_flip_fraction
         self.d_outputs = None  # D's outputs on every training record, built when the steps start
-        print(f"[binarize] B from D {self.d_folder}: {self.binary_count():,} of "
-              f"{students.parameter_count(self.model):,} parameters binary in {len(self.binary_layers)} layers, "
-              f"{len(self.table) - len(self.binary_layers)} layers full precision ({cfg['b_full_precision']}); "
-              f"activations {cfg['b_activations']}; "
-              + (f"progressive rings every {cfg['b_progressive_every']} steps; " if cfg["b_progressive_every"]
-                 else "all layers binary from step 0; ")
-              + f"autocast={self.amp or 'off (fp32)'}")
+        if distributed.is_main():
+            print(f"[binarize] B from D {self.d_folder}: {self.binary_count():,} of "
+                  f"{students.parameter_count(self.model):,} parameters binary in {len(self.binary_layers)} layers, "
+                  f"{len(self.table) - len(self.binary_layers)} layers full precision ({cfg['b_full_precision']}); "
+                  f"activations {cfg['b_activations']}; "
+                  + (f"progressive rings every {cfg['b_progressive_every']} steps; " if cfg["b_progressive_every"]
+                     else "all layers binary from step 0; ")
+                  + f"autocast={self.amp or 'off (fp32)'}")
         self.resume()
 
     # --- the model
@@ -112,6 +114,7 @@ class BTrainer(StudentTrainer):
 
     def first_batch(self, batch):
         self.bases.fit(self.d_forward(batch)[1])
+        distributed.broadcast_module(self.bases)  # under torchrun every rank uses rank 0's bases
 
     def d_forward(self, batch):
         """(D's predictions, D's block features) on the batch: looked up when kept, else computed."""
@@ -141,7 +144,7 @@ class BTrainer(StudentTrainer):
         cfg = self.cfg
         pred_d, feats_d = self.d_forward(batch)
         with runtime.autocast(self.amp, self.device):
-            pred_b = self.model(batch["x_T"])
+            pred_b = self.network(batch["x_T"])
         feats_b = self.taps_b.take()
         total, parts, per_chunk = d_losses(self.model, pred_b, batch, cfg)
         logged = {f"loss_{k}": v.item() for k, v in parts.items()}
@@ -176,8 +179,11 @@ class BTrainer(StudentTrainer):
 
 
 def binarize(cfg):
-    trainer = BTrainer(cfg)
+    with distributed.together():  # under torchrun a refused set-up stops every rank with one sentence
+        trainer = BTrainer(cfg)
     folder = trainer.run()
+    if not distributed.is_main():
+        return None
     sizes = json.loads((folder / "run.json").read_text())["bytes"]
     d_bytes = (trainer.d_folder / students.WEIGHTS_FILE).stat().st_size
     print(f"[binarize] packed B: {sizes['file_bytes']:,} bytes ({sizes['sign_bytes']:,} of sign bits), "

@@ -10,7 +10,7 @@ larger than ``b_cache_d_mb`` is not built: D then runs in every step, as without
 import torch
 from tqdm import tqdm
 
-from . import runtime, teacher_data
+from . import distributed, runtime, teacher_data
 
 MB = 2 ** 20
 
@@ -46,7 +46,7 @@ class DOutputs:
         budget, store = cfg["b_cache_d_mb"] * MB, cls(lo, hi - lo)
         batch_size = cfg["b_batch_size"]
         with tqdm(total=hi - lo, desc="binarize: D on the training records", unit="record",
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True, disable=not distributed.is_main()) as bar:
             for index, x_T in _training_x_T(manifest, lo, hi):
                 for start in range(0, len(index), batch_size):
                     x = x_T[start:start + batch_size].to(device)
@@ -61,8 +61,10 @@ class DOutputs:
                             return None
                     store._store(index[start:start + batch_size] - lo, pred, feats)
                     bar.update(len(x))
-        print(f"[binarize] D's outputs on {hi - lo} records kept in memory "
-              f"({store.bytes_per_record(store.pred, store.feats) * (hi - lo) / MB:,.0f} MiB): D is not run in the steps")
+        if distributed.is_main():
+            size = store.bytes_per_record(store.pred, store.feats) * (hi - lo) / MB
+            print(f"[binarize] D's outputs on {hi - lo} records kept in memory ({size:,.0f} MiB): D is not run in the "
+                  f"steps")
         return store
 
     def lookup(self, index: torch.Tensor, device):

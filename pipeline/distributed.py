@@ -70,13 +70,14 @@ def broadcast(obj):
     return box[0]
 
 
-def wrap(model, device):
+def wrap(model, device, unused_parameters=False):
     """``model`` in DistributedDataParallel over the ranks (rank 0's weights broadcast to all); the model itself
     in one process. Only the training forward pass goes through the wrapper."""
     if not active() or world() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused_parameters)
 
 
 def broadcast_module(model) -> None:

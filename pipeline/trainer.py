@@ -52,6 +52,7 @@ class Trainer:
     """Subclasses set ``run_keys`` and implement the stage's hooks below."""
 
     run_keys: tuple = ()  # keys whose change makes a saved run another experiment: resuming is refused
+    ddp_unused_parameters = False  # True where some trainable parameters may get no gradient in a step
     log_every = 10
     ema_power = 2 / 3
 
@@ -189,7 +190,7 @@ class Trainer:
 
     def run(self):
         recipe, main = self.recipe, distributed.is_main()
-        self.network = distributed.wrap(self.model, self.device)
+        self.network = distributed.wrap(self.model, self.device, self.ddp_unused_parameters)
         stream = self.batches()
         bar = tqdm(total=recipe.train_steps, initial=self.step, desc=recipe.stage, dynamic_ncols=True, disable=not main)
         window, waited, started = [], 0.0, time.time()

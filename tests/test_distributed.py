@@ -55,10 +55,10 @@ def test_a_refused_config_stops_every_rank_with_one_sentence(small_teacher, tmp_
 
 
 def test_a_stage_that_runs_in_one_process_refuses_two(tmp_path):
-    result = _torchrun("--mode", "binarize", "--config", "tiny", f"data_dir={tmp_path}")
+    result = _torchrun("--mode", "eval_d", "--config", "tiny", f"data_dir={tmp_path}")
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and errors == [
-        "error: --mode binarize runs in one process so far (docs/design.md §8); launch it with python, or torchrun "
+        "error: --mode eval_d runs in one process so far (docs/design.md §8); launch it with python, or torchrun "
         "--nproc_per_node=1"]
 
 
@@ -137,7 +137,7 @@ def _losses(run_dir: Path) -> list:
     return [json.loads(line)["loss"] for line in (run_dir / "stats.jsonl").read_text().splitlines()]
 
 
-def test_train_d_on_two_ranks_follows_one_and_resumes_on_one(small_teacher, tmp_path):
+def test_train_d_on_two_ranks_follows_one_and_resumes_on_one_and_binarize_runs(small_teacher, tmp_path):
     data = tmp_path / "data"
     made = subprocess.run([sys.executable, str(ROOT / "Main_Distill.py"),
                            *_generate_args(small_teacher, data, samples_total=24, steps=10, chunks=5)],
@@ -155,6 +155,9 @@ def test_train_d_on_two_ranks_follows_one_and_resumes_on_one(small_teacher, tmp_
     # the same global batch from other records: the losses follow each other within sampling noise
     for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two"), strict=True):
         assert abs(a - b) < 0.2 * a, (a, b)
+    b = _torchrun("--mode", "binarize", "--config", "tiny", f"teacher_path={small_teacher}", f"data_dir={data}",
+                  f"d_run_dir={tmp_path / 'one'}", f"b_run_dir={tmp_path / 'b'}", "b_train_steps=10", "b_batch_size=4")
+    assert b.returncode == 0 and b.stdout.count("[binarize] packed B:") == 1, b.stderr
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     launcher = subprocess.Popen([*TORCHRUN, str(ROOT / "Main_Distill.py"), *args("killed", steps=40)], cwd=ROOT,
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
