@@ -21,7 +21,6 @@ import zstandard
 
 from . import quant
 from .errors import UserError
-from .trajectory import draw_x_T
 
 REFERENCE_PREFIX = "int8-p"
 FEEDBACK = "ef-int8+zstd"
@@ -171,6 +170,7 @@ class FeedbackCodec:
 
 
 def regenerated_x_T(index, generator: dict, entry: dict) -> np.ndarray:
+    from .trajectory import draw_x_T  # torch: imported only where x_T is regenerated (readers of other codecs skip it)
     x_T = draw_x_T(generator["seed"], index, generator["image_shape"]).numpy().astype(np.float16)
     if hashlib.sha256(x_T.tobytes()).hexdigest() != entry.get("x_T_sha256"):
         raise ValueError("holds records whose x_T does not regenerate bit-exactly from (seed, index) on this machine "
