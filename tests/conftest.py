@@ -46,6 +46,19 @@ def run_cli(script, *args, timeout=300):
                           text=True, timeout=timeout)
 
 
+def run_distill_in_process(capsys, *args):
+    """``Main_Distill.py`` with ``args`` through the same front end (cli.main), in this process: what the
+    user would read, without the seconds of a fresh interpreter; for tests that try many refusals."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("main_distill", ROOT / "Main_Distill.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    code = script.cli.main("Main_Distill.py", script.__doc__, script.MODES, default_mode="all", argv=list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["Main_Distill.py", *args], code, out.out, out.err)
+
+
 def assert_one_sentence_error(result, *fragments):
     """Non-zero exit, an 'error:' line naming the fragments, and no traceback."""
     assert result.returncode != 0, result.stdout + result.stderr

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from pipeline import checkpoint, generate, packed, runtime, student_b, train_d
 from pipeline.binarize import BTrainer
 
-from conftest import assert_one_sentence_error, cli_args, run_cli, tiny_config, tiny_items
+from conftest import assert_one_sentence_error, cli_args, run_distill_in_process, tiny_config, tiny_items
 
 
 def _cfg(teacher, folder, **overrides):
@@ -104,34 +104,34 @@ def test_d_outputs_over_the_budget_are_computed_in_every_step(small_teacher, wit
     assert trainer.d_outputs is None and "D runs in every step instead" in said.out + said.err
 
 
-def test_bad_inputs_are_one_sentence(small_teacher, with_d, tmp_path):
-    result = run_cli("Main_Distill.py", "--mode", "binarize",
+def test_bad_inputs_are_one_sentence(capsys, small_teacher, with_d, tmp_path):
+    result = run_distill_in_process(capsys, "--mode", "binarize",
                      *_args(small_teacher, with_d, d_run_dir=tmp_path / "no_d", b_run_dir=tmp_path / "b"))
     assert_one_sentence_error(result, "holds no student")
-    result = run_cli("Main_Distill.py", "--mode", "binarize",
+    result = run_distill_in_process(capsys, "--mode", "binarize",
                      *_args(small_teacher, with_d, d_head_channels=8, b_run_dir=tmp_path / "b"))
     assert_one_sentence_error(result, "d_head_channels=16")
-    result = run_cli("Main_Distill.py", "--mode", "binarize",
+    result = run_distill_in_process(capsys, "--mode", "binarize",
                      *_args(small_teacher, with_d, holdout_samples=3, b_run_dir=tmp_path / "b"))
     assert_one_sentence_error(result, "held out records")
 
     # D of other teacher data (5 chunks) against data of 4 chunks
     other = tmp_path / "other"
     generate.generate(_cfg(small_teacher, with_d, data_dir=other, chunks=2))
-    result = run_cli("Main_Distill.py", "--mode", "binarize",
+    result = run_distill_in_process(capsys, "--mode", "binarize",
                      *_args(small_teacher, with_d, data_dir=other, chunks=2, b_run_dir=tmp_path / "b"))
     assert_one_sentence_error(result, "chunks=5")
 
     run = tmp_path / "b"
-    assert run_cli("Main_Distill.py", "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
+    assert run_distill_in_process(capsys, "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
                                                                     b_train_steps=2)).returncode == 0
-    result = run_cli("Main_Distill.py", "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
+    result = run_distill_in_process(capsys, "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
                                                                       b_train_steps=2, lambda_spd=0.5))
     assert_one_sentence_error(result, "lambda_spd")
-    result = run_cli("Main_Distill.py", "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
+    result = run_distill_in_process(capsys, "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
                                                                       b_train_steps=2, b_lmb=False))
     assert_one_sentence_error(result, "b_lmb")
     (run / checkpoint.LATEST).write_bytes(b"not a checkpoint")
-    result = run_cli("Main_Distill.py", "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
+    result = run_distill_in_process(capsys, "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
                                                                       b_train_steps=2))
     assert_one_sentence_error(result, "cannot be read")

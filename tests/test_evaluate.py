@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from pipeline import config, generate, metrics, packed, report
 
 
-from conftest import assert_one_sentence_error, run_cli
+from conftest import assert_one_sentence_error, run_cli, run_distill_in_process
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +75,13 @@ def test_report_holds_every_figure(trained):
     assert list((root / "data" / "eval").glob("teacher-*.json"))  # the teacher's figures are cached by the data
 
 
-def test_eval_refuses_what_it_cannot_measure(trained, tmp_path):
+def test_eval_refuses_what_it_cannot_measure(capsys, trained, tmp_path):
     root, args = trained
-    result = run_cli("Main_Distill.py", "--mode", "eval_d", *args, "fid_samples=5")
+    result = run_distill_in_process(capsys, "--mode", "eval_d", *args, "fid_samples=5")
     assert_one_sentence_error(result, "fid_samples=5 needs", "held-out records")
-    result = run_cli("Main_Distill.py", "--mode", "eval_d", *args, f"d_weights={tmp_path}")
+    result = run_distill_in_process(capsys, "--mode", "eval_d", *args, f"d_weights={tmp_path}")
     assert_one_sentence_error(result, "holds no student")
-    result = run_cli("Main_Distill.py", "--mode", "eval_d", *args, f"b_weights={tmp_path}")
+    result = run_distill_in_process(capsys, "--mode", "eval_d", *args, f"b_weights={tmp_path}")
     assert_one_sentence_error(result, "holds no packed B")
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -90,11 +90,11 @@ def test_eval_refuses_what_it_cannot_measure(trained, tmp_path):
     data = (damaged / "packed.safetensors").read_bytes()
     at = len(data) - 5  # a byte of B's values
     (damaged / "packed.safetensors").write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
-    result = run_cli("Main_Distill.py", "--mode", "eval_d", *args, f"b_weights={damaged}")
+    result = run_distill_in_process(capsys, "--mode", "eval_d", *args, f"b_weights={damaged}")
     assert_one_sentence_error(result, "checksum mismatch", "re-export")
     other = tmp_path / "data2"
     generate.generate(config.resolve("tiny", [*args[2:], f"data_dir={other}", "chunks=2"]))
-    result = run_cli("Main_Distill.py", "--mode", "eval_d", *args, f"data_dir={other}")
+    result = run_distill_in_process(capsys, "--mode", "eval_d", *args, f"data_dir={other}")
     assert_one_sentence_error(result, "chunks=5", "has 2")
 
 

@@ -12,7 +12,7 @@ import torch
 from pipeline import checkpoint, generate, teacher_data
 from pipeline.train_d import DTrainer
 
-from conftest import ROOT, assert_one_sentence_error, cli_args, run_cli, tiny_config
+from conftest import ROOT, assert_one_sentence_error, cli_args, run_cli, run_distill_in_process, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -83,22 +83,22 @@ def test_resume_after_sigkill_continues_from_the_saved_step(small_teacher, tiny_
     assert torch.load(run / checkpoint.LATEST, weights_only=True)["step"] == 400
 
 
-def test_bad_inputs_are_one_sentence(small_teacher, tiny_data, tmp_path):
+def test_bad_inputs_are_one_sentence(capsys, small_teacher, tiny_data, tmp_path):
     run = tmp_path / "run"
-    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run, holdout_samples=0))
+    result = run_distill_in_process(capsys, "--mode", "train_d", *_args(small_teacher, tiny_data, run, holdout_samples=0))
     assert_one_sentence_error(result, "'holdout_samples' must be positive")
-    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run, holdout_samples=12))
+    result = run_distill_in_process(capsys, "--mode", "train_d", *_args(small_teacher, tiny_data, run, holdout_samples=12))
     assert_one_sentence_error(result, "leaves no training records")
-    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tmp_path / "none", run))
+    result = run_distill_in_process(capsys, "--mode", "train_d", *_args(small_teacher, tmp_path / "none", run))
     assert_one_sentence_error(result, "has no manifest.json", "generate data there first")
 
-    assert run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run,
+    assert run_distill_in_process(capsys, "--mode", "train_d", *_args(small_teacher, tiny_data, run,
                                                                    d_train_steps=2)).returncode == 0
-    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run, d_train_steps=2,
+    result = run_distill_in_process(capsys, "--mode", "train_d", *_args(small_teacher, tiny_data, run, d_train_steps=2,
                                                                      d_head_channels=8))
     assert_one_sentence_error(result, "d_head_channels")
     (run / checkpoint.LATEST).write_bytes(b"not a checkpoint")
-    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(small_teacher, tiny_data, run, d_train_steps=2))
+    result = run_distill_in_process(capsys, "--mode", "train_d", *_args(small_teacher, tiny_data, run, d_train_steps=2))
     assert_one_sentence_error(result, "cannot be read")
 
     other = tmp_path / "other_teacher"
@@ -106,7 +106,7 @@ def test_bad_inputs_are_one_sentence(small_teacher, tiny_data, tmp_path):
     torch.manual_seed(1)
     cfg = _cfg(small_teacher, tiny_data)
     teachers.save_teacher(teachers.new_unet(cfg, channels=1), teachers.new_scheduler(cfg), other)
-    result = run_cli("Main_Distill.py", "--mode", "train_d", *_args(other, tiny_data, tmp_path / "run2"))
+    result = run_distill_in_process(capsys, "--mode", "train_d", *_args(other, tiny_data, tmp_path / "run2"))
     assert_one_sentence_error(result, "is not the one that made")
 
 
