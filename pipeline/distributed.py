@@ -96,6 +96,8 @@ def mean_over_ranks(record: dict) -> dict:
     records = gather(record)
 
     def mean(values):
+        if all(v == values[0] for v in values):  # the step, the learning rate: kept as they are
+            return values[0]
         if isinstance(values[0], list):
             return [sum(column) / len(column) for column in zip(*values)]
         return sum(values) / len(values) if isinstance(values[0], (int, float)) else values[0]
