@@ -86,7 +86,7 @@ def export_command(cfg):
         target.rmdir()
     staging.rename(target)
     print(f"[export] {bar.n} files written to {target}")
-    if manifest.data["codec"]["name"] != store.codecs.REFERENCE_PREFIX + "99.5+zstd":
+    if not isinstance(manifest.codec, store.codecs.ReferenceCodec):
         print(f"[export] the records were written as codec {manifest.data['codec']['name']} made them, not "
               f"re-quantized: they are per-channel int8 codes with float16 scales already, which the reference's "
               f"reader dequantizes and sums as its own (codec error as '--mode verify' reports)")
