@@ -128,6 +128,16 @@ def main():
     for r in rows:
         print(f"| {r['teacher']} | {r['training_step'] or '–'} | {r['ddim_steps']} | {r['fid']:.2f} | {r['floor']:.2f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['ms_per_call']:.1f} |")
+    print_side_by_side(per_call, cfg["gen_batch_size"])
+
+
+def print_side_by_side(per_call: dict, batch: int) -> None:
+    """This invocation's cost per call of every teacher named, timed alternately: the rows above keep the
+    time measured when each was scored, possibly on another day's machine."""
+    print(f"\nCost per call measured side by side in this run (batch {batch}, median of {TIMING_REPEATS}, "
+          "alternated):\n\n| teacher | sha256 | ms / call |\n|---|---|---|")
+    for folder, (sha256, seconds) in per_call.items():
+        print(f"| {folder} | {sha256[:12]}… | {1000 * seconds:.1f} |")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,7 @@ class Trainer:
             self.load_extra_state(state)
             self.step = checkpoint.restore(state, {"optimizer": self.opt, "schedule": self.schedule,
                                                    "ema": self.ema, "scaler": self.scaler})
+            self.ema.to(device=self.device)  # its shadow weights load where the checkpoint was read (the CPU)
         except (RuntimeError, KeyError, ValueError):
             raise UserError(f"{self.run_dir / checkpoint.LATEST} holds another model or an older checkpoint "
                             f"format; use another run folder") from None
