@@ -39,9 +39,9 @@ def _sample_plan(cfg):
 
 MODES = {
     "pretrain": cli.Mode("train a teacher DDPM (diffusers UNet2DModel) on the configured dataset", ("pretrain",),
-                         pretrain, _pretrain_plan),
+                         pretrain, _pretrain_plan, many_processes=True),
     "rectify": cli.Mode("train the rectified latent recurrence RNet around the teacher (Rin, R, Rout, X0out)",
-                        ("rectify",), rectify, _rectify_plan),
+                        ("rectify",), rectify, _rectify_plan, many_processes=True),
     "sample": cli.Mode("draw a sample grid from the teacher and measure its FID against the test split",
                        ("teacher_sample",), sample, _sample_plan),
 }

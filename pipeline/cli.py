@@ -80,6 +80,8 @@ def main(prog, description, modes, default_mode="generate", argv=None):
                 print(f"[dry-run] {line}")
             return 0
         mode.run(cfg)
+        if ranks:
+            ranks.wait_for_all()
     except UserError as err:
         if not (ranks and isinstance(err, ranks.RankFailed)):  # rank 0 says it once for every rank
             print(f"error: {err}", file=sys.stderr)

@@ -130,6 +130,13 @@ def together():
     raise RankFailed(f"{where}{failed[1]}")
 
 
+def wait_for_all() -> None:
+    """Block until every rank gets here: after a stage ends well, so that no rank leaves the group while rank 0
+    still writes the stage's results (a rank destroying the group early can abort the process at exit)."""
+    if active():
+        dist.barrier()
+
+
 def finish() -> None:
     if active():
         dist.destroy_process_group()

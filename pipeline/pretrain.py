@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import datasets, images, runtime, teachers, trainer
+from . import datasets, distributed, images, runtime, teachers, trainer
 from .config import output_dir, project_path
 from .errors import UserError
 from .trajectory import ddim_sample
@@ -46,7 +46,9 @@ class Trainer(trainer.Trainer):
         self.batch_rng = torch.Generator().manual_seed(cfg["seed"])
         super().__init__(cfg, trainer.Recipe.from_config(cfg, "", "pretrain"), output_dir(cfg, "run_dir"))
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
-        print(f"[pretrain] {teachers.parameter_count(self.model):,} parameters; autocast={self.amp or 'off (fp32)'}")
+        if distributed.is_main():
+            print(f"[pretrain] {teachers.parameter_count(self.model):,} parameters; autocast={self.amp or 'off (fp32)'}"
+                  f"{self.processes_note()}")
         self.resume()
 
     def build_model(self):
@@ -66,14 +68,16 @@ class Trainer(trainer.Trainer):
         return datasets.random_batches(self.data, self.cfg["batch_size"], self.cfg["hflip"], self.batch_rng)
 
     def loss(self, batch):
-        """Epsilon prediction at a uniform timestep (Ho et al. 2020, eq. 14)."""
+        """Epsilon prediction at a uniform timestep (Ho et al. 2020, eq. 14). Every rank draws the global
+        batch's images, timesteps and noise alike and trains on its share."""
         x0 = batch["x0"]
         t = torch.randint(self.cfg["num_train_timesteps"], (len(x0),), device=self.device)
         noise = torch.randn_like(x0)
+        x0, t, noise = self.share(x0), self.share(t), self.share(noise)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with runtime.autocast(self.amp, self.device):
-            eps = self.model(x_t, t).sample
+            eps = self.network(x_t, t).sample
         return F.mse_loss(eps.float(), noise), {}
 
     def periodic(self):
@@ -110,4 +114,6 @@ class Trainer(trainer.Trainer):
 
 
 def pretrain(cfg):
-    Trainer(cfg).run()
+    with distributed.together():  # under torchrun a refused set-up stops every rank with one sentence
+        trainer = Trainer(cfg)
+    trainer.run()

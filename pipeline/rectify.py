@@ -19,7 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from . import datasets, images, rnet, rnet_files, ring, runtime, teachers, trainer
+from . import datasets, distributed, images, rnet, rnet_files, ring, runtime, teachers, trainer
 from .config import output_dir
 from .errors import UserError
 
@@ -48,6 +48,7 @@ def mean(values):
 
 class RectifyTrainer(trainer.Trainer):
     run_keys = RUN_KEYS
+    ddp_unused_parameters = True  # a depth-0 step leaves R without gradients
 
     def __init__(self, cfg):
         self.teacher, ddpm, self.teacher_source = teachers.load_teacher(cfg)
@@ -68,8 +69,9 @@ class RectifyTrainer(trainer.Trainer):
         if cfg["rect_teacher"] == "ema":
             # same requires_grad flags as the model, so that ema_parameters pairs them; used under no_grad only
             self.chain_teacher = copy.deepcopy(self.model)
-        print(f"[rectify] RNet around {self.teacher_source}: {counts_line(self.model)}; ring of "
-              f"{cfg['rect_steps']} steps; autocast={self.amp or 'off (fp32)'}", flush=True)
+        if distributed.is_main():
+            print(f"[rectify] RNet around {self.teacher_source}: {counts_line(self.model)}; ring of "
+                  f"{cfg['rect_steps']} steps; autocast={self.amp or 'off (fp32)'}{self.processes_note()}", flush=True)
         self.resume()
         self.after_step()  # an EMA teacher starts from the (resumed) EMA weights
 
@@ -121,17 +123,23 @@ class RectifyTrainer(trainer.Trainer):
                 x = c0 * x0 + c1 * eps
         return out
 
+    def forward_module(self):
+        return Unroll(self.model, self.cfg["rect_lambda_x0"] > 0)
+
     def loss(self, batch):
+        """Every rank draws the depth and the global batch's images, start steps and noise alike and trains on its
+        share (the depth must agree: it decides which parameters get gradients)."""
         x0 = batch["x0"]
         depth = int(torch.multinomial(self.depth_probs, 1))
         start = torch.randint(0, len(self.grid) - depth, (len(x0),), device=self.device)
-        times = [self.grid[start + k] for k in range(depth + 1)]
         eps = torch.randn_like(x0)
+        x0, start, eps = self.share(x0), self.share(start), self.share(eps)
+        times = [self.grid[start + k] for k in range(depth + 1)]
         c0, c1 = ring.coefficients(self.alphas_cumprod, times[0])
         x_t = c0 * x0 + c1 * eps
         with runtime.autocast(self.amp, self.device):
             chain = self.teacher_chain(x_t, times) if depth else None
-            parts = self.unroll(x_t, times, chain, ring.target(self.cfg["rect_prediction"], x0, eps, c0, c1), x0)
+            parts = self.network(x_t, times, chain, ring.target(self.cfg["rect_prediction"], x0, eps, c0, c1), x0)
         w = self.cfg["rect_depth_weight"]
 
         def combine(losses):
@@ -148,19 +156,6 @@ class RectifyTrainer(trainer.Trainer):
             total = total + self.cfg["rect_lambda_consistency"] * consistency
             logged["consistency"] = consistency.item()
         return total, logged
-
-    def unroll(self, x_t, times, chain, target_0, x0):
-        """The student's losses at depths 0..s: main, x0 read-out, latent consistency (k ≥ 1)."""
-        net, parts = self.model, {"main": [], "x0": [], "consistency": []}
-        z = net.rin(x_t, times[0])
-        for k, t in enumerate(times):
-            if k:
-                z = net.r(z, times[k - 1])
-                parts["consistency"].append(F.mse_loss(z.float(), chain["z"][k]))
-            parts["main"].append(F.mse_loss(net.rout(z, t).float(), chain["pred"][k] if k else target_0))
-            if self.cfg["rect_lambda_x0"]:
-                parts["x0"].append(F.mse_loss(net.x0out(z, t).float(), chain["x0"][k] if k else x0))
-        return parts
 
     # --- what the run writes
     def after_step(self):
@@ -195,8 +190,32 @@ class RectifyTrainer(trainer.Trainer):
         return self.run_dir / "rnet"
 
 
+class Unroll(torch.nn.Module):
+    """The RNet's training pass as one forward call, so that DistributedDataParallel sees it (the RNet itself
+    is called part by part: Rin, R, the heads)."""
+
+    def __init__(self, net, with_x0: bool):
+        super().__init__()
+        self.net, self.with_x0 = net, with_x0
+
+    def forward(self, x_t, times, chain, target_0, x0):
+        """The student's losses at depths 0..s: main, x0 read-out, latent consistency (k ≥ 1)."""
+        net, parts = self.net, {"main": [], "x0": [], "consistency": []}
+        z = net.rin(x_t, times[0])
+        for k, t in enumerate(times):
+            if k:
+                z = net.r(z, times[k - 1])
+                parts["consistency"].append(F.mse_loss(z.float(), chain["z"][k]))
+            parts["main"].append(F.mse_loss(net.rout(z, t).float(), chain["pred"][k] if k else target_0))
+            if self.with_x0:
+                parts["x0"].append(F.mse_loss(net.x0out(z, t).float(), chain["x0"][k] if k else x0))
+        return parts
+
+
 def rectify(cfg):
-    RectifyTrainer(cfg).run()
+    with distributed.together():  # under torchrun a refused set-up stops every rank with one sentence
+        trainer = RectifyTrainer(cfg)
+    trainer.run()
 
 
 def plan(cfg) -> list:

@@ -63,7 +63,7 @@ class Trainer:
         self.amp = runtime.autocast_dtype(cfg["precision"], self.device)
         torch.manual_seed(cfg["seed"])
         self.model = self.build_model().to(self.device).train()
-        self.network = self.model  # what the loss calls forward on: DistributedDataParallel under torchrun (run)
+        self.network = self.forward_module()  # what the loss calls: in DistributedDataParallel under torchrun (run)
         if recipe.batch_size % distributed.world():
             raise UserError(f"the batch size {recipe.batch_size} does not split evenly over {distributed.world()} "
                             f"processes; use a multiple of {distributed.world()}")
@@ -88,6 +88,19 @@ class Trainer:
 
     def make_schedule(self):
         raise NotImplementedError
+
+    def forward_module(self) -> torch.nn.Module:
+        """What the loss calls forward on (wrapped in DistributedDataParallel under torchrun)."""
+        return self.model
+
+    def processes_note(self) -> str:
+        """For a stage's first line: how the global batch is shared (nothing in one process)."""
+        return f"; {distributed.world()} processes of batch {self.local_batch}" if distributed.world() > 1 else ""
+
+    def share(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch that every rank drew alike, from generators in the same state:
+        N processes then train on exactly the samples one process would (docs/design.md §16)."""
+        return tensor.chunk(distributed.world())[distributed.rank()]
 
     def batches(self):
         """An endless iterator of batches (dicts of tensors), started at ``self.step``."""
@@ -191,7 +204,7 @@ class Trainer:
 
     def run(self):
         recipe, main = self.recipe, distributed.is_main()
-        self.network = distributed.wrap(self.model, self.device, self.ddp_unused_parameters)
+        self.network = distributed.wrap(self.network, self.device, self.ddp_unused_parameters)
         stream = self.batches()
         bar = tqdm(total=recipe.train_steps, initial=self.step, desc=recipe.stage, dynamic_ncols=True, disable=not main)
         window, waited, started = [], 0.0, time.time()
