@@ -300,6 +300,8 @@ def _evaluation(table):
               range=NON_NEGATIVE)
     table.add("eval_dir", "", ("eval_d",), "\"\" = SampledImgs/distill/<name>", folder="SampledImgs/distill")
     table.add("throughput_batch", 64, ("eval_d",), "batch of the images/s measurement", range=POSITIVE)
+    table.add("walk_frames", 120, ("eval_d",), "frames of the latent walk between the first two held-out x_T "
+              "(0 = no walk)", range=NON_NEGATIVE)
     table.add("verify_dataset_md5", True, ("pretrain", "rectify", "teacher_sample", "eval_d"),
               "check the published MD5 sums of the image dataset")
     table.add("sample_student", "b", ("sample",), "b (the packed B) | d (the full-precision D)", choices=("b", "d"))

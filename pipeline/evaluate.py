@@ -223,12 +223,13 @@ class Evaluation:
                         "diversity": metrics.diversity_score(test_uint8), "n": n}
         report = self.report(rows, fidelity, self.speed(records))
         self.write(report, uint8, teacher_uint8, records["index"][:n].numpy())
-        self.walk(records["x_T"][0], records["x_T"][1])
+        if self.cfg["walk_frames"]:
+            self.walk(records["x_T"][0], records["x_T"][1])
         return report
 
     def walk(self, start, end):
         """The students' images along the spherical path between the first two held-out x_T, side by side."""
-        path = latent_walk.slerp(start, end, latent_walk.FRAMES)
+        path = latent_walk.slerp(start, end, self.cfg["walk_frames"])
         frames = {NAMES[key]: datasets.to_uint8(one_step_images(model, path, self.cfg["fid_batch_size"], self.device,
                                                                 NAMES[key]))
                   for key, model in self.models.items()}
@@ -256,6 +257,7 @@ class Evaluation:
             "data_dir": str(self.manifest.folder), "teacher_sampler": self.sampler_text(gen),
             "held_out_records": [self.lo, self.hi - 1], "fid_samples": self.n, "fid_reference": self.reference_name,
             "scores": rows, "fidelity_vs_teacher": fidelity, "throughput": speed, "size": size,
+            "walk_frames": self.cfg["walk_frames"],
             "metrics": {"precision_recall": f"k-NN manifolds, k={metrics.PR_NEIGHBOURS}, Inception pool features, "
                                             f"N real = N generated",
                         "memorization": "mean L2 to the nearest training image, pixels in [0, 1] (higher = less copying)",

@@ -8,7 +8,6 @@ from PIL import Image
 
 from . import atomic, images
 
-FRAMES = 120
 STRIP_FRAMES = 12
 
 

@@ -86,11 +86,12 @@ def render_markdown(r) -> str:
     order = "the teacher, then D" + (", then B" if has_b else "")
     shown = "D and B side by side" if has_b else "D"
     lines += ["Teacher from the same x_T (`teacher_grid.png`):", "", "![teacher](teacher_grid.png)", "",
-              f"Rows of {order}, from the same x_T (`comparison.png`):", "", "![comparison](comparison.png)", "",
-              f"A {latent_walk.FRAMES}-frame latent walk of {shown} (spherical interpolation between the x_T of the "
-              f"first two held-out records): `latent_walk.gif`, and {latent_walk.STRIP_FRAMES} evenly spaced frames "
-              f"(one row per model):", "", "![latent walk](latent_walk.png)", "",
-              "Every sample: `samples/<record index>.png` (D), `b_samples/` (B) and `samples.npz` (keys teacher, "
+              f"Rows of {order}, from the same x_T (`comparison.png`):", "", "![comparison](comparison.png)", ""]
+    if r.get("walk_frames"):
+        lines += [f"A {r['walk_frames']}-frame latent walk of {shown} (spherical interpolation between the x_T of the "
+                  f"first two held-out records): `latent_walk.gif`, and {latent_walk.STRIP_FRAMES} evenly spaced "
+                  f"frames (one row per model):", "", "![latent walk](latent_walk.png)", ""]
+    lines += ["Every sample: `samples/<record index>.png` (D), `b_samples/` (B) and `samples.npz` (keys teacher, "
               "index, d, b).", ""]
     return "\n".join(lines)
 
