@@ -118,7 +118,7 @@ def all_plan(cfg):
 
 MODES = {
     "all": cli.Mode("generate -> train_d -> binarize -> eval_d on the chosen preset; prints where the report is",
-                    ("generate", "train_d", "binarize", "eval_d"), run_all, all_plan),
+                    ("generate", "train_d", "binarize", "eval_d"), run_all, all_plan, many_processes=True),
     "generate": cli.Mode("write offline teacher trajectories (INT8 residual chunks, zstd shards + manifest.json)",
                          ("generate",), generate, generate_plan, many_processes=True),
     "verify": cli.Mode("check a teacher-data folder against its manifest; names every bad file and index",
@@ -134,7 +134,7 @@ MODES = {
     "binarize": cli.Mode("train the 1-bit student B from D (SPD + LRM, progressive) and export it bit-packed",
                          ("binarize",), binarize, training_plan("b", "B"), many_processes=True),
     "eval_d": cli.Mode("one-step samples of D and B, FID / precision / recall / PSNR / speed against the teacher, "
-                       "report", ("eval_d",), eval_d, eval_plan),
+                       "report", ("eval_d",), eval_d, eval_plan, many_processes=True),
     "sample": cli.Mode("one-step images of a trained D or packed B (PNGs + grid + npz) in seconds, no teacher data",
                        ("sample",), sample, sample_plan),
 }

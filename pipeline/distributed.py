@@ -61,6 +61,12 @@ def gather(obj) -> list:
     return objects
 
 
+def share_range(count: int) -> tuple:
+    """This rank's contiguous share [lo, hi) of ``count`` items (the last ranks' may be shorter or empty)."""
+    per = -(-count // world())
+    return min(count, rank() * per), min(count, (rank() + 1) * per)
+
+
 def broadcast(obj):
     """Rank 0's ``obj`` on every rank."""
     if not active():

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from . import (atomic, config, datasets, fid, images, latent_walk, metrics, packed, ring, runtime, student_b, students,
-               teacher_data, teachers)
+from . import (atomic, config, datasets, distributed, fid, images, latent_walk, metrics, packed, ring, runtime,
+               student_b, students, teacher_data, teachers)
 from . import report as report_text
 from .config import output_dir
 from .errors import UserError
@@ -60,7 +60,7 @@ def b_folder(cfg):
 def one_step_images(model, x_T, batch_size, device, label="D"):
     out = [students.one_step(model, x_T[lo:lo + batch_size].to(device)).float().cpu()
            for lo in tqdm(range(0, len(x_T), batch_size), desc=f"{label} one-step samples", unit="batch",
-                          dynamic_ncols=True)]
+                          dynamic_ncols=True, disable=not distributed.is_main())]
     return torch.cat(out)
 
 
@@ -173,12 +173,15 @@ class Evaluation:
         key = f"teacher-records{self.lo}-{self.lo + self.n - 1}-ref{len(real)}"
         path = self.cache_dir / f"{key}.json"
         try:
-            return json.loads(path.read_text())
+            cached = json.loads(path.read_text())
         except (OSError, ValueError):
-            pass  # not cached yet, or a damaged cache: compute it again
+            cached = None  # not cached yet, or a damaged cache: compute it again
+        if all(distributed.gather(cached is not None)):  # the scoring below is collective: all ranks or none
+            return cached
         scores = sample_scores(self.features, teacher_uint8, real, self.train_images, self.n,
                                self.cfg["fid_batch_size"], "inception: teacher")
-        atomic.write_json(path, scores)
+        if distributed.is_main():
+            atomic.write_json(path, scores)
         return scores
 
     def samples(self):
@@ -218,6 +221,8 @@ class Evaluation:
         for key, images_ in uint8.items():
             rows[key] = sample_scores(self.features, images_, real, self.train_images, n, cfg["fid_batch_size"],
                                       f"inception: {NAMES[key]} samples")
+        if not distributed.is_main():
+            return None  # the Inception work was shared; rank 0 times, writes and reports
         rows["real"] = {"fid": fid.frechet_distance(real, floor), "fid_of": f"{n} training images (floor)",
                         "memorization": metrics.memorization_score(test_uint8, self.train_images),
                         "diversity": metrics.diversity_score(test_uint8), "n": n}
@@ -284,7 +289,11 @@ class Evaluation:
 
 
 def eval_d(cfg):
+    """The report (None on the ranks other than 0 under torchrun, which share the Inception features only)."""
     config.validate(cfg, ["eval_d"])  # callers from Python skip the CLI's check
-    report = Evaluation(cfg).run()
-    print("\n".join(report_text.console_lines(report, output_dir(cfg, "eval_dir"))))
+    with distributed.together():  # under torchrun a refused set-up stops every rank with one sentence
+        evaluation = Evaluation(cfg)
+    report = evaluation.run()
+    if report is not None:
+        print("\n".join(report_text.console_lines(report, output_dir(cfg, "eval_dir"))))
     return report

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
-from . import atomic
+from . import atomic, distributed
 from .errors import UserError
 
 INPUT_SIZE = 299
@@ -64,23 +64,30 @@ class InceptionFeatures(torch.nn.Module):
 
 
 def extract(features: InceptionFeatures, images_uint8: np.ndarray, batch_size: int, desc: str) -> torch.Tensor:
+    """Inception features of every image. Under torchrun each rank computes a contiguous share and every rank gets
+    all of them, in order (a collective: every rank calls it with the same images)."""
+    lo, hi = distributed.share_range(len(images_uint8))
     out = []
-    for lo in tqdm(range(0, len(images_uint8), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
-        out.append(features(torch.from_numpy(np.ascontiguousarray(images_uint8[lo:lo + batch_size]))))
-    return torch.cat(out)
+    for start in tqdm(range(lo, hi, batch_size), desc=desc, unit="batch", dynamic_ncols=True,
+                      disable=not distributed.is_main()):
+        out.append(features(torch.from_numpy(np.ascontiguousarray(images_uint8[start:min(start + batch_size, hi)]))))
+    shares = distributed.gather(torch.cat(out) if out else None)
+    return torch.cat([share for share in shares if share is not None])
 
 
 def cached_features(features, images_uint8, cache_path: Path, batch_size: int, desc: str) -> torch.Tensor:
-    """Features of a fixed image set, computed once and kept in ``cache_path`` (safetensors)."""
+    """Features of a fixed image set, computed once and kept in ``cache_path`` (safetensors; rank 0 writes it)."""
+    cached = None
     if cache_path.is_file():
         try:
             cached = load_file(cache_path)["features"]
         except (SafetensorError, OSError, KeyError):
             cached = None  # a damaged cache is only derived data: compute it again
-        if cached is not None and len(cached) == len(images_uint8):
-            return cached
+    if all(distributed.gather(cached is not None and len(cached) == len(images_uint8))):
+        return cached  # every rank read it: no rank may go on to the collective extract alone
     feats = extract(features, images_uint8, batch_size, desc)
-    atomic.write_bytes(cache_path, save({"features": feats.contiguous()}))
+    if distributed.is_main():
+        atomic.write_bytes(cache_path, save({"features": feats.contiguous()}))
     return feats
 
 
@@ -97,7 +104,8 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """torchmetrics' FID between two precomputed Inception feature sets."""
     if len(real) < 2 or len(fake) < 2:
         raise UserError(f"FID needs at least 2 images per set, got {len(real)} and {len(fake)}")
-    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(), reset_real_features=False)
+    # every rank holds all the features already (extract gathers them): no sync of the metric's states over ranks
+    metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(), reset_real_features=False, sync_on_compute=False)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     return float(metric.compute())

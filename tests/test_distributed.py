@@ -57,8 +57,8 @@ def test_refusals_stop_every_rank_with_one_sentence(small_teacher, tmp_path):
     for args, sentence in [
             (_generate_args(small_teacher, tmp_path / "data", steps=7),
              "error: chunks=2 does not divide steps=7; pick chunks among [1, 7]"),
-            (["--mode", "eval_d", "--config", "tiny", f"data_dir={tmp_path}"],
-             "error: --mode eval_d runs in one process so far (docs/design.md §8); launch it with python, or torchrun "
+            (["--mode", "sample", "--config", "tiny", f"data_dir={tmp_path}"],
+             "error: --mode sample runs in one process so far (docs/design.md §8); launch it with python, or torchrun "
              "--nproc_per_node=1")]:
         result = _torchrun(*args)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
@@ -159,6 +159,7 @@ def test_train_d_on_two_ranks_follows_one_and_resumes_on_one_and_binarize_runs(o
     b = _torchrun("--mode", "binarize", "--config", "tiny", f"teacher_path={teacher}", f"data_dir={data}",
                   f"d_run_dir={tmp_path / 'one'}", f"b_run_dir={tmp_path / 'b'}", "b_train_steps=4", "b_batch_size=4")
     assert b.returncode == 0 and b.stdout.count("[binarize] packed B:") == 1, b.stderr
+    _assert_eval_d_on_two_ranks_reports_what_one_does(teacher, data, tmp_path)
     launcher = _launch(*args("killed", steps=20))
     _kill_a_rank_once(launcher, lambda: (tmp_path / "killed" / "checkpoint.pt").exists())
     resumed = subprocess.run([sys.executable, str(ROOT / "Main_Distill.py"), *args("killed", steps=20)], cwd=ROOT,
@@ -166,6 +167,23 @@ def test_train_d_on_two_ranks_follows_one_and_resumes_on_one_and_binarize_runs(o
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and "at step 20" not in resumed.stdout
     assert json.loads((tmp_path / "killed" / "stats.jsonl").read_text().splitlines()[-1])["step"] == 20
+
+
+def _assert_eval_d_on_two_ranks_reports_what_one_does(teacher, data, tmp_path):
+    """The ranks share the Inception features (each a half, gathered); rank 0 alone reports."""
+    from pipeline import evaluate
+    items = {"teacher_path": teacher, "data_dir": data, "d_run_dir": tmp_path / "one", "b_run_dir": tmp_path / "b",
+             "fid_cache_dir": tmp_path / "fid", "walk_frames": 0}
+    args = [f"{k}={v}" for k, v in items.items()]
+    one = evaluate.eval_d(config.resolve("tiny", [*args, f"eval_dir={tmp_path / 'eval1'}"]))
+    (tmp_path / "fid").rename(tmp_path / "fid1")  # the two ranks compute the reference features again, shared
+    two = _torchrun("--mode", "eval_d", "--config", "tiny", *args, f"eval_dir={tmp_path / 'eval2'}")
+    assert two.returncode == 0 and two.stdout.count("[eval_d] report:") == 1, two.stderr
+    report = json.loads((tmp_path / "eval2" / "report.json").read_text())
+    for model in ("teacher", "d", "b", "real"):
+        for key, value in one["scores"][model].items():
+            if isinstance(value, float):  # only the grouping of the Inception batches differs
+                assert report["scores"][model][key] == pytest.approx(value, rel=1e-3, abs=1e-4), (model, key)
 
 
 def _weights(path: Path) -> dict:
