@@ -1,7 +1,7 @@
 """What torchrun buys: generate and train_d on one process against N processes, and the projected wall time of a
 full-size job (issue 16).
 
-    .venv/bin/python benchmarks/scale_benchmark.py --config fashion_mnist --procs 2                  # this CPU
+    .venv/bin/python benchmarks/scale_benchmark.py --config fashion_mnist shard_size=64 --procs 2    # this CPU
     python benchmarks/scale_benchmark.py --config cifar10 --random-teacher --samples 400 --procs 1   # one GPU
 
 Every launch is a subprocess, as a user starts it: ``python Main_Distill.py`` (one process, every thread) and
@@ -10,7 +10,8 @@ CPU, one GPU each on a GPU machine). Each launch generates ``--samples`` samples
 for ``--d-steps`` steps on the plain launch's folder. The figures are the stages' own: generate's teacher seconds
 (samples/s) and the median ``seconds_per_step`` of train_d's ``stats.jsonl`` without its first log window
 (warm-up); the wall time of each subprocess is printed beside them. ``--procs 1`` against the plain launch is
-torchrun's own overhead.
+torchrun's own overhead. generate hands out whole shards, so ``--samples`` should make at least N shards of the
+config's ``shard_size`` (a smaller ``shard_size=`` override does).
 
 The projection multiplies the measured rates out to ``--project-samples`` samples and ``--project-epochs`` epochs of
 D over the training records at the config's batch. N processes of generate are N independent streams of shards, so
@@ -90,7 +91,7 @@ def print_projection(rows, cfg, samples: int, epochs: int, gpus: list):
         rate_g = r["samples_per_s"] if r else base["samples_per_s"] * count
         rate_d = 1 / r["d_seconds_per_step"] if r else count / base["d_seconds_per_step"]
         hours = [samples / rate_g / 3600, steps / rate_d / 3600]
-        mark = "" if r else " (× count)"
+        mark = "" if r else (" (plain python)" if count == 1 else " (× count)")
         print(f"| {count}{mark} | {hours[0]:.2f} h | {hours[1]:.2f} h | {sum(hours):.2f} h |")
 
 

@@ -71,7 +71,7 @@ def extract(features: InceptionFeatures, images_uint8: np.ndarray, batch_size: i
     for start in tqdm(range(lo, hi, batch_size), desc=desc, unit="batch", dynamic_ncols=True,
                       disable=not distributed.is_main()):
         out.append(features(torch.from_numpy(np.ascontiguousarray(images_uint8[start:min(start + batch_size, hi)]))))
-    shares = distributed.gather(torch.cat(out) if out else None)
+    shares = distributed.gather(torch.cat(out).cpu() if out else None)  # pickled: CPU tensors travel anywhere
     return torch.cat([share for share in shares if share is not None])
 
 
