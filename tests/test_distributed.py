@@ -221,4 +221,5 @@ def test_pretrain_and_rectify_on_two_ranks_train_what_one_process_trains(small_t
         two = _torchrun("--mode", mode, "--config", "tiny", *args["two"], script="Main_Diffusion.py")
         assert two.returncode == 0 and two.stdout.count(f"2 processes of {batch}") == 1, two.stderr
         trained = _weights(tmp_path / "one" / weights)
-        assert _gap_over_move(trained, _weights(tmp_path / "two" / weights), start) < 0.01, mode  # 2e-6 here; 0.4 when both ranks train on one half
+        # measured: 5e-7 (pretrain) and 2e-6 (rectify); 0.4 when both ranks train on the same half
+        assert _gap_over_move(trained, _weights(tmp_path / "two" / weights), start) < 0.01, mode

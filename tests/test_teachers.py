@@ -98,8 +98,8 @@ def test_cifar10_preset_end_to_end_with_the_google_config_teacher(google_config_
         "verify_dataset_md5=false", f"d_run_dir={tmp_path / 'run'}", f"eval_dir={tmp_path / 'out'}",
         f"fid_cache_dir={tmp_path / 'fid'}", "samples_total=4", "shard_size=2", "gen_batch_size=2", "steps=2",
         "chunks=2", "num_threads=1", "holdout_samples=2", "d_train_steps=1", "d_batch_size=2", "shuffle_buffer=2",
-        "data_workers=0", "fid_samples=2", "fid_reference_count=4", "fid_batch_size=2", "throughput_batch=2", "walk_frames=2",
-        f"b_run_dir={tmp_path / 'b'}", "b_train_steps=1", "b_batch_size=2", "b_checkpoint_every=1"])
+        "data_workers=0", "fid_samples=2", "fid_reference_count=4", "fid_batch_size=2", "throughput_batch=2",
+        "walk_frames=2", f"b_run_dir={tmp_path / 'b'}", "b_train_steps=1", "b_batch_size=2", "b_checkpoint_every=1"])
     generate.generate(cfg)
     train_d.train_d(cfg)
     binarize.binarize(cfg)
