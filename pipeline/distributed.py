@@ -61,6 +61,12 @@ def gather(obj) -> list:
     return objects
 
 
+def everywhere(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank: before a step that is a collective unless skipped (a cache that
+    only some ranks could read), every rank must take the same branch."""
+    return all(gather(bool(flag)))
+
+
 def share_range(count: int) -> tuple:
     """This rank's contiguous share [lo, hi) of ``count`` items (the last ranks' may be shorter or empty)."""
     per = -(-count // world())

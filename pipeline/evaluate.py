@@ -88,8 +88,11 @@ def throughput(models: dict, teacher, ddpm, chain, x_T, steps, device) -> dict:
 
 
 def sample_scores(features, images_uint8, real_feats, train_uint8, n, batch_size, desc):
-    """FID, precision / recall, memorization and diversity of one set of uint8 images."""
+    """FID, precision / recall, memorization and diversity of one set of uint8 images (None on the ranks other
+    than 0 under torchrun: they only share the Inception features, which every rank must extract)."""
     feats = fid.extract(features, images_uint8, batch_size, desc)
+    if not distributed.is_main():
+        return None
     precision, recall = metrics.precision_recall(real_feats[:n], feats)
     return {"fid": fid.frechet_distance(real_feats, feats), "precision": precision, "recall": recall,
             "memorization": metrics.memorization_score(images_uint8, train_uint8),
@@ -176,7 +179,7 @@ class Evaluation:
             cached = json.loads(path.read_text())
         except (OSError, ValueError):
             cached = None  # not cached yet, or a damaged cache: compute it again
-        if all(distributed.gather(cached is not None)):  # the scoring below is collective: all ranks or none
+        if distributed.everywhere(cached is not None):  # the scoring below is collective
             return cached
         scores = sample_scores(self.features, teacher_uint8, real, self.train_images, self.n,
                                self.cfg["fid_batch_size"], "inception: teacher")

@@ -83,8 +83,8 @@ def cached_features(features, images_uint8, cache_path: Path, batch_size: int, d
             cached = load_file(cache_path)["features"]
         except (SafetensorError, OSError, KeyError):
             cached = None  # a damaged cache is only derived data: compute it again
-    if all(distributed.gather(cached is not None and len(cached) == len(images_uint8))):
-        return cached  # every rank read it: no rank may go on to the collective extract alone
+    if distributed.everywhere(cached is not None and len(cached) == len(images_uint8)):
+        return cached
     feats = extract(features, images_uint8, batch_size, desc)
     if distributed.is_main():
         atomic.write_bytes(cache_path, save({"features": feats.contiguous()}))
@@ -104,7 +104,7 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """torchmetrics' FID between two precomputed Inception feature sets."""
     if len(real) < 2 or len(fake) < 2:
         raise UserError(f"FID needs at least 2 images per set, got {len(real)} and {len(fake)}")
-    # every rank holds all the features already (extract gathers them): no sync of the metric's states over ranks
+    # the features are whole already (extract gathers them) and rank 0 alone scores: no sync over the ranks
     metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(), reset_real_features=False, sync_on_compute=False)
     metric.update(real, real=True)
     metric.update(fake, real=False)

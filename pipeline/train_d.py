@@ -25,8 +25,7 @@ class DTrainer(StudentTrainer):
             print(f"[train_d] D: {students.parameter_count(self.model):,} parameters ({cfg['d_init']} init), "
                   f"chunk groups by decoder depth {self.model.groups}; autocast={self.amp or 'off (fp32)'}; "
                   f"held-out records {self.holdout[0]}..{self.holdout[1] - 1}, training records "
-                  f"{self.train_range[0]}..{self.train_range[1] - 1}"
-                  + (f"; {distributed.world()} processes of batch {self.local_batch}" if distributed.world() > 1 else ""))
+                  f"{self.train_range[0]}..{self.train_range[1] - 1}{self.processes_note()}")
         self.resume()
 
     def build_model(self):
