@@ -11,7 +11,10 @@ z_k = R(z_{k-1}, τ_{i+k-1}) and is trained on
 
 where L_0 compares Rout(z_0, τ_i) with the exact target (v, ε or x0 of the drawn x0 and ε), L_k with
 the teacher's prediction at x̃_k, and L_x0 combines X0out's losses the same way (against x0, then the
-teacher's read-outs). Everything else (AdamW, one-cycle schedule, EMA, clipping, autocast, resume,
+teacher's read-outs). With ``rect_teacher=pretrained`` the chain is the frozen teacher UNet's own DDIM
+chain (clipped x0, as the DDIM teacher samples) and its predictions, converted to the head's type, and
+its x0 are every target, k = 0 included: the ring then learns the trajectory that pixel-space generate
+records, from targets without the noise of the drawn (x0, ε) pair. Everything else (AdamW, one-cycle schedule, EMA, clipping, autocast, resume,
 stats.jsonl, SIGTERM) is the shared training loop's.
 """
 import copy
@@ -66,6 +69,9 @@ class RectifyTrainer(trainer.Trainer):
         weights = torch.tensor(cfg["rect_depth_weights"], dtype=torch.float64)
         self.depth_probs = weights / weights.sum()
         self.chain_teacher = self.model
+        self.pretrained_chain = cfg["rect_teacher"] == "pretrained"
+        if self.pretrained_chain:
+            self.teacher.to(self.device)
         if cfg["rect_teacher"] == "ema":
             # same requires_grad flags as the model, so that ema_parameters pairs them; used under no_grad only
             self.chain_teacher = copy.deepcopy(self.model)
@@ -123,6 +129,25 @@ class RectifyTrainer(trainer.Trainer):
                 x = c0 * x0 + c1 * eps
         return out
 
+    @torch.no_grad()
+    def pretrained_chain_targets(self, x_t, times):
+        """The frozen teacher's DDIM chain from x_t: its predictions (as the head's type), clipped x0 at
+        x̃_0 .. x̃_s, and the latents Rin(x̃_k, τ_k) of the RNet being trained for k ≥ 1."""
+        prediction, out = self.cfg["rect_prediction"], {"z": [], "pred": [], "x0": []}
+        x = x_t
+        for k, t in enumerate(times):
+            c0, c1 = ring.coefficients(self.alphas_cumprod, t)
+            eps = self.teacher(x, t).sample.float()
+            x0 = (x - c1 * eps) / c0
+            out["pred"].append(ring.target(prediction, x0, eps, c0, c1))  # the teacher's own output, unclipped
+            x0 = x0.clamp(-1, 1)
+            out["x0"].append(x0)
+            out["z"].append(self.model.rin(x, t).float() if k else None)
+            if k + 1 < len(times):
+                n0, n1 = ring.coefficients(self.alphas_cumprod, times[k + 1])
+                x = n0 * x0 + n1 * eps
+        return out
+
     def forward_module(self):
         return Unroll(self.model, self.cfg["rect_lambda_x0"] > 0)
 
@@ -138,8 +163,12 @@ class RectifyTrainer(trainer.Trainer):
         c0, c1 = ring.coefficients(self.alphas_cumprod, times[0])
         x_t = c0 * x0 + c1 * eps
         with runtime.autocast(self.amp, self.device):
-            chain = self.teacher_chain(x_t, times) if depth else None
-            parts = self.network(x_t, times, chain, ring.target(self.cfg["rect_prediction"], x0, eps, c0, c1), x0)
+            if self.pretrained_chain:
+                chain = self.pretrained_chain_targets(x_t, times)
+                parts = self.network(x_t, times, chain, chain["pred"][0], chain["x0"][0])
+            else:
+                chain = self.teacher_chain(x_t, times) if depth else None
+                parts = self.network(x_t, times, chain, ring.target(self.cfg["rect_prediction"], x0, eps, c0, c1), x0)
         w = self.cfg["rect_depth_weight"]
 
         def combine(losses):

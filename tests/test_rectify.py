@@ -126,3 +126,29 @@ def test_every_prediction_type_trains_with_the_x0_loss(small_teacher, tmp_path, 
     stats = json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[-1])
     assert stats["depth"] == 2 and all(torch.isfinite(torch.tensor(stats[k])) and stats[k] > 0
                                        for k in ("main", "x0", "consistency"))
+
+
+def test_the_pretrained_chain_follows_the_frozen_teacher_and_trains(small_teacher, tmp_path):
+    trainer = RectifyTrainer(_cfg(small_teacher, tmp_path, rect_train_steps=1, rect_teacher="pretrained",
+                                  rect_depth_weights="0,0,1"))
+    grid = ring.ring_timesteps(1000, 5)
+    times = [grid[k].expand(2) for k in (1, 2, 3)]
+    x_t = torch.randn(2, 1, 32, 32)
+    chain = trainer.pretrained_chain_targets(x_t, times)
+    c0, c1 = ring.coefficients(trainer.alphas_cumprod, times[0])
+    eps = trainer.teacher(x_t, times[0]).sample
+    # the v target is the teacher's own output; the x0 target (and the chain's step) its clipped x0
+    eps_back, x0_back = ring.eps_and_x0("v", chain["pred"][0], x_t, c0, c1)
+    torch.testing.assert_close(eps_back, eps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x0_back.clamp(-1, 1), chain["x0"][0], atol=1e-4, rtol=1e-4)
+    assert chain["x0"][0].abs().max() <= 1 and chain["z"][0] is None and len(chain["z"]) == 3
+    n0, n1 = ring.coefficients(trainer.alphas_cumprod, times[1])
+    x_1 = n0 * chain["x0"][0] + n1 * eps
+    torch.testing.assert_close(chain["x0"][1], ((x_1 - n1 * trainer.teacher(x_1, times[1]).sample) / n0).clamp(-1, 1),
+                               atol=1e-4, rtol=1e-4)
+    # (loose: in training mode every call takes a spectral-norm power iteration, moving the weights slightly)
+    torch.testing.assert_close(chain["z"][1], trainer.model.rin(x_1, times[1]), atol=1e-2, rtol=1e-2)
+    trainer.run()
+    stats = json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[-1])
+    assert stats["depth"] == 2 and all(torch.isfinite(torch.tensor(stats[k])) and stats[k] > 0
+                                       for k in ("main", "x0", "consistency"))
