@@ -111,6 +111,10 @@ def test_sample_mode_scores_the_ring_sampler_beside_the_ddim_teacher(small_teach
     report = json.loads((tmp_path / "samples" / "report.json").read_text())
     assert report["ring"]["fid"] > 0 and report["fid"] > 0 and report["ring"]["cost_per_step_in_teacher_calls"] > 0
     assert (tmp_path / "samples" / "ring_grid.png").is_file() and "ring sampler FID" in result.stdout
+    # another RNet of the same config does not reuse the first one's cached ring samples
+    RectifyTrainer(_cfg(small_teacher, tmp_path, rect_train_steps=3, rect_run_dir=tmp_path / "run3")).run()
+    again = run_cli("Main_Diffusion.py", *args, f"rnet_path={tmp_path / 'run3' / 'rnet'}")
+    assert again.returncode == 0 and "reusing" in again.stdout and "ring_samples.npz" not in again.stdout, again.stdout
     other_steps = run_cli("Main_Diffusion.py", *args[:-1], "steps=6", f"rnet_path={tmp_path / 'run' / 'rnet'}")
     assert_one_sentence_error(other_steps, "ring steps")
     missing = run_cli("Main_Diffusion.py", *args, f"rnet_path={tmp_path}")
