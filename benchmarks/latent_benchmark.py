@@ -5,9 +5,9 @@
 Same teacher, same number of teacher samples (same x_T: records i of both folders start from the same
 noise), same D recipe: D on pixel DDIM trajectories (the preset as it is) against D on the RNet's latent
 ring trajectories (the preset with ``space=latent``, ``rnet_path``, ``steps`` = the ring's steps and
-``name`` = <name>-latent, so every folder is its own). Each side is generated, trained and evaluated by
-the stages themselves (finished stages are reused); with ``--with-b`` B is binarized from each D and
-evaluated too. Beside eval_d's figures (FID, precision, recall, one-step speed-up) it prints:
+``name`` = <name>_latent, so every folder is its own; for the demo preset that is fashion_mnist_latent's).
+Each side is generated, trained and evaluated by the stages themselves (finished stages are reused);
+with ``--with-b`` B is binarized from each D and evaluated too. Beside eval_d's figures (FID, precision, recall, one-step speed-up) it prints:
 
 - PSNR of D against its own data's ``x0_teacher`` and against the DDIM teacher's image from the same x_T
   (the pixel data's ``x0_teacher``), on every held-out record;
@@ -25,7 +25,7 @@ from pipeline.errors import UserError
 
 def side_configs(base: dict, rnet: str) -> dict:
     steps = rnet_files.read_config(project_path(rnet))["steps"]
-    latent = dict(base, space="latent", rnet_path=rnet, steps=steps, name=f"{base['name']}-latent")
+    latent = dict(base, space="latent", rnet_path=rnet, steps=steps, name=f"{base['name']}_latent")
     for cfg in (base, latent):
         config.validate(cfg, ["generate", "train_d", "binarize", "eval_d"])
     return {"pixel": base, "latent": latent}
