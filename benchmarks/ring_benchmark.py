@@ -37,11 +37,13 @@ def relative(a, b) -> torch.Tensor:
 
 @torch.inference_mode()
 def ddim_chain(predict, kind: str, x_T, grid, alphas_cumprod) -> list:
-    """x at every grid step (η = 0, no clipping), from ``predict(x, t)`` of prediction type ``kind``."""
+    """x at every grid step (η = 0, x0 clipped as the DDIM teacher and rectify's chain clip it), from
+    ``predict(x, t)`` of prediction type ``kind``."""
     xs, x = [x_T], x_T
     for i in range(len(grid) - 1):
         t = grid[i].expand(len(x))
         eps, x0 = ring.eps_and_x0(kind, predict(x, t).float(), x, *ring.coefficients(alphas_cumprod, t))
+        x0 = x0.clamp(-1, 1)
         c0, c1 = ring.coefficients(alphas_cumprod, grid[i + 1].expand(len(x)))
         x = c0 * x0 + c1 * eps
         xs.append(x)

@@ -131,16 +131,17 @@ class RectifyTrainer(trainer.Trainer):
 
     @torch.no_grad()
     def pretrained_chain_targets(self, x_t, times):
-        """The frozen teacher's DDIM chain from x_t: its predictions (as the head's type), clipped x0 at
-        x̃_0 .. x̃_s, and the latents Rin(x̃_k, τ_k) of the RNet being trained for k ≥ 1."""
+        """The frozen teacher's DDIM chain from x_t: at x̃_0 .. x̃_s its ε and clipped x0, as the head's prediction
+        type and as X0out's target, and the latents Rin(x̃_k, τ_k) of the RNet being trained for k ≥ 1."""
         prediction, out = self.cfg["rect_prediction"], {"z": [], "pred": [], "x0": []}
         x = x_t
         for k, t in enumerate(times):
             c0, c1 = ring.coefficients(self.alphas_cumprod, t)
             eps = self.teacher(x, t).sample.float()
-            x0 = (x - c1 * eps) / c0
-            out["pred"].append(ring.target(prediction, x0, eps, c0, c1))  # the teacher's own output, unclipped
-            x0 = x0.clamp(-1, 1)
+            # x0 clipped as the DDIM teacher clips it: unclipped, x0 = (x − c1·ε)/c0 (and v with it) multiplies the
+            # teacher's ε error by 1/c0 ≈ 160 at t = T−1, targets the heads cannot and should not learn
+            x0 = ((x - c1 * eps) / c0).clamp(-1, 1)
+            out["pred"].append(ring.target(prediction, x0, eps, c0, c1))
             out["x0"].append(x0)
             out["z"].append(self.model.rin(x, t).float() if k else None)
             if k + 1 < len(times):
