@@ -25,9 +25,16 @@ def trained(tmp_path_factory, small_teacher):
     return root, args
 
 
-def test_report_holds_every_figure(trained):
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    """eval_d of that D and B, once for the tests that read its report."""
     root, args = trained
-    result = run_cli("Main_Distill.py", "--mode", "eval_d", *args)
+    return run_cli("Main_Distill.py", "--mode", "eval_d", *args)
+
+
+def test_report_holds_every_figure(trained, evaluated):
+    root, args = trained
+    result = evaluated
     assert result.returncode == 0, result.stderr
     assert f"report: {root / 'out' / 'report.md'}" in result.stdout
     report = json.loads((root / "out" / "report.json").read_text())
@@ -98,7 +105,7 @@ def test_eval_refuses_what_it_cannot_measure(capsys, trained, tmp_path):
     assert_one_sentence_error(result, "chunks=5", "has 2")
 
 
-def test_split_benchmark_scores_as_eval_d(trained, tmp_path):
+def test_split_benchmark_scores_as_eval_d(trained, evaluated, tmp_path):
     """Images sampled on one machine (--samples-only, no Inception) and scored on another (--score)
     give the figures eval_d gives in one go."""
     root, args = trained
@@ -110,8 +117,8 @@ def test_split_benchmark_scores_as_eval_d(trained, tmp_path):
         assert json.loads(str(npz["meta"]))["size"]["b"]["packed_bytes"] > 0
     scored = run_cli(*bench, "--score", str(tmp_path / "samples"))
     assert scored.returncode == 0, scored.stderr
-    assert run_cli("Main_Distill.py", "--mode", "eval_d", *args, f"eval_dir={tmp_path / 'eval'}").returncode == 0
-    s = json.loads((tmp_path / "eval" / "report.json").read_text())["scores"]
+    assert evaluated.returncode == 0, evaluated.stderr
+    s = json.loads((root / "out" / "report.json").read_text())["scores"]
     assert f"| W1A32: the preset's recipe | {s['b']['fid']:.2f} | {s['d']['fid']:.2f} |" in scored.stdout
 
 
