@@ -275,8 +275,8 @@ def _rectify(table):
               "per batch; the reference's step_probs)", range=NON_NEGATIVE, check=_some_weight)
     table.add("rect_prediction", "v", rect, "what Rout predicts", choices=("v", "eps", "x0"))
     table.add("rect_teacher", "self", rect, "the chain's teacher: self (the RNet being trained) | ema (its EMA "
-              "weights, copied every step) | pretrained (the frozen teacher UNet: its DDIM chain and predictions are "
-              "every target, k = 0 included)", choices=("self", "ema", "pretrained"))
+              "weights, copied every step) | pretrained (an ablation: the frozen teacher UNet's DDIM chain and outputs are "
+              "every target, k = 0 included; measured worse, docs/design.md §14)", choices=("self", "ema", "pretrained"))
     table.add("rect_lambda_consistency", 5.0, rect, "weight of the latent consistency loss", range=NON_NEGATIVE)
     table.add("rect_lambda_x0", 1.0, rect, "weight of the X0out auxiliary loss", range=NON_NEGATIVE)
     table.add("rect_depth_weight", 1.0, rect, "weight w of the unrolled steps: (L_0 + w mean_k L_k) / (1 + w)",

@@ -13,8 +13,8 @@ where L_0 compares Rout(z_0, τ_i) with the exact target (v, ε or x0 of the dra
 the teacher's prediction at x̃_k, and L_x0 combines X0out's losses the same way (against x0, then the
 teacher's read-outs). With ``rect_teacher=pretrained`` the chain is the frozen teacher UNet's own DDIM
 chain (clipped x0, as the DDIM teacher samples) and its predictions, converted to the head's type, and
-its x0 are every target, k = 0 included: the ring then learns the trajectory that pixel-space generate
-records, from targets without the noise of the drawn (x0, ε) pair. Everything else (AdamW, one-cycle schedule, EMA, clipping, autocast, resume,
+its x0 are every target, k = 0 included (an ablation, measured worse: at high noise the teacher's x0 is
+amplified noise, docs/design.md §14). Everything else (AdamW, one-cycle schedule, EMA, clipping, autocast, resume,
 stats.jsonl, SIGTERM) is the shared training loop's.
 """
 import copy

@@ -57,11 +57,16 @@ def load_or_draw_samples(cfg, unet, ddpm, device, out_dir):
                           lambda: teacher_samples(cfg, unet, teachers.ddim_scheduler(ddpm), device, n))
 
 
+def ring_cache_key(cfg, net, rnet_meta) -> dict:
+    """What the cached ring samples depend on: the RNet's config and its weights (two RNets of one config differ)."""
+    return {"rnet": rnet_meta, "rnet_sha256": teachers.weights_sha256(net), "seed": cfg["seed"]}
+
+
 def ring_samples(cfg, net, rnet_meta, device, out_dir):
     n = max(cfg["fid_samples"], cfg["sample_count"])
     grid = ring.ring_timesteps(net.T, rnet_meta["steps"])
     shape = [net.config["teacher"]["in_channels"]] + [net.config["teacher"]["sample_size"]] * 2
-    meta = {"rnet": rnet_meta, "rnet_sha256": teachers.weights_sha256(net), "seed": cfg["seed"]}  # the weights, not only the config
+    meta = ring_cache_key(cfg, net, rnet_meta)
     return cached_samples(out_dir / "ring_samples.npz", meta, n, lambda: draw_samples(
         cfg, lambda x_T: ring.ring_sample(net, x_T, grid), shape, device, n, desc="ring samples"))
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pipeline import config, ring, rnet_files, teachers
+from pipeline import config, ring, rnet_files, teacher_eval, teachers
 from pipeline.errors import UserError
 from pipeline.rectify import RectifyTrainer
 
@@ -112,9 +112,13 @@ def test_sample_mode_scores_the_ring_sampler_beside_the_ddim_teacher(small_teach
     assert report["ring"]["fid"] > 0 and report["fid"] > 0 and report["ring"]["cost_per_step_in_teacher_calls"] > 0
     assert (tmp_path / "samples" / "ring_grid.png").is_file() and "ring sampler FID" in result.stdout
     # another RNet of the same config does not reuse the first one's cached ring samples
-    RectifyTrainer(_cfg(small_teacher, tmp_path, rect_train_steps=3, rect_run_dir=tmp_path / "run3")).run()
-    again = run_cli("Main_Diffusion.py", *args, f"rnet_path={tmp_path / 'run3' / 'rnet'}")
-    assert again.returncode == 0 and "reusing" in again.stdout and "ring_samples.npz" not in again.stdout, again.stdout
+    teacher, _, _ = teachers.load_teacher(config.resolve("tiny", [f"teacher_path={small_teacher}"]))
+    net, meta = rnet_files.load_rnet(tmp_path / "run" / "rnet", teacher, teachers.weights_sha256(teacher))
+    cfg = {"seed": 0}
+    key = teacher_eval.ring_cache_key(cfg, net, meta)
+    with torch.no_grad():
+        net.x0out.conv_out.bias.add_(1.0)
+    assert teacher_eval.ring_cache_key(cfg, net, meta) != key
     other_steps = run_cli("Main_Diffusion.py", *args[:-1], "steps=6", f"rnet_path={tmp_path / 'run' / 'rnet'}")
     assert_one_sentence_error(other_steps, "ring steps")
     missing = run_cli("Main_Diffusion.py", *args, f"rnet_path={tmp_path}")
