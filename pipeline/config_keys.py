@@ -290,6 +290,9 @@ def _rectify(table):
     table.add("rect_lora_rank", 8, rect, "LoRA rank", range=POSITIVE)
     table.add("rect_lora_alpha", 16.0, rect, "LoRA alpha (scale alpha / rank)", range=POSITIVE)
     table.add("rect_gate_cap", 0.3, rect, "cap of the step gate s_t = cap * sigmoid(l_t)", range=POSITIVE)
+    table.add("rect_init", "", rect, "an RNet folder of the same network whose weights start the run (the "
+              "reference's second stage: a deeper unroll from the first stage's EMA RNet; optimizer, schedule and "
+              "EMA start afresh; \"\" = from the teacher)", folder=".")
 
 
 def _evaluation(table):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import datasets, distributed, images, rnet, rnet_files, ring, runtime, teachers, trainer
-from .config import output_dir
+from .config import output_dir, project_path
 from .errors import UserError
 
 # keys whose change makes a saved run another experiment (a resume with any other value is refused)
@@ -31,7 +31,7 @@ RUN_KEYS = ("dataset", "seed", "num_train_timesteps", "beta_start", "beta_end", 
             "grad_clip", "rect_steps", "rect_depth_weights", "rect_prediction", "rect_teacher",
             "rect_lambda_consistency", "rect_lambda_x0", "rect_depth_weight", "rect_batch_size", "rect_lr",
             "rect_lr_warmup_fraction", "rect_weight_decay", "rect_train_steps", "rect_rin_blocks", "rect_r_blocks",
-            "rect_head_blocks", "rect_lora", "rect_lora_rank", "rect_lora_alpha", "rect_gate_cap")
+            "rect_head_blocks", "rect_lora", "rect_lora_rank", "rect_lora_alpha", "rect_gate_cap", "rect_init")
 
 
 def rnet_settings(cfg, T: int) -> dict:
@@ -83,7 +83,17 @@ class RectifyTrainer(trainer.Trainer):
 
     # --- the stage's model and data
     def build_model(self):
-        return rnet.RNet(self.teacher, **rnet_settings(self.cfg, self.T))
+        """The RNet around the teacher; with ``rect_init`` it starts from that RNet's weights (before the EMA is
+        made, so the EMA starts there too; a checkpoint of this run, when there is one, replaces both)."""
+        net = rnet.RNet(self.teacher, **rnet_settings(self.cfg, self.T))
+        if self.cfg["rect_init"]:
+            folder = project_path(self.cfg["rect_init"])
+            start, _ = rnet_files.load_rnet(folder, self.teacher, self.teacher_sha256)
+            if start.config != net.config:
+                raise UserError(f"the RNet in {folder} is another network than rect_* describes (blocks, LoRA or gate "
+                                f"differ); set those keys as it was trained or start without rect_init")
+            net.load_state_dict(start.state_dict())
+        return net
 
     def parameter_groups(self):
         return [p for p in self.model.parameters() if p.requires_grad]

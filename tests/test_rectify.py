@@ -159,3 +159,22 @@ def test_the_pretrained_chain_follows_the_frozen_teacher_and_trains(small_teache
     stats = json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[-1])
     assert stats["depth"] == 2 and all(torch.isfinite(torch.tensor(stats[k])) and stats[k] > 0
                                        for k in ("main", "x0", "consistency"))
+
+
+def test_rect_init_starts_from_an_rnet_and_refuses_another_network(small_teacher, tmp_path):
+    RectifyTrainer(_cfg(small_teacher, tmp_path, rect_train_steps=4, rect_lr=0.1)).run()
+    first = tmp_path / "run" / "rnet"
+    second = RectifyTrainer(_cfg(small_teacher, tmp_path, rect_train_steps=2, rect_run_dir=tmp_path / "deeper",
+                                 rect_depth_weights="0,0,0,1", rect_init=first))
+    teacher, _, _ = teachers.load_teacher(second.cfg)
+    start, _ = rnet_files.load_rnet(first, teacher, teachers.weights_sha256(teacher))
+    fresh = RectifyTrainer(_cfg(small_teacher, tmp_path, rect_run_dir=tmp_path / "fresh")).model.state_dict()
+    assert any(not torch.allclose(a, b) for a, b in zip(fresh.values(), start.state_dict().values()))
+    for (name, a), b in zip(second.model.state_dict().items(), start.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    # the EMA starts from those weights too
+    for ema_p, p in zip(second.ema.shadow_params, second.ema_parameters(second.model)):
+        torch.testing.assert_close(ema_p, p)
+    with pytest.raises(UserError, match="another network"):
+        RectifyTrainer(_cfg(small_teacher, tmp_path, rect_run_dir=tmp_path / "other", rect_head_blocks=2,
+                            rect_init=first))
