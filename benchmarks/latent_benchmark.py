@@ -7,7 +7,8 @@ noise), same D recipe: D on pixel DDIM trajectories (the preset as it is) agains
 ring trajectories (the preset with ``space=latent``, ``rnet_path``, ``steps`` = the ring's steps and
 ``name`` = <name>_latent, so every folder is its own; for the demo preset that is fashion_mnist_latent's).
 Each side is generated, trained and evaluated by the stages themselves (finished stages are reused);
-with ``--with-b`` B is binarized from each D and evaluated too. Beside eval_d's figures (FID, precision, recall, one-step speed-up) it prints:
+with ``--with-b`` B is binarized from each D and evaluated too. Beside eval_d's figures (FID, precision,
+recall, one-step speed-up) it prints:
 
 - PSNR of D against its own data's ``x0_teacher`` and against the DDIM teacher's image from the same x_T
   (the pixel data's ``x0_teacher``), on every held-out record;

@@ -12,10 +12,10 @@ z_k = R(z_{k-1}, τ_{i+k-1}) and is trained on
 where L_0 compares Rout(z_0, τ_i) with the exact target (v, ε or x0 of the drawn x0 and ε), L_k with
 the teacher's prediction at x̃_k, and L_x0 combines X0out's losses the same way (against x0, then the
 teacher's read-outs). With ``rect_teacher=pretrained`` the chain is the frozen teacher UNet's own DDIM
-chain (clipped x0, as the DDIM teacher samples) and its predictions, converted to the head's type, and
-its x0 are every target, k = 0 included (an ablation, measured worse: at high noise the teacher's x0 is
-amplified noise, docs/design.md §14). Everything else (AdamW, one-cycle schedule, EMA, clipping, autocast, resume,
-stats.jsonl, SIGTERM) is the shared training loop's.
+chain (clipped x0, as the DDIM teacher samples), and its ε and clipped x0 are every target, k = 0
+included (an ablation, measured worse: at high noise the teacher's x0 is amplified noise, docs/design.md
+§14). Everything else (AdamW, one-cycle schedule, EMA, clipping, autocast, resume, stats.jsonl,
+SIGTERM) is the shared training loop's; ``rect_init`` starts from another RNet's weights.
 """
 import copy
 
