@@ -262,6 +262,10 @@ def plan(cfg) -> list:
     """--dry-run: what would train, with the RNet's parameter counts (built around the teacher)."""
     teacher, ddpm, source = teachers.load_teacher(cfg)
     net = rnet.RNet(teacher, **rnet_settings(cfg, ddpm.config.num_train_timesteps))
-    return [f"would rectify {source}: RNet with {counts_line(net)}",
+    start = []
+    if cfg["rect_init"]:  # refused here already when the folder holds no RNet
+        rnet_files.read_config(project_path(cfg["rect_init"]))
+        start = [f"would start from the RNet in {project_path(cfg['rect_init'])}"]
+    return [f"would rectify {source}: RNet with {counts_line(net)}", *start,
             f"would train {cfg['rect_train_steps']} steps at batch {cfg['rect_batch_size']} on a ring of "
             f"{cfg['rect_steps']} steps (checkpoints in {output_dir(cfg, 'rect_run_dir')})"]

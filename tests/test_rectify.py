@@ -95,6 +95,9 @@ def test_rectify_cli_prints_counts_and_refuses_bad_input(small_teacher, tmp_path
     assert_one_sentence_error(too_many, "rect_steps")
     deep = run_cli("Main_Diffusion.py", "--mode", "rectify", "--config", "tiny", *args, "rect_steps=1")
     assert_one_sentence_error(deep, "rect_depth_weights")
+    no_start = run_cli("Main_Diffusion.py", "--mode", "rectify", "--config", "tiny", "--dry-run", *args,
+                       f"rect_init={tmp_path}")
+    assert_one_sentence_error(no_start, "holds no RNet")
 
 
 def test_sample_mode_scores_the_ring_sampler_beside_the_ddim_teacher(small_teacher, tmp_path):
