@@ -43,9 +43,7 @@ def ddim_chain(predict, kind: str, x_T, grid, alphas_cumprod) -> list:
     for i in range(len(grid) - 1):
         t = grid[i].expand(len(x))
         eps, x0 = ring.eps_and_x0(kind, predict(x, t).float(), x, *ring.coefficients(alphas_cumprod, t))
-        x0 = x0.clamp(-1, 1)
-        c0, c1 = ring.coefficients(alphas_cumprod, grid[i + 1].expand(len(x)))
-        x = c0 * x0 + c1 * eps
+        x = ring.ddim_step(x0.clamp(-1, 1), eps, alphas_cumprod, grid[i + 1].expand(len(x)))
         xs.append(x)
     return xs
 

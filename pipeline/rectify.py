@@ -135,8 +135,7 @@ class RectifyTrainer(trainer.Trainer):
             out["x0"].append(net.x0out(z, t).float() if self.cfg["rect_lambda_x0"] else None)
             if k + 1 < len(times):
                 eps, x0 = ring.eps_and_x0(prediction, pred, x, *ring.coefficients(self.alphas_cumprod, t))
-                c0, c1 = ring.coefficients(self.alphas_cumprod, times[k + 1])
-                x = c0 * x0 + c1 * eps
+                x = ring.ddim_step(x0, eps, self.alphas_cumprod, times[k + 1])
         return out
 
     @torch.no_grad()
@@ -155,8 +154,7 @@ class RectifyTrainer(trainer.Trainer):
             out["x0"].append(x0)
             out["z"].append(self.model.rin(x, t).float() if k else None)
             if k + 1 < len(times):
-                n0, n1 = ring.coefficients(self.alphas_cumprod, times[k + 1])
-                x = n0 * x0 + n1 * eps
+                x = ring.ddim_step(x0, eps, self.alphas_cumprod, times[k + 1])
         return out
 
     def forward_module(self):

@@ -38,6 +38,12 @@ def coefficients(alphas_cumprod, t):
     return a.sqrt(), (1 - a).sqrt()
 
 
+def ddim_step(x0, eps, alphas_cumprod, t_next):
+    """The DDIM step (η = 0) from a (x0, ε) estimate to timesteps ``t_next``: c0·x0 + c1·ε there."""
+    c0, c1 = coefficients(alphas_cumprod, t_next)
+    return c0 * x0 + c1 * eps
+
+
 @torch.no_grad()
 def ring_latents(rnet, x_T, timesteps, *, callback=None):
     """The ring's final latent: R^steps(Rin(x_T, τ_0)). ``callback(i, z)`` sees z_i, the latent at τ_i,
