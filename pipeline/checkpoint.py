@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .config import DEFAULTS
 from .errors import UserError
 
 LATEST = "checkpoint.pt"
@@ -47,9 +48,11 @@ def load(run_dir):
 
 
 def check_same_config(saved_json: str, cfg: dict, keys, run_dir) -> None:
-    """Refuse to resume a run whose architecture or recipe keys changed."""
+    """Refuse to resume a run whose architecture or recipe keys changed. A key the run's saved config
+    lacks (added to the project after the run started) counts as its default, which is what the run had."""
     saved = json.loads(saved_json)
-    changed = [k for k in keys if saved.get(k) != cfg.get(k)]
+    saved = {k: saved.get(k, DEFAULTS.get(k)) for k in keys}
+    changed = [k for k in keys if saved[k] != cfg.get(k)]
     if changed:
         k = changed[0]
         raise UserError(f"{run_dir} was started with {k}={saved.get(k)!r}, not {cfg.get(k)!r}; "

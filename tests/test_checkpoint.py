@@ -1,0 +1,22 @@
+"""Resuming a run: which saved configs are the same run."""
+import json
+
+import pytest
+
+from pipeline import checkpoint
+from pipeline.config import DEFAULTS
+from pipeline.errors import UserError
+
+
+def test_a_key_added_after_the_run_started_counts_as_its_default():
+    saved = json.dumps({"rect_steps": 50})  # saved before rect_init existed
+    cfg = {"rect_steps": 50, "rect_init": DEFAULTS["rect_init"]}
+    checkpoint.check_same_config(saved, cfg, ["rect_steps", "rect_init"], "run")
+    with pytest.raises(UserError, match="rect_init"):
+        checkpoint.check_same_config(saved, dict(cfg, rect_init="other/rnet"), ["rect_steps", "rect_init"], "run")
+
+
+def test_a_changed_key_is_refused_with_its_two_values():
+    saved = json.dumps({"rect_steps": 50})
+    with pytest.raises(UserError, match="rect_steps=50, not 25"):
+        checkpoint.check_same_config(saved, {"rect_steps": 25}, ["rect_steps"], "run")
