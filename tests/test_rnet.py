@@ -106,3 +106,17 @@ def test_film_block_starts_as_identity_and_time_features_span_the_schedule():
     features = time_features(torch.tensor([0, 999]), T=1000, dim=16)
     torch.testing.assert_close(features[0], torch.cat([torch.zeros(8), torch.ones(8)]))
     assert features.shape == (2, 16) and not torch.allclose(features[0], features[1])
+
+
+def test_the_shipped_rnet_loads_around_the_shipped_teacher_and_its_ring_makes_images():
+    from pipeline import config, ring, rnet_files, teachers
+    cfg = config.resolve("fashion_mnist_latent")
+    config.validate(cfg, ["generate"])
+    unet, scheduler, _ = teachers.load_teacher(cfg)
+    net, meta = rnet_files.load_rnet(config.project_path(cfg["rnet_path"]), unet, teachers.weights_sha256(unet),
+                                     steps=cfg["steps"])
+    assert meta["steps"] == cfg["steps"] == 50
+    torch.manual_seed(0)
+    with torch.no_grad():
+        images = ring.ring_sample(net, torch.randn(2, 1, 32, 32), ring.ring_timesteps(scheduler.config.num_train_timesteps, 50))
+    assert images.shape == (2, 1, 32, 32) and images.abs().max() <= 1 and images.std() > 0.1
