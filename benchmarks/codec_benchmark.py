@@ -25,21 +25,23 @@ from tqdm import tqdm
 
 from pipeline import codec as codecs, config, runtime, store
 from pipeline.errors import UserError
-from pipeline.generate import Generator
+from pipeline.generate import CONTENT_KEYS, Generator
 
 DEFAULT_STEPS = "0.005,0.01,0.02,0.035,0.05,0.1,0.2,0.4"
 
 
 def load_trajectories(cfg, samples: int, out: Path) -> codecs.Trajectories:
-    """The float trajectories of indices 0..samples-1, computed once and cached beside the results."""
+    """The float trajectories of indices 0..samples-1, computed once and cached beside the results; the cache's
+    name holds the generator's identity (teacher and RNet weights, steps, seed...), so another teacher recomputes."""
     space = cfg["space"]
-    cache = out / f"trajectories-{space}-{cfg['steps']}x{cfg['chunks']}-{samples}.npz"
+    gen = Generator(cfg)
+    identity = store.sha256(json.dumps({k: gen.generator.get(k) for k in CONTENT_KEYS}, sort_keys=True).encode())
+    cache = out / f"trajectories-{space}-{cfg['steps']}x{cfg['chunks']}-{samples}-{identity[:12]}.npz"
     if cache.is_file():
         with np.load(cache) as saved:
             fields = {k: saved[k] for k in ("x_T", "start", "chunks", "z_final", "x0")}
             meta = saved["meta"].tolist()
         return codecs.Trajectories(**fields, T=meta[0], chunk_size=meta[1], latent=space == "latent")
-    gen = Generator(cfg)
     parts = []
     for lo in tqdm(range(0, samples, cfg["gen_batch_size"]), desc=f"trajectories ({space})", unit="batch"):
         parts.append(gen.trajectories(np.arange(lo, min(samples, lo + cfg["gen_batch_size"]))))
