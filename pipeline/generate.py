@@ -210,7 +210,8 @@ def prepare(cfg, folder, gen):
     todo = plan(manifest, cfg)
     done = manifest.next_index()
     print(f"[generate] {folder}: {done} samples present, {sum(c for _, _, c in todo)} to generate "
-          f"in {len(todo)} shard(s) ({cfg['steps']} DDIM steps, {cfg['chunks']} chunks)"
+          f"in {len(todo)} shard(s) ({cfg['steps']} {'ring' if cfg['space'] == 'latent' else 'DDIM'} steps, "
+          f"{cfg['chunks']} chunks)"
           + (f" on {distributed.world()} processes" if distributed.world() > 1 else ""))
     return manifest, todo, done
 

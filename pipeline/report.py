@@ -69,7 +69,7 @@ def render_markdown(r) -> str:
         lines.append(f"Distillation fidelity of {NAMES[key]} on {fidelity['records']} held-out records (same x_T): "
                      f"PSNR **{fidelity['psnr_db']:.2f} dB**, MSE {fidelity['mse']:.5f}.")
     lines += ["", f"Speed ({t['device']}, {t['threads']} threads, batch {t['batch']}, same run): the teacher makes "
-              f"{t['teacher_images_per_s']:.1f} images/s with {t['teacher_steps']} DDIM steps."]
+              f"{t['teacher_images_per_s']:.1f} images/s ({r['teacher_sampler']})."]
     for key in ("d", "b"):
         if key in t:
             lines[-1] += (f" {NAMES[key]} makes {t[key]['images_per_s']:.1f} images/s in one call, "
