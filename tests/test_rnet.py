@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from pipeline import lora, rnet
+from pipeline import config, lora, ring, rnet, rnet_files, teachers
 from pipeline.film import FiLMResBlock, time_features
 
 # google/ddpm-cifar10-32's UNet2DModel config (the reference teacher), random weights.
@@ -109,7 +109,6 @@ def test_film_block_starts_as_identity_and_time_features_span_the_schedule():
 
 
 def test_the_shipped_rnet_loads_around_the_shipped_teacher_and_its_ring_makes_images():
-    from pipeline import config, ring, rnet_files, teachers
     cfg = config.resolve("fashion_mnist_latent")
     config.validate(cfg, ["generate"])
     unet, scheduler, _ = teachers.load_teacher(cfg)
@@ -118,5 +117,6 @@ def test_the_shipped_rnet_loads_around_the_shipped_teacher_and_its_ring_makes_im
     assert meta["steps"] == cfg["steps"] == 50
     torch.manual_seed(0)
     with torch.no_grad():
-        images = ring.ring_sample(net, torch.randn(2, 1, 32, 32), ring.ring_timesteps(scheduler.config.num_train_timesteps, 50))
+        grid = ring.ring_timesteps(scheduler.config.num_train_timesteps, cfg["steps"])
+        images = ring.ring_sample(net, torch.randn(2, 1, 32, 32), grid)
     assert images.shape == (2, 1, 32, 32) and images.abs().max() <= 1 and images.std() > 0.1
