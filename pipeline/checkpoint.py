@@ -55,7 +55,7 @@ def check_same_config(saved_json: str, cfg: dict, keys, run_dir) -> None:
     changed = [k for k in keys if saved[k] != cfg.get(k)]
     if changed:
         k = changed[0]
-        raise UserError(f"{run_dir} was started with {k}={saved.get(k)!r}, not {cfg.get(k)!r}; "
+        raise UserError(f"{run_dir} was started with {k}={saved[k]!r}, not {cfg.get(k)!r}; "
                         f"use the original value or another run_dir")
 
 

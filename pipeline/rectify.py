@@ -261,9 +261,10 @@ def plan(cfg) -> list:
     teacher, ddpm, source = teachers.load_teacher(cfg)
     net = rnet.RNet(teacher, **rnet_settings(cfg, ddpm.config.num_train_timesteps))
     start = []
-    if cfg["rect_init"]:  # refused here already when the folder holds no RNet
-        rnet_files.read_config(project_path(cfg["rect_init"]))
-        start = [f"would start from the RNet in {project_path(cfg['rect_init'])}"]
+    if cfg["rect_init"]:
+        folder = project_path(cfg["rect_init"])
+        rnet_files.read_config(folder)  # refuses, here already, a folder that holds no RNet
+        start = [f"would start from the RNet in {folder}"]
     return [f"would rectify {source}: RNet with {counts_line(net)}", *start,
             f"would train {cfg['rect_train_steps']} steps at batch {cfg['rect_batch_size']} on a ring of "
             f"{cfg['rect_steps']} steps (checkpoints in {output_dir(cfg, 'rect_run_dir')})"]
