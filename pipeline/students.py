@@ -131,6 +131,11 @@ class StudentD(nn.Module):
         """A new D from ``config`` (the constructor's arguments, with or without the "kind" tag)."""
         return cls(**{k: v for k, v in config.items() if k != "kind"})
 
+    @property
+    def reads_every_depth(self) -> bool:
+        """False with fewer chunks than decoder depths: the unread depths' layers then get no gradient."""
+        return len(self.depths) == len(self.unet.up_blocks)
+
     def _keep_feature(self, module, args, output):
         self._features.append(output)
 

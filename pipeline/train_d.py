@@ -21,6 +21,7 @@ class DTrainer(StudentTrainer):
 
     def __init__(self, cfg):
         super().__init__(cfg, "d", "train_d")
+        self.ddp_unused_parameters = not self.model.reads_every_depth
         if distributed.is_main():
             print(f"[train_d] D: {students.parameter_count(self.model):,} parameters ({cfg['d_init']} init), "
                   f"chunk groups by decoder depth {self.model.groups}; autocast={self.amp or 'off (fp32)'}; "

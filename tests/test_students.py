@@ -43,6 +43,18 @@ def test_coarse_depths_serve_the_noisy_chunks():
     assert students.chunk_groups(2, 3) == [[0], [1], []]
 
 
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_reads_every_depth_says_whether_every_decoder_layer_gets_a_gradient(chunks):
+    """torchrun's DDP must be told when some layers get no gradient (fewer chunks than depths), or it stops."""
+    torch.manual_seed(0)
+    model = students.new_student(SMALL_BACKBONE, student_generator(chunks, 1), head_channels=8)
+    for head in model.heads:  # heads start at zero, which would block every gradient behind them
+        torch.nn.init.normal_(head.out.weight)
+    model(torch.randn(2, 1, 16, 16))["chunks"].square().mean().backward()
+    ungraded = [n for n, p in model.unet.up_blocks.named_parameters() if p.grad is None]
+    assert model.reads_every_depth == (not ungraded) == (chunks == 3)
+
+
 def test_heads_start_at_zero_and_the_backbone_can_start_from_the_teacher():
     torch.manual_seed(0)
     teacher = UNet2DModel(**SMALL_BACKBONE)
