@@ -55,11 +55,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_npz(arrays: dict, level: int) -> bytes:
-    """Uncompressed ``np.savez`` bytes as one zstd frame (the frame records its content size)."""
+def encode_npz(arrays: dict, level: int, workers: int = 0) -> bytes:
+    """Uncompressed ``np.savez`` bytes as one zstd frame (the frame records its content size). ``workers`` >= 1
+    compresses on that many threads in zstd's multi-threaded mode, whose bytes are the same for every count
+    >= 1 (so shards do not depend on the machine); 0 is the single-threaded mode (the reference's files)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    return zstandard.ZstdCompressor(level=level).compress(buf.getvalue())
+    return zstandard.ZstdCompressor(level=level, threads=workers).compress(buf.getvalue())
 
 
 def npz_bound(spec: dict, count: int) -> int:

@@ -119,3 +119,12 @@ def test_decoding_bounds_frames_that_do_not_record_their_size():
         store.decode_npz(frame, len(buf.getvalue()) - 1)
     with pytest.raises(ValueError, match="is not a complete zstd frame"):
         store.decode_npz(frame[:-20], 10 ** 6)
+
+
+def test_shards_compressed_on_any_number_of_threads_are_the_same_bytes():
+    """generate compresses on every thread a process has: the shards must not depend on how many that is."""
+    rng = np.random.default_rng(0)  # 24 MB of int8 codes with some structure: several of zstd's jobs at level 3
+    arrays = {"codes": np.repeat(rng.integers(-20, 20, 6_000_000, dtype=np.int8), 4)}
+    one = store.encode_npz(arrays, 3, workers=1)
+    assert store.encode_npz(arrays, 3, workers=3) == one and zstandard.frame_content_size(one) > 24_000_000
+    np.testing.assert_array_equal(store.decode_npz(one, 25_000_000)["codes"], arrays["codes"])
