@@ -79,6 +79,9 @@ def variants(cfg, steps):
                codecs.FeedbackCodec(cfg["codec_step"], "store", p, level)),
               (f"ef-int8 step {cfg['codec_step']:g}, sample-major codes", cfg["codec_step"],
                SampleMajor(cfg["codec_step"], "regenerate", p, level))]
+    if cfg["space"] == "pixel":  # version 1 derived the image from the decoded final state
+        found.append((f"ef-int8 step {cfg['codec_step']:g}, image derived (version 1)", cfg["codec_step"],
+                      codecs.FeedbackCodec(cfg["codec_step"], "regenerate", p, level, version=1)))
     return found
 
 

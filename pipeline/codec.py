@@ -8,7 +8,9 @@ records; the encoder also measures how far the decoded records are from the floa
                      the npz stores the records as they are.
     ef-int8+zstd     error feedback along the chain with a step relative to the final state's RMS; the npz
                      stores the chunk codes position-major and neither x_T (regenerated from (seed, index))
-                     nor, in pixel space, the start codes and the image (both follow from x_T and the chunks).
+                     nor, in pixel space, the start codes (they follow from x_T); the image is stored as its
+                     8-bit grey levels' difference from the decoded final state's (version 2; version 1
+                     derived the image from the final state alone, off by the codec's error).
 
 Every codec's records dequantize the same way, so the students, ``export`` and the reference's own
 reader take them unchanged.
@@ -99,18 +101,26 @@ class FeedbackCodec:
     """Error feedback along the chain (quant.feedback_quantize) at a step of ``step`` times the RMS of each
     channel of the sample's final state, so the final state is off by half a step at most."""
 
-    version = 1
+    VERSION = 2  # the version this tool writes; a folder is extended with the version it was started with
     name = FEEDBACK
 
-    def __init__(self, step: float, x_T: str, percentile: float, zstd_level: int):
+    def __init__(self, step: float, x_T: str, percentile: float, zstd_level: int, version: int = None):
         self.step, self.x_T, self.percentile, self.zstd_level = step, x_T, percentile, zstd_level
+        self.version = self.VERSION if version is None else version
+
+    @property
+    def stores_image_levels(self) -> bool:
+        return self.version >= 2
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "step": self.step, "x_T": self.x_T,
                 "quantizer": "per-channel symmetric int8 with error feedback along the chunks; step = `step` x the RMS "
                              "of the channel's final state, widened where the codes would leave +-127; float16 scales",
                 "layout": "chunk codes position-major [C, H, W, chunks]; pixel space: rin0 codes (the reference "
-                          "quantizer at `percentile`) and the image (clamped decoded final state) are derived",
+                          "quantizer at `percentile`) are derived, the image is "
+                          + ("its 8-bit levels round((x + 1) * 127.5) stored as int8 differences from the clamped "
+                             "decoded final state's" if self.stores_image_levels else
+                             "the clamped decoded final state"),
                 "percentile": self.percentile, "container": "uncompressed npz in one zstd frame",
                 "zstd_level": self.zstd_level, "zstandard_version": zstandard.__version__}
 
@@ -127,8 +137,10 @@ class FeedbackCodec:
             start_error = traj.start - records["x_T_f16"].astype(np.float32)
         codes, scales, _ = quant.feedback_quantize(start_error, traj.chunks, step)
         records.update(rin0_q=rin0_q, rin0_scale_f16=rin0_scale, r_chunks_q=codes, r_chunks_scale_f16=scales)
-        if not traj.latent:
+        if not traj.latent and not self.stores_image_levels:
             records["x0_teacher_f16"] = self.pixel_image(records)
+        elif not traj.latent:  # the image the evaluation sees, exact; pack stores what the chunks miss of it
+            records["x0_teacher_f16"] = levels_image(image_levels(records["x0_teacher_f16"]))
         return records
 
     def pixel_start_codes(self, x_T_f16):
@@ -138,6 +150,12 @@ class FeedbackCodec:
     def pixel_image(records: dict) -> np.ndarray:
         return np.clip(decoded_final(records, latent=False), -1, 1).astype(np.float16)
 
+    def image_correction(self, records: dict) -> np.ndarray:
+        """int8 [n, C, H, W]: the image's grey levels minus those of the clamped decoded final state (a few
+        levels: the final state is off by half a codec step)."""
+        difference = image_levels(records["x0_teacher_f16"]) - image_levels(self.pixel_image(records))
+        return np.clip(difference, -127, 127).astype(np.int8)
+
     def kept_keys(self, latent: bool) -> tuple:
         """Record keys stored as they are, beside the chunk codes, their scales, T and chunk_size."""
         return (("rin0_q", "rin0_scale_f16", "x0_teacher_f16") if latent else ()) + (("x_T_f16",) if self.x_T == "store" else ())
@@ -145,7 +163,10 @@ class FeedbackCodec:
     def stored_spec(self, spec: dict, latent: bool) -> dict:
         chunk_dtype, (k, c, h, w) = spec["r_chunks_q"]
         kept = ("r_chunks_scale_f16", "T", "chunk_size") + self.kept_keys(latent)
-        return {"r_chunks_q_by_position": (chunk_dtype, [c, h, w, k]), **{key: spec[key] for key in kept}}
+        stored = {"r_chunks_q_by_position": (chunk_dtype, [c, h, w, k]), **{key: spec[key] for key in kept}}
+        if not latent and self.stores_image_levels:
+            stored[IMAGE_CORRECTION] = ("int8", spec["x0_teacher_f16"][1])
+        return stored
 
     def pack(self, records: dict, latent: bool):
         kept = ("r_chunks_scale_f16", "T", "chunk_size", "index") + self.kept_keys(latent)
@@ -154,19 +175,37 @@ class FeedbackCodec:
         extra = {}
         if self.x_T == "regenerate":
             extra["x_T_sha256"] = hashlib.sha256(records["x_T_f16"].tobytes()).hexdigest()
+        if not latent and self.stores_image_levels:
+            stored[IMAGE_CORRECTION] = self.image_correction(records)
         return stored, extra
 
     def unpack(self, stored: dict, generator: dict, entry: dict) -> dict:
         """Records of a shard's stored arrays; ValueError (completing "<shard> ...") where x_T does not regenerate."""
         latent = generator.get("space") == "latent"
-        records = {key: value for key, value in stored.items() if key != "r_chunks_q_by_position"}
+        records = {key: value for key, value in stored.items() if key not in ("r_chunks_q_by_position", IMAGE_CORRECTION)}
         records["r_chunks_q"] = np.ascontiguousarray(stored["r_chunks_q_by_position"].transpose(0, 4, 1, 2, 3))
         if self.x_T == "regenerate":
             records["x_T_f16"] = regenerated_x_T(stored["index"], generator, entry)
         if not latent:
             records["rin0_q"], records["rin0_scale_f16"] = self.pixel_start_codes(records["x_T_f16"])
             records["x0_teacher_f16"] = self.pixel_image(records)
+            if self.stores_image_levels:
+                levels = image_levels(records["x0_teacher_f16"]) + stored[IMAGE_CORRECTION].astype(np.int16)
+                records["x0_teacher_f16"] = levels_image(levels)
         return records
+
+
+IMAGE_CORRECTION = "x0_level_correction"
+
+
+def image_levels(image: np.ndarray) -> np.ndarray:
+    """int16 grey levels of an image in [-1, 1], as the evaluation's uint8 conversion computes them."""
+    return np.rint((np.clip(image.astype(np.float32), -1, 1) + 1) * np.float32(127.5)).astype(np.int16)
+
+
+def levels_image(levels: np.ndarray) -> np.ndarray:
+    """float16 image [-1, 1] whose grey levels are ``levels`` (float16 keeps them: its spacing is < 1/4 level)."""
+    return (levels.astype(np.float32) / np.float32(127.5) - 1).astype(np.float16)
 
 
 def regenerated_x_T(index, generator: dict, entry: dict) -> np.ndarray:
@@ -189,7 +228,7 @@ def from_config(cfg):
 def from_manifest(described: dict, where) -> object:
     """The codec a manifest names; one sentence where this tool does not know it."""
     name, version = described.get("name"), described.get("version", 1)
-    known = {FEEDBACK: FeedbackCodec.version}.get(name, ReferenceCodec.version)
+    known = {FEEDBACK: FeedbackCodec.VERSION}.get(name, ReferenceCodec.version)
     if not isinstance(version, int) or version > known or not isinstance(name, str) or not (
             name == FEEDBACK or (name.startswith(REFERENCE_PREFIX) and name.endswith("+zstd"))):
         raise UserError(f"{where} names codec {name!r} version {version}, which this tool does not read; update the "
@@ -201,7 +240,7 @@ def from_manifest(described: dict, where) -> object:
     if not (isinstance(step, (int, float)) and step > 0 and x_T in X_T_MODES and isinstance(percentile, (int, float))):
         raise UserError(f"{where} describes codec {FEEDBACK} without a positive step, an x_T mode "
                         f"({' or '.join(X_T_MODES)}) and a percentile; restore the manifest or regenerate the data")
-    return FeedbackCodec(step, x_T, percentile, level)
+    return FeedbackCodec(step, x_T, percentile, level, version)
 
 
 class ErrorTally:

@@ -61,7 +61,7 @@ def open_manifest(folder, cfg, codec, generator, spec):
                             f"{json.dumps(generator[key])}; use another data_dir or the original config")
     old_codec = manifest.data["codec"]
     for key in codecs.IDENTITY_KEYS:
-        if old_codec.get(key) != codec.get(key):
+        if key != "version" and old_codec.get(key) != codec.get(key):  # an older version goes on as it was
             raise UserError(f"{folder} holds data written with codec {key}={json.dumps(old_codec.get(key))}, not "
                             f"{json.dumps(codec.get(key))}; use another data_dir or the original config")
     problem = store.layout_problem(manifest)
@@ -96,6 +96,11 @@ class Generator:
         self.spec = store.record_spec(c, size, self.generator["latent_channels"], cfg["chunks"])
         self.codec = codecs.from_config(cfg)
         self.seconds = {"teacher": 0.0, "encode": 0.0, "compress": 0.0, "write": 0.0}
+
+    def use_folder_codec(self, described: dict, folder) -> None:
+        """Write with the codec the folder names (every rank): a folder started by an older version of the
+        codec is extended or repaired with that version, so its shards stay alike."""
+        self.codec = codecs.from_manifest(described, folder / store.MANIFEST)
 
     def trajectories(self, indices) -> codecs.Trajectories:
         """The float trajectories of the given sample indices (the teacher's time is counted)."""
@@ -187,7 +192,8 @@ def generate(cfg):
             if distributed.is_main():
                 held.enter_context(atomic.folder_lock(folder, "run"))
                 manifest, todo, done = prepare(cfg, folder, gen)
-        todo = distributed.broadcast(todo)
+        todo, described = distributed.broadcast((todo, manifest.data["codec"] if manifest else None))
+        gen.use_folder_codec(described, folder)
         # as a context the bar is closed before an error is printed, which then stays on its own line
         with tqdm(total=cfg["samples_total"], initial=min(done, cfg["samples_total"]), desc="generate",
                   unit="sample", dynamic_ncols=True, disable=manifest is None) as bar:

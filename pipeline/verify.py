@@ -69,9 +69,10 @@ def repair(cfg):
             manifest, damaged = None, None
             if distributed.is_main():
                 manifest, damaged = damaged_shards(cfg, gen, held)
-        damaged = distributed.broadcast(damaged)
+        damaged, described = distributed.broadcast((damaged, manifest.data["codec"] if manifest else None))
         if not damaged:
             return
+        gen.use_folder_codec(described, output_dir(cfg, "data_dir"))
         todo = [(int(store.SHARD_NAME.fullmatch(s["file"]).group(1)), s["first_index"], s["count"]) for s in damaged]
 
         def say(folder, entry, seconds):

@@ -26,8 +26,8 @@ def trajectories(n=6, chunks=5, latent=False, seed=0, channels=1) -> codecs.Traj
     return codecs.Trajectories(x_T, start, residuals, z_final, x0, T=1000, chunk_size=1000 // chunks, latent=latent)
 
 
-def feedback(step=0.05, x_T="regenerate"):
-    return codecs.FeedbackCodec(step, x_T, 99.5, 10)
+def feedback(step=0.05, x_T="regenerate", version=None):
+    return codecs.FeedbackCodec(step, x_T, 99.5, 10, version)
 
 
 def entry_for(extra):
@@ -35,10 +35,10 @@ def entry_for(extra):
 
 
 @pytest.mark.parametrize("latent", [False, True])
-@pytest.mark.parametrize("x_T", ["regenerate", "store"])
-def test_feedback_records_survive_pack_and_unpack_bit_exactly(latent, x_T):
+@pytest.mark.parametrize("x_T,version", [("regenerate", 2), ("store", 2), ("regenerate", 1)])
+def test_feedback_records_survive_pack_and_unpack_bit_exactly(latent, x_T, version):
     traj = trajectories(latent=latent)
-    codec = feedback(x_T=x_T)
+    codec = feedback(x_T=x_T, version=version)
     records = dict(codec.encode(traj), index=np.arange(len(traj.x_T)))
     stored, extra = codec.pack(records, latent)
     assert "x_T_f16" not in stored if x_T == "regenerate" else "x_T_f16" in stored
@@ -49,6 +49,21 @@ def test_feedback_records_survive_pack_and_unpack_bit_exactly(latent, x_T):
     for key in records:
         np.testing.assert_array_equal(back[key], records[key], err_msg=key)
         assert back[key].dtype == records[key].dtype
+
+
+def test_version_2_keeps_the_image_grey_levels_that_version_1_loses():
+    traj = trajectories(n=16)
+    traj.x0 = traj.z_final = np.clip(traj.z_final, -1.2, 1.2) / 1.2  # an image, flat where it saturates
+    truth = codecs.image_levels(np.clip(traj.x0, -1, 1).astype(np.float16))
+    levels = {}
+    for version in (1, 2):
+        codec = feedback(step=0.2, version=version)
+        records = dict(codec.encode(traj), index=np.arange(len(traj.x_T)))
+        stored, extra = codec.pack(records, latent=False)
+        back = codec.unpack(stored, {"seed": 0, "image_shape": list(SHAPE), "space": "pixel"}, entry_for(extra))
+        levels[version] = codecs.image_levels(back["x0_teacher_f16"])
+    np.testing.assert_array_equal(levels[2], truth)
+    assert np.mean(levels[1] != truth) > 0.5  # a step of 0.2 RMS is several grey levels
 
 
 def test_reference_codec_stores_its_records_as_they_are():
@@ -123,7 +138,7 @@ def test_generate_records_the_codec_error_and_regenerates_x_T(ef_data):
     for entry in manifest["shards"]:
         assert len(entry["x_T_sha256"]) == 64 and entry["codec_error"]["samples"] == entry["count"]
         assert 0 < entry["codec_error"]["z_final_rmse"] < 0.05 * 0.3
-    assert "x_T_f16" not in read_folder(folder)  # x_T is not stored ...
+    assert "x_T_f16" not in read_folder(folder) and codecs.IMAGE_CORRECTION in read_folder(folder)  # x_T is not stored ...
     records = read_records(folder)
     np.testing.assert_array_equal(records["x_T_f16"], draw_x_T(cfg["seed"], range(12), [1, 32, 32]).numpy().astype(np.float16))
     result = run_cli("Main_Distill.py", "--mode", "verify", "--config", "tiny", f"data_dir={folder}")
@@ -201,6 +216,18 @@ def test_extending_with_another_step_or_codec_is_refused(ef_data, tmp_path):
         generate.generate(dict(cfg, data_dir=str(folder), codec_step=0.1, samples_total=13))
     with pytest.raises(UserError, match='codec name="ef-int8\\+zstd", not "int8-p99.5\\+zstd"'):
         generate.generate(dict(cfg, data_dir=str(folder), codec="int8+zstd", samples_total=13))
+
+
+def test_a_folder_of_version_1_is_extended_with_version_1(ef_data, tmp_path, monkeypatch):
+    cfg = dict(ef_data[0], data_dir=str(tmp_path / "v1"), samples_total=7)
+    monkeypatch.setattr(codecs.FeedbackCodec, "VERSION", 1)
+    generate.generate(cfg)
+    monkeypatch.setattr(codecs.FeedbackCodec, "VERSION", 2)
+    generate.generate(dict(cfg, samples_total=12))
+    manifest = store.Manifest.load(tmp_path / "v1")
+    assert manifest.data["codec"]["version"] == 1 and manifest.next_index() == 12
+    assert codecs.IMAGE_CORRECTION not in read_folder(tmp_path / "v1")
+    np.testing.assert_array_equal(read_records(tmp_path / "v1")["r_chunks_q"], read_records(ef_data[1])["r_chunks_q"])
 
 
 def test_a_manifest_whose_record_lacks_the_chunks_is_refused(ef_data, tmp_path):

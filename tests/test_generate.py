@@ -147,5 +147,7 @@ def test_channels_last_teacher_gives_the_same_records(tiny_cfg):
         records[layout] = gen.records(np.arange(4), codecs.ErrorTally())
     for key, value in records[True].items():
         if value.dtype.kind == "f":
+            # the image is kept in grey levels: a rounding difference at a level's edge moves it one level
+            atol = 1 / 127.5 + 1e-3 if key == "x0_teacher_f16" else 2e-3
             np.testing.assert_allclose(value.astype(np.float32), records[False][key].astype(np.float32),
-                                       atol=2e-3, rtol=0)
+                                       atol=atol, rtol=0)
