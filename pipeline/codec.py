@@ -251,13 +251,15 @@ class ErrorTally:
         self.samples, self.sums, self.max_abs = 0, {}, {}
 
     def add(self, traj: Trajectories, records: dict) -> None:
-        chunks = quant.dequantize(records["r_chunks_q"], records["r_chunks_scale_f16"])
-        final = decoded_start(records, traj.latent) + chunks.sum(axis=1)
+        # chunk by chunk: a latent batch's dequantised chunks at once would be a fresh 84 MB array per batch,
+        # whose page faults cost more than the arithmetic (docs/design.md §15)
+        final = decoded_start(records, traj.latent).copy()
+        for k in range(records["r_chunks_q"].shape[1]):
+            chunk = quant.dequantize(records["r_chunks_q"][:, k], records["r_chunks_scale_f16"][:, k])
+            final += chunk
+            self._add(f"chunk_{k}", np.subtract(chunk, traj.chunks[:, k], out=chunk))
         self._add("z_final", final - traj.z_final)
         self._add("x0", records["x0_teacher_f16"].astype(np.float32) - np.clip(traj.x0, -1, 1))
-        chunk_errors = np.subtract(chunks, traj.chunks, out=chunks)  # in place: the largest array of the batch
-        for k in range(chunk_errors.shape[1]):
-            self._add(f"chunk_{k}", chunk_errors[:, k])
         self.samples += len(traj.x_T)
 
     def _add(self, key: str, error: np.ndarray) -> None:
