@@ -46,7 +46,8 @@ class Trajectories:
 
 
 def decoded_start(records: dict, latent: bool) -> np.ndarray:
-    """The chain's start as the students read it: x_T itself in pixel space, the dequantised codes in latent."""
+    """The chain's start as the students read it (a new float32 array): x_T itself in pixel space, the dequantised
+    codes in latent."""
     if latent:
         return quant.dequantize(records["rin0_q"], records["rin0_scale_f16"])
     return records["x_T_f16"].astype(np.float32)
@@ -137,10 +138,9 @@ class FeedbackCodec:
             start_error = traj.start - records["x_T_f16"].astype(np.float32)
         codes, scales, _ = quant.feedback_quantize(start_error, traj.chunks, step)
         records.update(rin0_q=rin0_q, rin0_scale_f16=rin0_scale, r_chunks_q=codes, r_chunks_scale_f16=scales)
-        if not traj.latent and not self.stores_image_levels:
-            records["x0_teacher_f16"] = self.pixel_image(records)
-        elif not traj.latent:  # the image the evaluation sees, exact; pack stores what the chunks miss of it
-            records["x0_teacher_f16"] = levels_image(image_levels(records["x0_teacher_f16"]))
+        if not traj.latent:  # version 2 keeps the image the evaluation sees (pack stores what the chunks miss of it)
+            records["x0_teacher_f16"] = (levels_image(image_levels(records["x0_teacher_f16"]))
+                                         if self.stores_image_levels else self.pixel_image(records))
         return records
 
     def pixel_start_codes(self, x_T_f16):
@@ -253,7 +253,7 @@ class ErrorTally:
     def add(self, traj: Trajectories, records: dict) -> None:
         # chunk by chunk: a latent batch's dequantised chunks at once would be a fresh 84 MB array per batch,
         # whose page faults cost more than the arithmetic (docs/design.md §15)
-        final = decoded_start(records, traj.latent).copy()
+        final = decoded_start(records, traj.latent)
         for k in range(records["r_chunks_q"].shape[1]):
             chunk = quant.dequantize(records["r_chunks_q"][:, k], records["r_chunks_scale_f16"][:, k])
             final += chunk
