@@ -5,9 +5,11 @@ trajectories once (cached under ``--out``); every codec variant then encodes the
 ``shard_size`` and is measured: bytes per sample of the compressed shards, z_final RMSE and max abs error
 of the decoded records (start + every chunk, as the students read them), per-chunk RMSE, image RMSE,
 encode and read time per sample. Variants: the reference codec (int8-p99.5), the same quantizer with
-absmax scales, and ef-int8 at every ``--steps`` value (x_T regenerated), plus ef-int8 at the default step
-with x_T stored and with the chunk codes sample-major (the layout ablation). Writes ``rows.jsonl``, a
-markdown table and ``rate_distortion-<space>.png`` (needs matplotlib: ``pip install matplotlib``).
+absmax scales, and ef-int8 at every ``--steps`` value (x_T regenerated) in this tool's version and in
+version 2 (position-major codes at zstd level 10), plus ef-int8 at the default step with x_T stored and at
+zstd level 10 (and, in pixel space, version 1). Every codec compresses at its own level (``zstd_level``
+0) unless one is set. Writes ``rows.jsonl``, a markdown table and ``rate_distortion-<space>.png`` (needs
+matplotlib: ``pip install matplotlib``).
 
 Usage: .venv/bin/python benchmarks/codec_benchmark.py [--config fashion_mnist] [--samples 512]
            [--rnet FOLDER] [--steps 0.01,0.02,...] [--out SampledImgs/codec_benchmark] [key=value ...]
@@ -57,31 +59,22 @@ def rows_of(traj: codecs.Trajectories, lo: int, hi: int) -> codecs.Trajectories:
                                T=traj.T, chunk_size=traj.chunk_size, latent=traj.latent)
 
 
-class SampleMajor(codecs.FeedbackCodec):
-    """The layout ablation: ef-int8's codes with the chunk codes left in the records' sample-major order."""
-
-    def pack(self, records, latent):
-        stored, extra = super().pack(records, latent)
-        del stored["r_chunks_q_by_position"]
-        return dict(stored, r_chunks_q=records["r_chunks_q"]), extra
-
-    def unpack(self, stored, generator, entry):
-        codes = stored.pop("r_chunks_q")
-        return super().unpack(dict(stored, r_chunks_q_by_position=codes.transpose(0, 2, 3, 4, 1)), generator, entry)
-
-
 def variants(cfg, steps):
-    p, level = cfg["percentile"], cfg["zstd_level"]
-    found = [("int8-p99.5 (reference)", None, codecs.ReferenceCodec(p, level)),
-             ("int8 absmax, no feedback", None, codecs.ReferenceCodec(100, level))]
+    """(row name, step, codec): zstd_level=0 (the default) gives each codec its own level."""
+    p, default = cfg["percentile"], cfg["codec_step"]
+    reference_level = cfg["zstd_level"] or codecs.ReferenceCodec.DEFAULT_LEVEL
+    level = cfg["zstd_level"] or codecs.FeedbackCodec.DEFAULT_LEVEL
+    found = [("int8-p99.5 (reference)", None, codecs.ReferenceCodec(p, reference_level)),
+             ("int8 absmax, no feedback", None, codecs.ReferenceCodec(100, reference_level))]
     found += [(f"ef-int8 step {s:g}", s, codecs.FeedbackCodec(s, "regenerate", p, level)) for s in steps]
-    found += [(f"ef-int8 step {cfg['codec_step']:g}, x_T stored", cfg["codec_step"],
-               codecs.FeedbackCodec(cfg["codec_step"], "store", p, level)),
-              (f"ef-int8 step {cfg['codec_step']:g}, sample-major codes", cfg["codec_step"],
-               SampleMajor(cfg["codec_step"], "regenerate", p, level))]
+    # version 2 as it was written: chunk codes position-major, zstd level 10
+    found += [(f"ef-int8 version 2 step {s:g}", s, codecs.FeedbackCodec(s, "regenerate", p, 10, version=2))
+              for s in steps]
+    found += [(f"ef-int8 step {default:g}, x_T stored", default, codecs.FeedbackCodec(default, "store", p, level)),
+              (f"ef-int8 step {default:g}, zstd level 10", default, codecs.FeedbackCodec(default, "regenerate", p, 10))]
     if cfg["space"] == "pixel":  # version 1 derived the image from the decoded final state
-        found.append((f"ef-int8 step {cfg['codec_step']:g}, image derived (version 1)", cfg["codec_step"],
-                      codecs.FeedbackCodec(cfg["codec_step"], "regenerate", p, level, version=1)))
+        found.append((f"ef-int8 step {default:g}, image derived (version 1)", default,
+                      codecs.FeedbackCodec(default, "regenerate", p, 10, version=1)))
     return found
 
 
@@ -94,7 +87,7 @@ def measure(name, step, codec, traj, cfg, generator):
         start = time.perf_counter()
         records = dict(codec.encode(part), index=np.arange(lo, lo + len(part.x_T)))
         stored, extra = codec.pack(records, traj.latent)
-        payload = store.encode_npz(stored, cfg["zstd_level"])
+        payload = store.encode_npz(stored, codec.zstd_level)
         encode_s += time.perf_counter() - start
         tally.add(part, records)
         start = time.perf_counter()
@@ -128,10 +121,15 @@ def plot(rows, path: Path, title: str) -> None:
         print("[codec] matplotlib is not installed, so no plot was drawn: .venv/bin/python -m pip install matplotlib")
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    curve = [r for r in rows if r["codec"].startswith("ef-int8 step") and "," not in r["codec"]]
-    ax.plot([r["bytes_per_sample"] for r in curve], [r["z_final_rmse"] for r in curve], "o-", label="ef-int8 (steps)")
+    curves = {f"ef-int8 version {codecs.FeedbackCodec.VERSION} (steps)": "ef-int8 step ",
+              "ef-int8 version 2 (steps)": "ef-int8 version 2 step "}
+    on_curves = []
+    for label, prefix in curves.items():
+        curve = [r for r in rows if r["codec"].startswith(prefix) and "," not in r["codec"]]
+        ax.plot([r["bytes_per_sample"] for r in curve], [r["z_final_rmse"] for r in curve], "o-", label=label)
+        on_curves += curve
     for r in rows:
-        if r not in curve:
+        if r not in on_curves:
             ax.plot(r["bytes_per_sample"], r["z_final_rmse"], "s", label=r["codec"])
     ax.set(xscale="log", yscale="log", xlabel="bytes per sample (zstd shards)", ylabel="z_final RMSE", title=title)
     ax.grid(True, which="both", alpha=0.3)
@@ -163,7 +161,7 @@ def main():
             f.write(json.dumps(dict(r, machine=machine, date=time.strftime("%Y-%m-%d"),
                                     command="benchmarks/codec_benchmark.py " + " ".join(sys.argv[1:]))) + "\n")
     print(f"{machine}, {time.strftime('%Y-%m-%d')}, {args.samples} trajectories of {cfg['name']} ({cfg['space']} "
-          f"space, {cfg['steps']} steps, {cfg['chunks']} chunks, shards of {cfg['shard_size']}, zstd {cfg['zstd_level']})")
+          f"space, {cfg['steps']} steps, {cfg['chunks']} chunks, shards of {cfg['shard_size']})")
     print(table(rows, rows[0]["bytes_per_sample"]))
     plot(rows, out / f"rate_distortion-{cfg['space']}.png", f"{cfg['name']}, {cfg['space']} space, N = {args.samples}")
 

@@ -7,10 +7,12 @@ records; the encoder also measures how far the decoded records are from the floa
     int8-p99.5+zstd  the reference codec: each chunk on its own, scale = the 99.5th percentile of |x| / 127;
                      the npz stores the records as they are.
     ef-int8+zstd     error feedback along the chain with a step relative to the final state's RMS; the npz
-                     stores the chunk codes position-major and neither x_T (regenerated from (seed, index))
-                     nor, in pixel space, the start codes (they follow from x_T); the image is stored as its
-                     8-bit grey levels' difference from the decoded final state's (version 2; version 1
-                     derived the image from the final state alone, off by the codec's error).
+                     stores each chunk's codes, or their difference from the previous chunk's where that
+                     takes fewer bits (version 3, code_layout; versions 1-2: the codes position-major), in
+                     latent space the start codes as differences between rows, and neither x_T (regenerated from (seed, index)) nor, in pixel space, the
+                     start codes (they follow from x_T); the image is stored as its 8-bit grey levels'
+                     difference from the decoded final state's (version 2 on; version 1 derived the image
+                     from the final state alone, off by the codec's error).
 
 Every codec's records dequantize the same way, so the students, ``export`` and the reference's own
 reader take them unchanged.
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from . import quant
+from . import code_layout, quant
 from .errors import UserError
 
 REFERENCE_PREFIX = "int8-p"
@@ -70,6 +72,7 @@ class ReferenceCodec:
     """The reference's codec, bit-compatible with its writer: every value is quantized on its own."""
 
     version = 1
+    DEFAULT_LEVEL = 10  # the reference writer's
 
     def __init__(self, percentile: float, zstd_level: int):
         self.percentile, self.zstd_level = percentile, zstd_level
@@ -102,7 +105,8 @@ class FeedbackCodec:
     """Error feedback along the chain (quant.feedback_quantize) at a step of ``step`` times the RMS of each
     channel of the sample's final state, so the final state is off by half a step at most."""
 
-    VERSION = 2  # the version this tool writes; a folder is extended with the version it was started with
+    VERSION = 3  # the version this tool writes; a folder is extended with the version it was started with
+    DEFAULT_LEVEL = 1  # version 3's differences compress as well at level 1 as at 10, 6x faster (docs/design.md §15)
     name = FEEDBACK
 
     def __init__(self, step: float, x_T: str, percentile: float, zstd_level: int, version: int = None):
@@ -113,12 +117,20 @@ class FeedbackCodec:
     def stores_image_levels(self) -> bool:
         return self.version >= 2
 
+    @property
+    def stores_code_steps(self) -> bool:
+        return self.version >= 3
+
+
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "step": self.step, "x_T": self.x_T,
                 "quantizer": "per-channel symmetric int8 with error feedback along the chunks; step = `step` x the RMS "
                              "of the channel's final state, widened where the codes would leave +-127; float16 scales",
-                "layout": "chunk codes position-major [C, H, W, chunks]; pixel space: rin0 codes (the reference "
-                          "quantizer at `percentile`) are derived, the image is "
+                "layout": ("one array per chunk, r_chunks_q_<k> [C, H, W]: its codes or, where r_chunks_q_differenced "
+                           "[chunks] says 1, their int8 difference modulo 256 from the previous chunk's; latent space: "
+                           "rin0 codes as int8 differences from the row above, modulo 256"
+                           if self.stores_code_steps else "chunk codes position-major [C, H, W, chunks]")
+                          + "; pixel space: rin0 codes (the reference quantizer at `percentile`) are derived, the image is "
                           + ("its 8-bit levels round((x + 1) * 127.5) stored as int8 differences from the clamped "
                              "decoded final state's" if self.stores_image_levels else
                              "the clamped decoded final state"),
@@ -163,7 +175,13 @@ class FeedbackCodec:
     def stored_spec(self, spec: dict, latent: bool) -> dict:
         chunk_dtype, (k, c, h, w) = spec["r_chunks_q"]
         kept = ("r_chunks_scale_f16", "T", "chunk_size") + self.kept_keys(latent)
-        stored = {"r_chunks_q_by_position": (chunk_dtype, [c, h, w, k]), **{key: spec[key] for key in kept}}
+        stored = {key: spec[key] for key in kept}
+        if self.stores_code_steps:
+            stored.update(code_layout.chunk_spec(chunk_dtype, k, [c, h, w]))
+            if latent:
+                stored[code_layout.RIN0_ROW_STEPS] = stored.pop("rin0_q")
+        else:
+            stored[CHUNKS_BY_POSITION] = (chunk_dtype, [c, h, w, k])
         if not latent and self.stores_image_levels:
             stored[IMAGE_CORRECTION] = ("int8", spec["x0_teacher_f16"][1])
         return stored
@@ -171,7 +189,12 @@ class FeedbackCodec:
     def pack(self, records: dict, latent: bool):
         kept = ("r_chunks_scale_f16", "T", "chunk_size", "index") + self.kept_keys(latent)
         stored = {key: records[key] for key in kept if key in records}
-        stored["r_chunks_q_by_position"] = np.ascontiguousarray(records["r_chunks_q"].transpose(0, 2, 3, 4, 1))
+        if self.stores_code_steps:  # neighbours' differences often take fewer bits (docs/design.md §15)
+            stored.update(code_layout.pack_chunks(records["r_chunks_q"]))
+            if latent:
+                stored[code_layout.RIN0_ROW_STEPS] = code_layout.wrapped_steps(stored.pop("rin0_q"), axis=2)
+        else:
+            stored[CHUNKS_BY_POSITION] = np.ascontiguousarray(records["r_chunks_q"].transpose(0, 2, 3, 4, 1))
         extra = {}
         if self.x_T == "regenerate":
             extra["x_T_sha256"] = hashlib.sha256(records["x_T_f16"].tobytes()).hexdigest()
@@ -182,8 +205,15 @@ class FeedbackCodec:
     def unpack(self, stored: dict, generator: dict, entry: dict) -> dict:
         """Records of a shard's stored arrays; ValueError (completing "<shard> ...") where x_T does not regenerate."""
         latent = generator.get("space") == "latent"
-        records = {key: value for key, value in stored.items() if key not in ("r_chunks_q_by_position", IMAGE_CORRECTION)}
-        records["r_chunks_q"] = np.ascontiguousarray(stored["r_chunks_q_by_position"].transpose(0, 4, 1, 2, 3))
+        layout_keys = (CHUNKS_BY_POSITION, code_layout.DIFFERENCED, code_layout.RIN0_ROW_STEPS, IMAGE_CORRECTION)
+        records = {key: value for key, value in stored.items()
+                   if key not in layout_keys and not code_layout.is_chunk_key(key)}
+        if self.stores_code_steps:
+            records["r_chunks_q"] = code_layout.unpack_chunks(stored)
+            if latent:
+                records["rin0_q"] = code_layout.wrapped_sum(stored[code_layout.RIN0_ROW_STEPS], axis=2)
+        else:
+            records["r_chunks_q"] = np.ascontiguousarray(stored[CHUNKS_BY_POSITION].transpose(0, 4, 1, 2, 3))
         if self.x_T == "regenerate":
             records["x_T_f16"] = regenerated_x_T(stored["index"], generator, entry)
         if not latent:
@@ -196,6 +226,7 @@ class FeedbackCodec:
 
 
 IMAGE_CORRECTION = "x0_level_correction"
+CHUNKS_BY_POSITION = "r_chunks_q_by_position"  # versions 1-2
 
 
 def image_levels(image: np.ndarray) -> np.ndarray:
@@ -219,10 +250,11 @@ def regenerated_x_T(index, generator: dict, entry: dict) -> np.ndarray:
 
 
 def from_config(cfg):
-    """The codec that ``generate`` writes with."""
+    """The codec that ``generate`` writes with; ``zstd_level`` 0 is the codec's own level."""
     if cfg["codec"] == "ef-int8":
-        return FeedbackCodec(cfg["codec_step"], cfg["codec_x_T"], cfg["percentile"], cfg["zstd_level"])
-    return ReferenceCodec(cfg["percentile"], cfg["zstd_level"])
+        return FeedbackCodec(cfg["codec_step"], cfg["codec_x_T"], cfg["percentile"],
+                             cfg["zstd_level"] or FeedbackCodec.DEFAULT_LEVEL)
+    return ReferenceCodec(cfg["percentile"], cfg["zstd_level"] or ReferenceCodec.DEFAULT_LEVEL)
 
 
 def from_manifest(described: dict, where) -> object:

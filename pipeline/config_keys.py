@@ -191,7 +191,8 @@ def _generate(table):
               "by sha256) | stored", choices=("regenerate", "store"))
     table.add("percentile", 99.5, gen + ("import",), "clip of the per-channel INT8 scales (int8-p99.5; ef-int8 "
               "uses it for the pixel-space rin0 copy only)", range=Range(50, 100))
-    table.add("zstd_level", 10, gen + ("import",), "zstd compression level", range=Range(1, 22))
+    table.add("zstd_level", 0, gen + ("import",), "zstd compression level (0 = the codec's own: 1 for ef-int8, "
+              "10 for int8-p99.5 as the reference writes; extending a folder keeps its level)", range=Range(0, 22))
     table.add("data_dir", "", DATA_READERS + ("generate", "import"), "teacher-data folder (\"\" = data/<name>)",
               folder="data")
 

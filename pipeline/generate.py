@@ -61,7 +61,8 @@ def open_manifest(folder, cfg, codec, generator, spec):
                             f"{json.dumps(generator[key])}; use another data_dir or the original config")
     old_codec = manifest.data["codec"]
     for key in codecs.IDENTITY_KEYS:
-        if key != "version" and old_codec.get(key) != codec.get(key):  # an older version goes on as it was
+        inherited = key == "version" or (key == "zstd_level" and not cfg["zstd_level"])  # the folder's goes on
+        if not inherited and old_codec.get(key) != codec.get(key):
             raise UserError(f"{folder} holds data written with codec {key}={json.dumps(old_codec.get(key))}, not "
                             f"{json.dumps(codec.get(key))}; use another data_dir or the original config")
     problem = store.layout_problem(manifest)
@@ -99,7 +100,8 @@ class Generator:
 
     def use_folder_codec(self, described: dict, folder) -> None:
         """Write with the codec the folder names (every rank): a folder started by an older version of the
-        codec is extended or repaired with that version, so its shards stay alike."""
+        codec (or, with zstd_level=0, at another level) is extended or repaired with that one, so its shards
+        stay alike."""
         self.codec = codecs.from_manifest(described, folder / store.MANIFEST)
 
     def trajectories(self, indices) -> codecs.Trajectories:
@@ -143,7 +145,7 @@ class Generator:
         start = time.perf_counter()
         stored, extra = self.codec.pack(arrays, latent=self.rnet is not None)
         # the teacher waits meanwhile, so zstd may use every thread this process has (docs/design.md §15)
-        payload = store.encode_npz(stored, self.cfg["zstd_level"], workers=torch.get_num_threads())
+        payload = store.encode_npz(stored, self.codec.zstd_level, workers=torch.get_num_threads())
         self.seconds["compress"] += time.perf_counter() - start
         return payload, dict(extra, codec_error=tally.summary())
 

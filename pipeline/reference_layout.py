@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from . import atomic, config, store
+from . import atomic, codec as codecs, config, store
 from .config import output_dir, project_path
 from .errors import UserError
 
@@ -224,7 +224,7 @@ def _import_into(cfg, source, files, staging, teacher) -> store.Manifest:
             samples = [first if path == files[0] else _read_like(path, layout, files[0]) for path in batch]
             arrays = {key: np.stack([s[key] for s in samples]) for key in layout.spec()}
             arrays["index"] = np.arange(lo, lo + len(batch), dtype=np.int64)
-            manifest.add_shard(number, lo, len(batch), store.encode_npz(arrays, cfg["zstd_level"]), save=False)
+            manifest.add_shard(number, lo, len(batch), store.encode_npz(arrays, import_level(cfg)), save=False)
             bar.update(len(batch))
     manifest.save()
     atomic.write_json(staging / "config.json", cfg)
@@ -239,11 +239,15 @@ def _read_like(path: Path, layout: Layout, first: Path) -> dict:
     return sample
 
 
+def import_level(cfg) -> int:
+    return cfg["zstd_level"] or codecs.ReferenceCodec.DEFAULT_LEVEL
+
+
 def _codec(cfg) -> dict:
     return {"name": f"int8-p{cfg['percentile']:g}+zstd", "percentile": cfg["percentile"],
             "quantizer": "per-channel symmetric int8 (imported: the percentile is the configured one, the "
                          "reference does not record it)",
-            "container": "uncompressed npz in one zstd frame", "zstd_level": cfg["zstd_level"]}
+            "container": "uncompressed npz in one zstd frame", "zstd_level": import_level(cfg)}
 
 
 def imported_generator(source, layout: Layout, teacher) -> dict:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import codec as codecs, generate, quant, store
+from pipeline import code_layout, codec as codecs, generate, quant, store
 from pipeline.errors import UserError
 from pipeline.trajectory import draw_x_T
 
@@ -35,20 +35,55 @@ def entry_for(extra):
 
 
 @pytest.mark.parametrize("latent", [False, True])
-@pytest.mark.parametrize("x_T,version", [("regenerate", 2), ("store", 2), ("regenerate", 1)])
+@pytest.mark.parametrize("x_T,version", [("regenerate", 3), ("store", 3), ("regenerate", 2), ("regenerate", 1)])
 def test_feedback_records_survive_pack_and_unpack_bit_exactly(latent, x_T, version):
     traj = trajectories(latent=latent)
     codec = feedback(x_T=x_T, version=version)
     records = dict(codec.encode(traj), index=np.arange(len(traj.x_T)))
     stored, extra = codec.pack(records, latent)
     assert "x_T_f16" not in stored if x_T == "regenerate" else "x_T_f16" in stored
-    assert ("rin0_q" in stored) == latent and ("x0_teacher_f16" in stored) == latent
+    assert ({"rin0_q", code_layout.RIN0_ROW_STEPS} & set(stored) != set()) == latent
+    assert ("x0_teacher_f16" in stored) == latent
+    spec = store.record_spec(1, 8, 3 if latent else 1, 5)
+    assert sorted(stored) == sorted([*codec.stored_spec(spec, latent), "index"])
     back = codec.unpack({k: v.copy() for k, v in stored.items()}, {"seed": 0, "image_shape": list(traj.x_T.shape[1:]),
                         "space": "latent" if latent else "pixel"}, entry_for(extra))
     assert sorted(back) == sorted(records)
     for key in records:
         np.testing.assert_array_equal(back[key], records[key], err_msg=key)
         assert back[key].dtype == records[key].dtype
+
+
+def test_wrapped_steps_undo_exactly_where_neighbours_differ_by_more_than_int8_holds():
+    codes = np.array([[[127, -127, 127, 0, -127, -127, 5]]], np.int8).repeat(2, axis=1)
+    for axis in (1, 2):
+        steps = code_layout.wrapped_steps(codes, axis)
+        assert steps.dtype == np.int8 and steps.shape == codes.shape
+        np.testing.assert_array_equal(code_layout.wrapped_sum(steps, axis), codes)
+    np.testing.assert_array_equal(code_layout.wrapped_steps(codes, 2)[0, 0], [127, 2, -2, -127, -127, 0, -124])
+
+
+def test_a_chunk_is_stored_as_a_difference_only_where_that_takes_fewer_bits():
+    rng = np.random.default_rng(0)
+    drift = rng.integers(-40, 40, size=(8, 1, 2, 6, 6))
+    alike = np.clip(drift + rng.integers(-1, 2, size=(8, 3, 2, 6, 6)), -127, 127)  # chunks 0-2: one pattern
+    unlike = rng.integers(-3, 4, size=(8, 2, 2, 6, 6))  # chunks 3-4: small and unrelated to what came before
+    codes = np.concatenate([alike, unlike], axis=1).astype(np.int8)
+    codes[0, 1, 0, 0, 0], codes[0, 0, 0, 0, 0] = 127, -127  # a difference that wraps
+    stored = code_layout.pack_chunks(codes)
+    np.testing.assert_array_equal(stored[code_layout.DIFFERENCED], np.tile([0, 1, 1, 0, 0], (8, 1)))
+    np.testing.assert_array_equal(stored["r_chunks_q_2"], np.subtract(codes[:, 2], codes[:, 1]))
+    np.testing.assert_array_equal(stored["r_chunks_q_3"], codes[:, 3])
+    np.testing.assert_array_equal(code_layout.unpack_chunks(stored), codes)
+    stored[code_layout.DIFFERENCED][5:] = 0  # per sample: rows 5.. now read chunk 2 as codes
+    np.testing.assert_array_equal(code_layout.unpack_chunks(stored)[5:, 2], stored["r_chunks_q_2"][5:])
+
+
+def test_each_codec_has_its_own_zstd_level_unless_one_is_set():
+    cfg = {"codec_step": 0.05, "codec_x_T": "regenerate", "percentile": 99.5, "zstd_level": 0}
+    assert codecs.from_config(dict(cfg, codec="ef-int8")).zstd_level == 1
+    assert codecs.from_config(dict(cfg, codec="int8-p99.5")).zstd_level == 10
+    assert codecs.from_config(dict(cfg, codec="ef-int8", zstd_level=7)).zstd_level == 7
 
 
 def test_version_2_keeps_the_image_grey_levels_that_version_1_loses():
@@ -176,11 +211,12 @@ def test_packed_codes_of_the_wrong_shape_name_the_shard(ef_data, tmp_path):
     folder = _copy(ef_data[1], tmp_path)
     stored = {k: v for k, v in read_folder(folder).items()}
     rows = {k: v[5:10] for k, v in stored.items()}
-    rows["r_chunks_q_by_position"] = rows["r_chunks_q_by_position"][..., :-1]
+    rows["r_chunks_q_2"] = rows["r_chunks_q_2"][:, :, :-1]
     payload = store.encode_npz(rows, 3)
     (folder / "shard-00001.npz.zst").write_bytes(payload)
     _rewrite_manifest(folder, lambda m: m["shards"][1].update(bytes=len(payload), sha256=store.sha256(payload)))
-    with pytest.raises(UserError, match=r"shard-00001.npz.zst r_chunks_q_by_position is int8\[5, 1, 32, 32, 4\]"):
+    with pytest.raises(UserError, match=r"shard-00001.npz.zst r_chunks_q_2 is int8\[5, 1, 31, 32\], "
+                                        r"expected int8\[5, 1, 32, 32\]"):
         store.Manifest.load(folder).read_shard(store.Manifest.load(folder).shards[1])
 
 
@@ -207,6 +243,9 @@ def test_an_unknown_codec_is_refused_with_one_sentence(ef_data, tmp_path):
     _rewrite_manifest(folder, lambda m: m["codec"].update(name="magic-2bit", version=3))
     result = run_cli("Main_Distill.py", "--mode", "verify", "--config", "tiny", f"data_dir={folder}")
     assert_one_sentence_error(result, "codec 'magic-2bit' version 3, which this tool does not read")
+    _rewrite_manifest(folder, lambda m: m["codec"].update(name=codecs.FEEDBACK, version=codecs.FeedbackCodec.VERSION + 1))
+    result = run_cli("Main_Distill.py", "--mode", "verify", "--config", "tiny", f"data_dir={folder}")
+    assert_one_sentence_error(result, f"codec 'ef-int8+zstd' version {codecs.FeedbackCodec.VERSION + 1}, which")
 
 
 def test_extending_with_another_step_or_codec_is_refused(ef_data, tmp_path):
@@ -216,18 +255,25 @@ def test_extending_with_another_step_or_codec_is_refused(ef_data, tmp_path):
         generate.generate(dict(cfg, data_dir=str(folder), codec_step=0.1, samples_total=13))
     with pytest.raises(UserError, match='codec name="ef-int8\\+zstd", not "int8-p99.5\\+zstd"'):
         generate.generate(dict(cfg, data_dir=str(folder), codec="int8+zstd", samples_total=13))
+    with pytest.raises(UserError, match="codec zstd_level=1, not 5"):  # a level set on purpose is not overridden
+        generate.generate(dict(cfg, data_dir=str(folder), zstd_level=5, samples_total=13))
 
 
-def test_a_folder_of_version_1_is_extended_with_version_1(ef_data, tmp_path, monkeypatch):
-    cfg = dict(ef_data[0], data_dir=str(tmp_path / "v1"), samples_total=7)
-    monkeypatch.setattr(codecs.FeedbackCodec, "VERSION", 1)
-    generate.generate(cfg)
-    monkeypatch.setattr(codecs.FeedbackCodec, "VERSION", 2)
+@pytest.mark.parametrize("old_version", [1, 2])
+def test_a_folder_of_an_older_version_is_extended_with_its_version_and_level(ef_data, tmp_path, monkeypatch, old_version):
+    """Folders written before version 3 were compressed at level 10 (then the only default)."""
+    cfg = dict(ef_data[0], data_dir=str(tmp_path / "old"), samples_total=7)
+    monkeypatch.setattr(codecs.FeedbackCodec, "VERSION", old_version)
+    generate.generate(dict(cfg, zstd_level=10))
+    monkeypatch.undo()
     generate.generate(dict(cfg, samples_total=12))
-    manifest = store.Manifest.load(tmp_path / "v1")
-    assert manifest.data["codec"]["version"] == 1 and manifest.next_index() == 12
-    assert codecs.IMAGE_CORRECTION not in read_folder(tmp_path / "v1")
-    np.testing.assert_array_equal(read_records(tmp_path / "v1")["r_chunks_q"], read_records(ef_data[1])["r_chunks_q"])
+    manifest = store.Manifest.load(tmp_path / "old")
+    assert manifest.data["codec"]["version"] == old_version and manifest.data["codec"]["zstd_level"] == 10
+    assert manifest.next_index() == 12
+    stored = read_folder(tmp_path / "old")
+    assert codecs.CHUNKS_BY_POSITION in stored and not any(map(code_layout.is_chunk_key, stored))
+    assert (codecs.IMAGE_CORRECTION in stored) == (old_version == 2)
+    np.testing.assert_array_equal(read_records(tmp_path / "old")["r_chunks_q"], read_records(ef_data[1])["r_chunks_q"])
 
 
 def test_a_manifest_whose_record_lacks_the_chunks_is_refused(ef_data, tmp_path):

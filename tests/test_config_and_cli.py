@@ -27,7 +27,7 @@ def test_every_key_is_read_by_a_stage_and_its_default_is_accepted(name):
 
 @pytest.mark.parametrize("override,fragment", [
     ("b_train_steps=0", "'b_train_steps' must be positive"), ("d_lr_warmup_fraction=1", "within (0, 1)"),
-    ("percentile=40", "within [50, 100]"), ("zstd_level=23", "within [1, 22]"), ("lambda_spd=-1", "zero or positive"),
+    ("percentile=40", "within [50, 100]"), ("zstd_level=23", "within [0, 22]"), ("lambda_spd=-1", "zero or positive"),
     ("chunks=3", "does not divide steps=10"), ("unet_channels=", "at least one value"),
     ("unet_norm_groups=5", "must divide every entry"), ("unet_attention_levels=2", "beyond the 2"),
     ("beta_start=0.5", "below beta_end"), ("fid_samples=5", "holdout_samples=4"), ("device=gpu", "cuda:N"),
