@@ -9,10 +9,11 @@ records; the encoder also measures how far the decoded records are from the floa
     ef-int8+zstd     error feedback along the chain with a step relative to the final state's RMS; the npz
                      stores each chunk's codes, or their difference from the previous chunk's where that
                      takes fewer bits (version 3, code_layout; versions 1-2: the codes position-major), in
-                     latent space the start codes as differences between rows, and neither x_T (regenerated from (seed, index)) nor, in pixel space, the
-                     start codes (they follow from x_T); the image is stored as its 8-bit grey levels'
-                     difference from the decoded final state's (version 2 on; version 1 derived the image
-                     from the final state alone, off by the codec's error).
+                     latent space the start codes as differences between rows, and neither x_T
+                     (regenerated from (seed, index)) nor, in pixel space, the start codes (they follow
+                     from x_T); the image is stored as its 8-bit grey levels' difference from the decoded
+                     final state's (version 2 on; version 1 derived the image from the final state alone,
+                     off by the codec's error).
 
 Every codec's records dequantize the same way, so the students, ``export`` and the reference's own
 reader take them unchanged.
@@ -106,7 +107,7 @@ class FeedbackCodec:
     channel of the sample's final state, so the final state is off by half a step at most."""
 
     VERSION = 3  # the version this tool writes; a folder is extended with the version it was started with
-    DEFAULT_LEVEL = 1  # version 3's differences compress as well at level 1 as at 10, 6x faster (docs/design.md §15)
+    DEFAULT_LEVEL = 1  # version 3's differences: within 3 % of level 10, in a sixth of the time (docs/design.md §15)
     name = FEEDBACK
 
     def __init__(self, step: float, x_T: str, percentile: float, zstd_level: int, version: int = None):
@@ -118,9 +119,8 @@ class FeedbackCodec:
         return self.version >= 2
 
     @property
-    def stores_code_steps(self) -> bool:
+    def stores_differences(self) -> bool:
         return self.version >= 3
-
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "step": self.step, "x_T": self.x_T,
@@ -129,7 +129,7 @@ class FeedbackCodec:
                 "layout": ("one array per chunk, r_chunks_q_<k> [C, H, W]: its codes or, where r_chunks_q_differenced "
                            "[chunks] says 1, their int8 difference modulo 256 from the previous chunk's; latent space: "
                            "rin0 codes as int8 differences from the row above, modulo 256"
-                           if self.stores_code_steps else "chunk codes position-major [C, H, W, chunks]")
+                           if self.stores_differences else "chunk codes position-major [C, H, W, chunks]")
                           + "; pixel space: rin0 codes (the reference quantizer at `percentile`) are derived, the image is "
                           + ("its 8-bit levels round((x + 1) * 127.5) stored as int8 differences from the clamped "
                              "decoded final state's" if self.stores_image_levels else
@@ -176,7 +176,7 @@ class FeedbackCodec:
         chunk_dtype, (k, c, h, w) = spec["r_chunks_q"]
         kept = ("r_chunks_scale_f16", "T", "chunk_size") + self.kept_keys(latent)
         stored = {key: spec[key] for key in kept}
-        if self.stores_code_steps:
+        if self.stores_differences:
             stored.update(code_layout.chunk_spec(chunk_dtype, k, [c, h, w]))
             if latent:
                 stored[code_layout.RIN0_ROW_STEPS] = stored.pop("rin0_q")
@@ -189,7 +189,7 @@ class FeedbackCodec:
     def pack(self, records: dict, latent: bool):
         kept = ("r_chunks_scale_f16", "T", "chunk_size", "index") + self.kept_keys(latent)
         stored = {key: records[key] for key in kept if key in records}
-        if self.stores_code_steps:  # neighbours' differences often take fewer bits (docs/design.md §15)
+        if self.stores_differences:  # neighbours' differences often take fewer bits (docs/design.md §15)
             stored.update(code_layout.pack_chunks(records["r_chunks_q"]))
             if latent:
                 stored[code_layout.RIN0_ROW_STEPS] = code_layout.wrapped_steps(stored.pop("rin0_q"), axis=2)
@@ -208,7 +208,7 @@ class FeedbackCodec:
         layout_keys = (CHUNKS_BY_POSITION, code_layout.DIFFERENCED, code_layout.RIN0_ROW_STEPS, IMAGE_CORRECTION)
         records = {key: value for key, value in stored.items()
                    if key not in layout_keys and not code_layout.is_chunk_key(key)}
-        if self.stores_code_steps:
+        if self.stores_differences:
             records["r_chunks_q"] = code_layout.unpack_chunks(stored)
             if latent:
                 records["rin0_q"] = code_layout.wrapped_sum(stored[code_layout.RIN0_ROW_STEPS], axis=2)

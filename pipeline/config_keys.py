@@ -192,7 +192,7 @@ def _generate(table):
     table.add("percentile", 99.5, gen + ("import",), "clip of the per-channel INT8 scales (int8-p99.5; ef-int8 "
               "uses it for the pixel-space rin0 copy only)", range=Range(50, 100))
     table.add("zstd_level", 0, gen + ("import",), "zstd compression level (0 = the codec's own: 1 for ef-int8, "
-              "10 for int8-p99.5 as the reference writes; extending a folder keeps its level)", range=Range(0, 22))
+              "10 for int8-p99.5 as the reference writes; a folder is then extended at its own level)", range=Range(0, 22))
     table.add("data_dir", "", DATA_READERS + ("generate", "import"), "teacher-data folder (\"\" = data/<name>)",
               folder="data")
 
