@@ -55,7 +55,7 @@ def pack_chunks(codes: np.ndarray) -> dict:
 
 def unpack_chunks(stored: dict) -> np.ndarray:
     """The codes [N, chunks, C, H, W] that ``pack_chunks`` stored."""
-    chunks = sum(map(is_chunk_key, stored))
+    chunks = stored[DIFFERENCED].shape[1]  # checked against the manifest's record, unlike a count of keys
     first = stored[chunk_key(0)]
     codes = np.empty((len(first), chunks, *first.shape[1:]), np.int8)
     differenced = stored[DIFFERENCED].astype(bool).reshape(len(first), chunks, *[1] * (first.ndim - 1))

@@ -29,7 +29,8 @@ from .errors import UserError
 
 REFERENCE_PREFIX = "int8-p"
 FEEDBACK = "ef-int8+zstd"
-# codec keys that decide the bytes of a shard: a folder is only extended with the same values
+# codec keys that decide the bytes of a shard: a folder is extended with its own values (generate.open_manifest
+# refuses others, except an older version and, with zstd_level=0, another level, which go on as the folder's)
 IDENTITY_KEYS = ("name", "version", "zstd_level", "step", "x_T")
 X_T_MODES = ("regenerate", "store")
 
@@ -107,7 +108,7 @@ class FeedbackCodec:
     channel of the sample's final state, so the final state is off by half a step at most."""
 
     VERSION = 3  # the version this tool writes; a folder is extended with the version it was started with
-    DEFAULT_LEVEL = 1  # version 3's differences: within 3 % of level 10, in a sixth of the time (docs/design.md §15)
+    DEFAULT_LEVEL = 1  # version 3 at the default step: within 3 % of level 10 in a sixth of the time (design §15)
     name = FEEDBACK
 
     def __init__(self, step: float, x_T: str, percentile: float, zstd_level: int, version: int = None):
@@ -130,7 +131,8 @@ class FeedbackCodec:
                            "[chunks] says 1, their int8 difference modulo 256 from the previous chunk's; latent space: "
                            "rin0 codes as int8 differences from the row above, modulo 256"
                            if self.stores_differences else "chunk codes position-major [C, H, W, chunks]")
-                          + "; pixel space: rin0 codes (the reference quantizer at `percentile`) are derived, the image is "
+                          + "; pixel space: rin0 codes (the reference quantizer at `percentile`) are derived, the "
+                            "image is "
                           + ("its 8-bit levels round((x + 1) * 127.5) stored as int8 differences from the clamped "
                              "decoded final state's" if self.stores_image_levels else
                              "the clamped decoded final state"),

@@ -64,7 +64,8 @@ def open_manifest(folder, cfg, codec, generator, spec):
         inherited = key == "version" or (key == "zstd_level" and not cfg["zstd_level"])  # the folder's goes on
         if not inherited and old_codec.get(key) != codec.get(key):
             raise UserError(f"{folder} holds data written with codec {key}={json.dumps(old_codec.get(key))}, not "
-                            f"{json.dumps(codec.get(key))}; use another data_dir or the original config")
+                            f"{json.dumps(codec.get(key))}; use another data_dir or the original config"
+                            + (" (zstd_level=0 keeps the folder's level)" if key == "zstd_level" else ""))
     problem = store.layout_problem(manifest)
     if problem:
         raise UserError(f"{folder / store.MANIFEST} {problem}, so it was edited by hand; restore it or use another "

@@ -20,7 +20,7 @@ from . import atomic, codec as codecs, config, store
 from .config import output_dir, project_path
 from .errors import UserError
 
-REFERENCE_ZSTD_LEVEL = 10
+REFERENCE_ZSTD_LEVEL = codecs.ReferenceCodec.DEFAULT_LEVEL  # the reference writer's
 SAMPLE_NAME = re.compile(r"sample_(\d{8})\.zst")
 # Decoded bytes of one sample file: far above any real sample, so that a damaged one cannot exhaust memory.
 SAMPLE_MAX_BYTES = 1 << 28
@@ -240,7 +240,7 @@ def _read_like(path: Path, layout: Layout, first: Path) -> dict:
 
 
 def import_level(cfg) -> int:
-    return cfg["zstd_level"] or codecs.ReferenceCodec.DEFAULT_LEVEL
+    return cfg["zstd_level"] or REFERENCE_ZSTD_LEVEL
 
 
 def _codec(cfg) -> dict:
