@@ -62,8 +62,8 @@ def rows_of(traj: codecs.Trajectories, lo: int, hi: int) -> codecs.Trajectories:
 def variants(cfg, steps):
     """(row name, step, codec): zstd_level=0 (the default) gives each codec its own level."""
     p, default = cfg["percentile"], cfg["codec_step"]
-    reference_level = cfg["zstd_level"] or codecs.ReferenceCodec.DEFAULT_LEVEL
-    level = cfg["zstd_level"] or codecs.FeedbackCodec.DEFAULT_LEVEL
+    reference_level = codecs.zstd_level(cfg, codecs.ReferenceCodec)
+    level = codecs.zstd_level(cfg, codecs.FeedbackCodec)
     found = [("int8-p99.5 (reference)", None, codecs.ReferenceCodec(p, reference_level)),
              ("int8 absmax, no feedback", None, codecs.ReferenceCodec(100, reference_level))]
     found += [(f"ef-int8 step {s:g}", s, codecs.FeedbackCodec(s, "regenerate", p, level)) for s in steps]

@@ -251,12 +251,16 @@ def regenerated_x_T(index, generator: dict, entry: dict) -> np.ndarray:
     return x_T
 
 
+def zstd_level(cfg, codec_class) -> int:
+    """The configured zstd level; 0 means the codec's own."""
+    return cfg["zstd_level"] or codec_class.DEFAULT_LEVEL
+
+
 def from_config(cfg):
-    """The codec that ``generate`` writes with; ``zstd_level`` 0 is the codec's own level."""
+    """The codec that ``generate`` writes with."""
     if cfg["codec"] == "ef-int8":
-        return FeedbackCodec(cfg["codec_step"], cfg["codec_x_T"], cfg["percentile"],
-                             cfg["zstd_level"] or FeedbackCodec.DEFAULT_LEVEL)
-    return ReferenceCodec(cfg["percentile"], cfg["zstd_level"] or ReferenceCodec.DEFAULT_LEVEL)
+        return FeedbackCodec(cfg["codec_step"], cfg["codec_x_T"], cfg["percentile"], zstd_level(cfg, FeedbackCodec))
+    return ReferenceCodec(cfg["percentile"], zstd_level(cfg, ReferenceCodec))
 
 
 def from_manifest(described: dict, where) -> object:

@@ -224,7 +224,7 @@ def _import_into(cfg, source, files, staging, teacher) -> store.Manifest:
             samples = [first if path == files[0] else _read_like(path, layout, files[0]) for path in batch]
             arrays = {key: np.stack([s[key] for s in samples]) for key in layout.spec()}
             arrays["index"] = np.arange(lo, lo + len(batch), dtype=np.int64)
-            manifest.add_shard(number, lo, len(batch), store.encode_npz(arrays, import_level(cfg)), save=False)
+            manifest.add_shard(number, lo, len(batch), store.encode_npz(arrays, codecs.zstd_level(cfg, codecs.ReferenceCodec)), save=False)
             bar.update(len(batch))
     manifest.save()
     atomic.write_json(staging / "config.json", cfg)
@@ -239,15 +239,11 @@ def _read_like(path: Path, layout: Layout, first: Path) -> dict:
     return sample
 
 
-def import_level(cfg) -> int:
-    return cfg["zstd_level"] or REFERENCE_ZSTD_LEVEL
-
-
 def _codec(cfg) -> dict:
     return {"name": f"int8-p{cfg['percentile']:g}+zstd", "percentile": cfg["percentile"],
             "quantizer": "per-channel symmetric int8 (imported: the percentile is the configured one, the "
                          "reference does not record it)",
-            "container": "uncompressed npz in one zstd frame", "zstd_level": import_level(cfg)}
+            "container": "uncompressed npz in one zstd frame", "zstd_level": codecs.zstd_level(cfg, codecs.ReferenceCodec)}
 
 
 def imported_generator(source, layout: Layout, teacher) -> dict:
