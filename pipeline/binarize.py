@@ -146,13 +146,13 @@ class BTrainer(StudentTrainer):
         with runtime.autocast(self.amp, self.device):
             pred_b = self.network(batch["x_T"])
         feats_b = self.taps_b.take()
-        total, parts, per_chunk = d_losses(self.model, pred_b, batch, cfg)
+        total, parts, per_chunk, _ = d_losses(self.model, pred_b, batch, cfg)
         logged = {f"loss_{k}": v.item() for k, v in parts.items()}
         if cfg["lambda_d_outputs"]:
             z_d = pred_d["rin"].float() + pred_d["chunks"].float().sum(dim=1)
             from_d = {"chunks": pred_d["chunks"].float(), "x0": students.readout(self.d, z_d),
                       "rin0": pred_d["rin"].float()}
-            vs_d, parts_d, _ = d_losses(self.model, pred_b, from_d, cfg)
+            vs_d, parts_d, _, _ = d_losses(self.model, pred_b, from_d, cfg)
             total = total + cfg["lambda_d_outputs"] * vs_d
             logged.update({f"loss_{k}_vs_d": v.item() for k, v in parts_d.items()})
         if cfg["lambda_spd"]:

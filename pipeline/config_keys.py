@@ -94,9 +94,10 @@ class _Table(dict):
 def _what_to_work_on(table):
     table.section = "what to work on"
     table.add("name", "fashion_mnist", EVERY, "run name: output folders are named after it")
-    table.add("dataset", "fashion_mnist", ("pretrain", "rectify", "teacher_sample", "eval_d"), "image dataset",
+    table.add("dataset", "fashion_mnist", ("pretrain", "rectify", "teacher_sample", "train_d", "eval_d"), "image dataset",
               choices=("fashion_mnist", "cifar10"))
-    table.add("dataset_dir", "/usr/share/datasets/fashion-mnist", ("pretrain", "rectify", "teacher_sample", "eval_d"),
+    table.add("dataset_dir", "/usr/share/datasets/fashion-mnist", ("pretrain", "rectify", "teacher_sample", "train_d",
+                                                                 "eval_d"),
               "folder of the dataset's files", folder=".")
     table.add("teacher_path", "Diffusion/fashion_mnist", ("pretrain", "rectify", "teacher_sample", "generate", "repair",
                                                            "train_d", "eval_d"),
@@ -236,6 +237,22 @@ def _student_d(table):
     table.add("shuffle_buffer", 512, TRAINING, "records mixed across shards before batching", range=POSITIVE)
 
 
+def _distribution_term(table):
+    table.section = ("distribution-level term of D (docs/design.md §4): a discriminator on the frozen teacher's "
+                     "features of noised images")
+    d = ("train_d",)
+    table.add("lambda_adv", 0.0, d, "weight of the adversarial (hinge) loss against discriminator heads on the frozen "
+              "teacher's encoder features of noised images (0 = off)", range=NON_NEGATIVE)
+    table.add("lambda_feat", 0.0, d, "weight of the paired feature loss: the teacher's encoder features of D's and the "
+              "teacher's image of the same x_T, noised alike (0 = off)", range=NON_NEGATIVE)
+    table.add("adv_real", "teacher", d, "the discriminator's real images: teacher (the batch's teacher images) | "
+              "dataset (the training split, so D may pass its teacher)", choices=("teacher", "dataset"))
+    table.add("adv_t_max", 0.3, d, "the features are read at t ~ U{0..adv_t_max*(T-1)}",
+              range=Range(0, 1, low_open=True))
+    table.add("adv_lr", 0.0002, d, "learning rate of the discriminator heads (Adam, betas 0 and 0.99)",
+              range=POSITIVE)
+
+
 def _student_b(table):
     table.section = "student B: binarize (1-bit weights, started from D and trained with D as its teacher)"
     b = ("binarize",)
@@ -307,7 +324,7 @@ def _evaluation(table):
     table.add("throughput_batch", 64, ("eval_d",), "batch of the images/s measurement", range=POSITIVE)
     table.add("walk_frames", 120, ("eval_d",), "frames of the latent walk between the first two held-out x_T "
               "(0 = no walk)", range=NON_NEGATIVE)
-    table.add("verify_dataset_md5", True, ("pretrain", "rectify", "teacher_sample", "eval_d"),
+    table.add("verify_dataset_md5", True, ("pretrain", "rectify", "teacher_sample", "train_d", "eval_d"),
               "check the published MD5 sums of the image dataset")
     table.add("sample_student", "b", ("sample",), "b (the packed B) | d (the full-precision D)", choices=("b", "d"))
     table.add("sample_first", 0, ("sample",),
@@ -319,7 +336,7 @@ def _evaluation(table):
 def _key_table():
     table = _Table()
     for section in (_what_to_work_on, _machine, _pretrain, _rectify, _teacher_samples, _generate, _reference_layout,
-                    _student_d, _student_b, _evaluation):
+                    _student_d, _distribution_term, _student_b, _evaluation):
         section(table)
     return dict(table)
 

@@ -152,3 +152,13 @@ def wait_for_all() -> None:
 def finish() -> None:
     if active():
         dist.destroy_process_group()
+
+
+def average_gradients(module) -> None:
+    """Average ``module``'s gradients over the ranks (for a network trained beside DistributedDataParallel's)."""
+    if not active() or world() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world()

@@ -1,17 +1,17 @@
 """``Main_Distill.py --mode eval_d``: the one-step students D and B against the teacher, in numbers
 (docs/design.md §5).
 
-D (``d_weights``) and, when one exists, the packed 1-bit B (``b_weights``) run on the x_T of the
-held-out records, which training never saw; the teacher's images for the same x_T are those records'
-x0_teacher, so every set shares its starting noise and the teacher's figures cost no sampling (they
-are cached in ``<data_dir>/eval``). For the first N = ``fid_samples`` records: FID against the
-dataset's test split (the first ``fid_reference_count`` images) beside the floor at the same N,
-precision / recall, memorization and diversity scores; on every held-out record: PSNR and MSE against
-the teacher. Throughput is measured on one batch of the same x_T, each student's single call against
-the teacher's whole DDIM chain, in this run. Sizes: D's safetensors in fp32 and fp16, B's packed file
-with the breakdown of what is not sign bits, and the layers B keeps in full precision. Everything lands
-in ``SampledImgs/distill/<run>/``: grids, every sample as PNG and in one npz, a latent walk of D and B
-side by side, report.json and report.md (rendered by ``report``).
+D (``d_weights``) and, when one exists, the packed 1-bit B (``b_weights``) run on the x_T of the held-out
+records, which training never saw; the teacher's images for the same x_T are those records' x0_teacher, so
+every set shares its starting noise and the teacher's figures cost no sampling (they are cached in
+``<data_dir>/eval``). For the first N = ``fid_samples`` records: FID against the dataset's test split (the
+first ``fid_reference_count`` images) beside the floor at the same N and each model's excess over that
+floor, KID on the same features, precision / recall, memorization and diversity scores; on every held-out
+record: PSNR and MSE against the teacher. Throughput is measured on one batch of the same x_T, each
+student's single call against the teacher's whole DDIM chain, in this run. Sizes: D's safetensors in fp32
+and fp16, B's packed file with the breakdown of what is not sign bits, and the layers B keeps in full
+precision. Everything lands in ``SampledImgs/distill/<run>/``: grids, every sample as PNG and in one npz, a
+latent walk of D and B side by side, report.json and report.md (rendered by ``report``).
 """
 import io
 import json
@@ -87,14 +87,21 @@ def throughput(models: dict, teacher, ddpm, chain, x_T, steps, device) -> dict:
     return speed
 
 
+def kid_scores(real_feats, feats) -> dict:
+    """KID mean and std, with the subsets that drew them (a cached teacher row counts only for the same)."""
+    mean, std = fid.kernel_distance(real_feats, feats)
+    return {"kid": mean, "kid_std": std, "kid_subsets": fid.kid_settings(len(real_feats), len(feats))}
+
+
 def sample_scores(features, images_uint8, real_feats, train_uint8, n, batch_size, desc):
-    """FID, precision / recall, memorization and diversity of one set of uint8 images (None on the ranks other
+    """FID, KID, precision / recall, memorization and diversity of one set of uint8 images (None on the ranks other
     than 0 under torchrun: they only share the Inception features, which every rank must extract)."""
     feats = fid.extract(features, images_uint8, batch_size, desc)
     if not distributed.is_main():
         return None
     precision, recall = metrics.precision_recall(real_feats[:n], feats)
-    return {"fid": fid.frechet_distance(real_feats, feats), "precision": precision, "recall": recall,
+    return {"fid": fid.frechet_distance(real_feats, feats), **kid_scores(real_feats, feats),
+            "precision": precision, "recall": recall,
             "memorization": metrics.memorization_score(images_uint8, train_uint8),
             "diversity": metrics.diversity_score(images_uint8), "n": n}
 
@@ -172,14 +179,17 @@ class Evaluation:
         return real, floor, test[:self.n]
 
     def teacher_scores(self, teacher_uint8, real):
-        """The teacher's figures for these records, computed once per data folder and reference set."""
+        """The teacher's figures for these records, computed once per data folder and reference set (and again
+        when the cached row predates KID or drew other KID subsets)."""
         key = f"teacher-records{self.lo}-{self.lo + self.n - 1}-ref{len(real)}"
         path = self.cache_dir / f"{key}.json"
         try:
             cached = json.loads(path.read_text())
         except (OSError, ValueError):
             cached = None  # not cached yet, or a damaged cache: compute it again
-        if distributed.everywhere(cached is not None):  # the scoring below is collective
+        kid = fid.kid_settings(len(real), self.n)
+        current = isinstance(cached, dict) and "kid" in cached and cached.get("kid_subsets") == kid
+        if distributed.everywhere(current):  # the scoring below is collective
             return cached
         scores = sample_scores(self.features, teacher_uint8, real, self.train_images, self.n,
                                self.cfg["fid_batch_size"], "inception: teacher")
@@ -226,7 +236,8 @@ class Evaluation:
                                       f"inception: {NAMES[key]} samples")
         if not distributed.is_main():
             return None  # the Inception work was shared; rank 0 times, writes and reports
-        rows["real"] = {"fid": fid.frechet_distance(real, floor), "fid_of": f"{n} training images (floor)",
+        rows["real"] = {"fid": fid.frechet_distance(real, floor), **kid_scores(real, floor),
+                        "fid_of": f"{n} training images (floor)",
                         "memorization": metrics.memorization_score(test_uint8, self.train_images),
                         "diversity": metrics.diversity_score(test_uint8), "n": n}
         report = self.report(rows, fidelity, self.speed(records))
@@ -258,15 +269,20 @@ class Evaluation:
 
     def report(self, rows, fidelity, speed):
         gen = self.manifest.data["generator"]
+        ratios, kid = metrics.fid_ratios(rows), rows["real"]["kid_subsets"]
         size = {"teacher_parameters": teachers.parameter_count(self.teacher),
                 "teacher_file_bytes": teachers.safetensors_bytes(self.teacher), **self.student_sizes()}
         return {
             "students": {key: str(folder) for key, folder in self.folders.items()}, "teacher": self.teacher_source,
             "data_dir": str(self.manifest.folder), "teacher_sampler": self.sampler_text(gen),
             "held_out_records": [self.lo, self.hi - 1], "fid_samples": self.n, "fid_reference": self.reference_name,
-            "scores": rows, "fidelity_vs_teacher": fidelity, "throughput": speed, "size": size,
-            "walk_frames": self.cfg["walk_frames"],
-            "metrics": {"precision_recall": f"k-NN manifolds, k={metrics.PR_NEIGHBOURS}, Inception pool features, "
+            "scores": rows, "fid_excess": metrics.fid_excess(rows), "fid_ratio": ratios["fid"],
+            "fid_excess_ratio": ratios["fid_excess"], "fidelity_vs_teacher": fidelity, "throughput": speed,
+            "size": size, "walk_frames": self.cfg["walk_frames"],
+            "metrics": {"kid": f"unbiased MMD² with the kernel (x·y/d + 1)³ on the Inception pool features, mean "
+                               f"and std over {kid['subsets']} subsets of {kid['subset_size']} (seed {kid['seed']})",
+                        "fid_excess": "FID minus the floor (N training images against the same reference)",
+                        "precision_recall": f"k-NN manifolds, k={metrics.PR_NEIGHBOURS}, Inception pool features, "
                                             f"N real = N generated",
                         "memorization": "mean L2 to the nearest training image, pixels in [0, 1] (higher = less copying)",
                         "diversity": "mean pairwise L2 between samples, pixels in [0, 1]",

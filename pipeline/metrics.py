@@ -7,12 +7,16 @@
   score: mean L2 distance over all pairs of distinct samples; both on pixels scaled to [0, 1]. Higher
   memorization score = less copying.
 * PSNR / MSE of a student against the teacher's image from the same x_T (distillation fidelity).
+* FID excess: a model's FID minus the floor (N real training images against the same reference), and the
+  ratios of excesses beside those of plain FIDs. A large floor (small N) is part of every FID at that N and
+  pulls a plain ratio towards 1; the excess is the part of FID the model itself adds.
 """
 import numpy as np
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 PR_NEIGHBOURS = 3
+RATIO_PAIRS = (("d", "teacher"), ("b", "teacher"), ("b", "d"))  # (numerator, denominator) rows of the report
 
 
 def _kth_neighbour_radius(feats: torch.Tensor, k: int) -> torch.Tensor:
@@ -65,3 +69,23 @@ def fidelity(student_images: torch.Tensor, teacher_images: torch.Tensor) -> dict
                                    reduction="none", dim=(1, 2, 3))
     mse = (student_images.float() - teacher_images.float()).pow(2).mean(dim=(1, 2, 3))
     return {"psnr_db": float(psnr.mean()), "mse": float(mse.mean()), "records": len(mse)}
+
+
+def fid_excess(scores: dict) -> dict:
+    """FID - floor of every model row (teacher, d, b) of eval_d's ``scores``; the floor is ``scores["real"]``."""
+    floor = scores["real"]["fid"]
+    return {key: row["fid"] - floor for key, row in scores.items() if key != "real"}
+
+
+def _ratio(numerator: float, denominator: float):
+    # a model at or below the floor has no excess to compare with: None (null in report.json, "–" in report.md)
+    return numerator / denominator if denominator > 0 else None
+
+
+def fid_ratios(scores: dict) -> dict:
+    """{"fid": plain FID ratios, "fid_excess": ratios of FID - floor}, each keyed "d_over_teacher",
+    "b_over_teacher", "b_over_d" for the pairs whose rows exist."""
+    excess = fid_excess(scores)
+    pairs = [(top, bottom) for top, bottom in RATIO_PAIRS if top in scores and bottom in scores]
+    return {"fid": {f"{top}_over_{bottom}": _ratio(scores[top]["fid"], scores[bottom]["fid"]) for top, bottom in pairs},
+            "fid_excess": {f"{top}_over_{bottom}": _ratio(excess[top], excess[bottom]) for top, bottom in pairs}}

@@ -3,27 +3,44 @@ from the ``report.json`` dict that ``evaluate`` computes. Nothing here measures 
 from . import latent_walk
 
 NAMES = {"d": "D", "b": "B"}
+RATIO_NAMES = {"d_over_teacher": "D / teacher", "b_over_teacher": "B / teacher", "b_over_d": "B / D"}
 
 
 def _f(value, digits=2):
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def _kid(sc) -> str:
+    """KID x 10^3 as mean ± std over the subsets, the usual display."""
+    return "–" if "kid" not in sc else f"{sc['kid'] * 1e3:.2f} ± {sc['kid_std'] * 1e3:.2f}"
+
+
 def _score_rows(r) -> list:
-    s, t, size = r["scores"], r["throughput"], r["size"]
-    rows = [("Teacher", r["teacher_sampler"], s["teacher"], t["teacher_images_per_s"], t["teacher_steps"],
+    s, t, size, excess = r["scores"], r["throughput"], r["size"], r["fid_excess"]
+    rows = [("Teacher", r["teacher_sampler"], "teacher", t["teacher_images_per_s"], t["teacher_steps"],
              size["teacher_parameters"])]
     for key in ("d", "b"):
         if key in s:
             label = "Student D (full precision)" if key == "d" else "Student B (1-bit weights)"
-            rows.append((label, "one step", s[key], t[key]["images_per_s"], 1, size[key]["parameters"]))
-    lines = ["| model | sampler | FID | precision | recall | memorization | diversity | images/s | network calls | "
-             "parameters |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, sampler, sc, speed, calls, params in rows:
-        lines.append(f"| {name} | {sampler} | {_f(sc['fid'])} | {_f(sc['precision'], 3)} | {_f(sc['recall'], 3)} | "
-                     f"{_f(sc['memorization'], 3)} | {_f(sc['diversity'], 3)} | {speed:.1f} | {calls} | {params:,} |")
-    lines.append(f"| real test images | – | {_f(s['real']['fid'])} (floor) | – | – | {_f(s['real']['memorization'], 3)} | "
-                 f"{_f(s['real']['diversity'], 3)} | – | – | – |")
+            rows.append((label, "one step", key, t[key]["images_per_s"], 1, size[key]["parameters"]))
+    lines = ["| model | sampler | FID | FID − floor | KID ×10³ | precision | recall | memorization | diversity | "
+             "images/s | network calls | parameters |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, sampler, key, speed, calls, params in rows:
+        sc = s[key]
+        lines.append(f"| {name} | {sampler} | {_f(sc['fid'])} | {_f(excess[key])} | {_kid(sc)} | "
+                     f"{_f(sc['precision'], 3)} | {_f(sc['recall'], 3)} | {_f(sc['memorization'], 3)} | "
+                     f"{_f(sc['diversity'], 3)} | {speed:.1f} | {calls} | {params:,} |")
+    real = s["real"]
+    lines.append(f"| real test images | – | {_f(real['fid'])} (floor) | – | {_kid(real)} (floor) | – | – | "
+                 f"{_f(real['memorization'], 3)} | {_f(real['diversity'], 3)} | – | – | – |")
+    return lines
+
+
+def _ratio_rows(r) -> list:
+    """Each student's FID over the teacher's (or B's over D's) beside the same ratio of excesses over the floor."""
+    lines = ["| ratio | FID | FID − floor |", "|---|---|---|"]
+    lines += [f"| {name} | {_f(r['fid_ratio'][key])} | **{_f(r['fid_excess_ratio'][key])}** |"
+              for key, name in RATIO_NAMES.items() if key in r["fid_ratio"]]
     return lines
 
 
@@ -51,6 +68,13 @@ def _size_lines(r) -> list:
     return lines
 
 
+def _kid_sentence(r) -> str:
+    subsets = r["scores"]["real"]["kid_subsets"]
+    return (f"KID ×10³ is the unbiased MMD² estimate on the same features (mean ± std over {subsets['subsets']} "
+            f"subsets of {subsets['subset_size']}, seed {subsets['seed']}): unlike FID it has no floor that grows as "
+            f"N shrinks (the real row gives it for N training images).")
+
+
 def render_markdown(r) -> str:
     s, t = r["scores"], r["throughput"]
     has_b = "b" in s
@@ -60,11 +84,9 @@ def render_markdown(r) -> str:
              f"{students_line}; teacher `{r['teacher']}`; data `{r['data_dir']}`, held-out records "
              f"{r['held_out_records'][0]}..{r['held_out_records'][1]} (never trained on).", "",
              f"FID: N = {r['fid_samples']} samples against {r['fid_reference']}; the floor at the same N "
-             f"(N real training images) is **{_f(s['real']['fid'])}**.", "", *_score_rows(r), "",
-             f"FID ratio D / teacher: **{s['d']['fid'] / s['teacher']['fid']:.2f}**."]
-    if has_b:
-        lines[-1] += f" FID ratio B / D: **{s['b']['fid'] / s['d']['fid']:.2f}**."
-    lines.append("")
+             f"(N real training images) is **{_f(s['real']['fid'])}**. FID − floor is what a model adds to what N "
+             f"samples cost anyway, and the ratios below give it beside the plain FID ratios. {_kid_sentence(r)}", "",
+             *_score_rows(r), "", *_ratio_rows(r), ""]
     for key, fidelity in r["fidelity_vs_teacher"].items():
         lines.append(f"Distillation fidelity of {NAMES[key]} on {fidelity['records']} held-out records (same x_T): "
                      f"PSNR **{fidelity['psnr_db']:.2f} dB**, MSE {fidelity['mse']:.5f}.")
@@ -98,18 +120,23 @@ def render_markdown(r) -> str:
 
 def console_lines(r, out) -> list:
     """What eval_d prints at the end: each student's headline figures and where the report and grids are."""
-    s, t = r["scores"], r["throughput"]
+    s, t, excess = r["scores"], r["throughput"], r["fid_excess"]
     lines = []
     for key in ("d", "b"):
         if key in s:
+            ratio = f"{key}_over_teacher"
             lines.append(f"[eval_d] FID {NAMES[key]} {s[key]['fid']:.2f} vs teacher {s['teacher']['fid']:.2f} "
-                         f"(N={r['fid_samples']}, floor {s['real']['fid']:.2f}); PSNR vs teacher "
+                         f"(N={r['fid_samples']}, floor {s['real']['fid']:.2f}): ratio {_f(r['fid_ratio'][ratio])}, "
+                         f"over the floor {excess[key]:.2f} vs {excess['teacher']:.2f}, excess ratio "
+                         f"{_f(r['fid_excess_ratio'][ratio])}; KID x1e3 {_f(s[key]['kid'] * 1e3)} vs teacher "
+                         f"{_f(s['teacher']['kid'] * 1e3)} (floor {_f(s['real']['kid'] * 1e3)}); PSNR vs teacher "
                          f"{r['fidelity_vs_teacher'][key]['psnr_db']:.2f} dB; {t[key]['speedup']:.1f}x faster than "
                          f"the {t['teacher_steps']}-step teacher")
     if "b" in r["size"]:
         b = r["size"]["b"]
         lines.append(f"[eval_d] packed B: {b['packed_bytes']:,} bytes, {b['times_smaller_than_d_fp32']:.1f}x smaller "
-                     f"than D in fp32; FID ratio B / D {s['b']['fid'] / s['d']['fid']:.2f}")
+                     f"than D in fp32; FID ratio B / D {_f(r['fid_ratio']['b_over_d'])}, excess ratio B / D "
+                     f"{_f(r['fid_excess_ratio']['b_over_d'])}")
     lines.append(f"[eval_d] report: {out / 'report.md'}")
     lines.append(f"[eval_d] sample grids: {out / 'grid.png'}" + (f", {out / 'b_grid.png'}" if "b" in s else ""))
     return lines

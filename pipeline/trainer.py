@@ -13,6 +13,7 @@ and provides ``build_model``, ``make_schedule``, ``batches``, ``loss`` and what 
 import contextlib
 import dataclasses
 import json
+import math
 import time
 
 import torch
@@ -74,6 +75,7 @@ class Trainer:
                             power=self.ema_power)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.step = 0  # a subclass calls resume() once its own state exists
+        self.saved_step = 0  # the step of the checkpoint on disk (0: none yet)
 
     # --- what a stage provides
     def build_model(self):
@@ -164,6 +166,7 @@ class Trainer:
             self.step = checkpoint.restore(state, {"optimizer": self.opt, "schedule": self.schedule,
                                                    "ema": self.ema, "scaler": self.scaler})
             self.ema.to(device=self.device)  # its shadow weights load where the checkpoint was read (the CPU)
+            self.saved_step = self.step
         except (RuntimeError, KeyError, ValueError):
             raise UserError(f"{self.run_dir / checkpoint.LATEST} holds another model or an older checkpoint "
                             f"format; use another run folder") from None
@@ -179,6 +182,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(), "ema": self.ema.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_state(), "step": self.step, "config": json.dumps(self.cfg),
             "record": json.dumps(self.record()), **self.extra_state()})
+        self.saved_step = self.step
         self.on_checkpoint()
 
     def ema_model(self, fresh_model):
@@ -195,12 +199,26 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        self.stop_if_diverged(loss.item(), float(grad_norm))  # before the update: the weights stay the last good ones
         self.scaler.step(self.opt)
         self.scaler.update()
         self.schedule.step()
         self.ema.step(self.ema_parameters(self.model))
         self.step += 1
         return {"loss": loss.item(), **logged, "grad_norm": float(grad_norm), **self.after_step()}
+
+    def stop_if_diverged(self, loss: float, grad_norm: float) -> None:
+        """One sentence, and no checkpoint of the broken weights, when the loss or the gradient is not finite. Under
+        torchrun every rank sees the same averaged gradient, so all stop together. fp16's GradScaler skips
+        steps with inf gradients by design, so there only the loss counts."""
+        grad_ok = math.isfinite(grad_norm) or self.scaler.is_enabled()
+        if math.isfinite(loss) and grad_ok:
+            return
+        kept = (f"{self.run_dir / checkpoint.LATEST} keeps step {self.saved_step}" if self.saved_step
+                else "no checkpoint was written")
+        raise UserError(f"{self.recipe.stage} diverged at step {self.step + 1}: the loss is {loss:.4g} and the "
+                        f"gradient norm {grad_norm:.4g}; the run stopped and {kept}; lower the learning rate or "
+                        f"check the teacher data with '--mode verify'")
 
     def run(self):
         recipe, main = self.recipe, distributed.is_main()

@@ -1,12 +1,14 @@
 """eval_d on the tiny preset: every report field of D and B, the sample files, and refused inputs."""
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from pipeline import config, generate, metrics, packed, report
+from pipeline import config, evaluate, fid, generate, metrics, packed, report
 
 
 from conftest import assert_one_sentence_error, run_cli, run_distill_in_process
@@ -39,11 +41,16 @@ def test_report_holds_every_figure(trained, evaluated):
     assert f"report: {root / 'out' / 'report.md'}" in result.stdout
     report = json.loads((root / "out" / "report.json").read_text())
     assert report["fid_samples"] == 4 and report["held_out_records"] == [0, 3]
+    kid_subsets = {"subsets": 100, "subset_size": 4, "seed": 0}  # min(1000, N = 4, 8 reference images)
     for row in ("teacher", "d", "b"):
         scores = report["scores"][row]
         assert math.isfinite(scores["fid"]) and scores["n"] == 4
         assert 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
-    assert math.isfinite(report["scores"]["real"]["fid"])
+        assert math.isfinite(scores["kid"]) and scores["kid_std"] >= 0 and scores["kid_subsets"] == kid_subsets
+        assert report["fid_excess"][row] == pytest.approx(scores["fid"] - report["scores"]["real"]["fid"])
+    assert math.isfinite(report["scores"]["real"]["fid"]) and math.isfinite(report["scores"]["real"]["kid"])
+    assert set(report["fid_ratio"]) == set(report["fid_excess_ratio"]) == {"d_over_teacher", "b_over_teacher",
+                                                                          "b_over_d"}
     speed = report["throughput"]
     assert speed["teacher_steps"] == 10
     for key in ("d", "b"):
@@ -66,7 +73,8 @@ def test_report_holds_every_figure(trained, evaluated):
     assert b["times_smaller_than_d_fp32"] > 4 and b["binary_weights"] < b["parameters"]
     assert {row["name"] for row in b["full_precision_layers"]} >= {"unet.conv_in", "heads.0.out"}
     markdown = (root / "out" / "report.md").read_text()
-    assert "FID ratio D / teacher" in markdown and "FID ratio B / D" in markdown and "`unet.conv_in`" in markdown
+    assert "| D / teacher |" in markdown and "| B / D |" in markdown and "`unet.conv_in`" in markdown
+    assert "KID ×10³" in markdown and "FID − floor" in markdown
     for folder in ("samples", "b_samples"):
         assert sorted(p.name for p in (root / "out" / folder).iterdir()) == [f"{i:06d}.png" for i in range(4)]
     with np.load(root / "out" / "samples.npz") as npz:
@@ -122,16 +130,26 @@ def test_split_benchmark_scores_as_eval_d(trained, evaluated, tmp_path):
     assert f"| W1A32: the preset's recipe | {s['b']['fid']:.2f} | {s['d']['fid']:.2f} |" in scored.stdout
 
 
+KID_SUBSETS = {"subsets": 100, "subset_size": 8, "seed": 0}
+
+
+def _kid(mean, std):
+    return {"kid": mean, "kid_std": std, "kid_subsets": KID_SUBSETS}
+
+
 def _fixed_report(with_b=True):
     """A report dict as evaluate computes it, with round numbers."""
-    student = {"d": {"fid": 120.0, "precision": 0.25, "recall": 0.5, "memorization": 5.5, "diversity": 11.0, "n": 8},
-               "b": {"fid": 150.0, "precision": 0.125, "recall": 0.25, "memorization": 5.25, "diversity": 10.5, "n": 8}}
+    student = {"d": {"fid": 120.0, **_kid(0.012, 0.001), "precision": 0.25, "recall": 0.5, "memorization": 5.5,
+                     "diversity": 11.0, "n": 8},
+               "b": {"fid": 150.0, **_kid(0.02, 0.0015), "precision": 0.125, "recall": 0.25, "memorization": 5.25,
+                     "diversity": 10.5, "n": 8}}
     r = {"students": {"d": "run/student", "b": "b/packed"}, "teacher": "teacher/", "data_dir": "data/",
          "teacher_sampler": "DDIM eta=0, 10 steps", "held_out_records": [0, 7], "fid_samples": 8,
          "fid_reference": "fashion_mnist test split, first 16 images",
-         "scores": {"teacher": {"fid": 80.0, "precision": 0.625, "recall": 0.75, "memorization": 5.0,
-                                "diversity": 12.0, "n": 8},
-                    **student, "real": {"fid": 40.0, "memorization": 3.5, "diversity": 11.5, "n": 8}},
+         "scores": {"teacher": {"fid": 80.0, **_kid(0.005, 0.0005), "precision": 0.625, "recall": 0.75,
+                                "memorization": 5.0, "diversity": 12.0, "n": 8},
+                    **student, "real": {"fid": 40.0, **_kid(0.0001, 0.00005), "memorization": 3.5, "diversity": 11.5,
+                                        "n": 8}},
          "fidelity_vs_teacher": {"d": {"psnr_db": 21.5, "mse": 0.04, "records": 8},
                                  "b": {"psnr_db": 20.25, "mse": 0.05, "records": 8}},
          "throughput": {"batch": 8, "device": "cpu", "threads": 2, "teacher_images_per_s": 10.0, "teacher_steps": 10,
@@ -148,25 +166,31 @@ def _fixed_report(with_b=True):
     if not with_b:
         for part in (r["students"], r["scores"], r["fidelity_vs_teacher"], r["throughput"], r["size"]):
             del part["b"]
+    ratios = metrics.fid_ratios(r["scores"])
+    r.update(fid_excess=metrics.fid_excess(r["scores"]), fid_ratio=ratios["fid"], fid_excess_ratio=ratios["fid_excess"])
     return r
 
 
 def test_report_renders_every_row_of_d_and_b():
     lines = report.render_markdown(_fixed_report()).splitlines()
     for row in ("# One-step students D and B against their teacher",
-                "| Teacher | DDIM eta=0, 10 steps | 80.00 | 0.625 | 0.750 | 5.000 | 12.000 | 10.0 | 10 | 1,000 |",
-                "| Student D (full precision) | one step | 120.00 | 0.250 | 0.500 | 5.500 | 11.000 | 400.0 | 1 "
-                "| 1,200 |",
-                "| Student B (1-bit weights) | one step | 150.00 | 0.125 | 0.250 | 5.250 | 10.500 | 380.0 | 1 "
-                "| 1,100 |",
-                "| real test images | – | 40.00 (floor) | – | – | 3.500 | 11.500 | – | – | – |",
-                "FID ratio D / teacher: **1.50**. FID ratio B / D: **1.25**.",
+                "| Teacher | DDIM eta=0, 10 steps | 80.00 | 40.00 | 5.00 ± 0.50 | 0.625 | 0.750 | 5.000 | 12.000 "
+                "| 10.0 | 10 | 1,000 |",
+                "| Student D (full precision) | one step | 120.00 | 80.00 | 12.00 ± 1.00 | 0.250 | 0.500 | 5.500 "
+                "| 11.000 | 400.0 | 1 | 1,200 |",
+                "| Student B (1-bit weights) | one step | 150.00 | 110.00 | 20.00 ± 1.50 | 0.125 | 0.250 | 5.250 "
+                "| 10.500 | 380.0 | 1 | 1,100 |",
+                "| real test images | – | 40.00 (floor) | – | 0.10 ± 0.05 (floor) | – | – | 3.500 | 11.500 | – | – | – |",
+                "| ratio | FID | FID − floor |",
+                "| D / teacher | 1.50 | **2.00** |", "| B / teacher | 1.88 | **2.75** |", "| B / D | 1.25 | **1.38** |",
                 "Distillation fidelity of B on 8 held-out records (same x_T): PSNR **20.25 dB**, MSE 0.05000.",
                 "| D | 1,200 | 5,000 | 2,600 | – |",
                 "| B | 1,100 (1,000 binary) | – | – | **500** |",
                 "| norms | 60 | 120 |", "| binarizer scales | 40 | 80 |", "| `unet.conv_in` | 40 |",
                 "![B](b_grid.png)"):
         assert row in lines, row
+    kid_line = next(line for line in lines if line.startswith("FID: N = 8"))
+    assert "KID ×10³ is the unbiased MMD² estimate" in kid_line and "100 subsets of 8, seed 0" in kid_line
     size_line = next(line for line in lines if line.startswith("B's packed file"))
     assert size_line.startswith("B's packed file is **10.0x** smaller than D in fp32 and 5.2x smaller than D in fp16: "
                                 "150 bytes of sign bits (3 binary layers, 1 of them with two bases), 200 bytes of "
@@ -178,18 +202,38 @@ def test_report_renders_every_row_of_d_and_b():
 def test_report_of_d_alone_has_no_b_rows():
     text = report.render_markdown(_fixed_report(with_b=False))
     assert text.startswith("# One-step student D against its teacher\n")
-    assert "FID ratio D / teacher: **1.50**.\n" in text
-    for absent in ("Student B", "FID ratio B / D", "b_grid.png", "packed file", "| B |"):
+    assert "| ratio | FID | FID − floor |\n|---|---|---|\n| D / teacher | 1.50 | **2.00** |\n\n" in text
+    for absent in ("Student B", "| B / D |", "| B / teacher |", "b_grid.png", "packed file", "| B |"):
         assert absent not in text, absent
 
 
 def test_console_lines_name_the_report_and_the_figures(tmp_path):
     lines = report.console_lines(_fixed_report(), tmp_path)
     assert lines == [
-        "[eval_d] FID D 120.00 vs teacher 80.00 (N=8, floor 40.00); PSNR vs teacher 21.50 dB; 40.0x faster than the "
-        "10-step teacher",
-        "[eval_d] FID B 150.00 vs teacher 80.00 (N=8, floor 40.00); PSNR vs teacher 20.25 dB; 38.0x faster than the "
-        "10-step teacher",
-        "[eval_d] packed B: 500 bytes, 10.0x smaller than D in fp32; FID ratio B / D 1.25",
+        "[eval_d] FID D 120.00 vs teacher 80.00 (N=8, floor 40.00): ratio 1.50, over the floor 80.00 vs 40.00, "
+        "excess ratio 2.00; KID x1e3 12.00 vs teacher 5.00 (floor 0.10); PSNR vs teacher 21.50 dB; 40.0x faster than "
+        "the 10-step teacher",
+        "[eval_d] FID B 150.00 vs teacher 80.00 (N=8, floor 40.00): ratio 1.88, over the floor 110.00 vs 40.00, "
+        "excess ratio 2.75; KID x1e3 20.00 vs teacher 5.00 (floor 0.10); PSNR vs teacher 20.25 dB; 38.0x faster than "
+        "the 10-step teacher",
+        "[eval_d] packed B: 500 bytes, 10.0x smaller than D in fp32; FID ratio B / D 1.25, excess ratio B / D 1.38",
         f"[eval_d] report: {tmp_path / 'report.md'}",
         f"[eval_d] sample grids: {tmp_path / 'grid.png'}, {tmp_path / 'b_grid.png'}"]
+
+
+def test_a_teacher_cache_from_before_kid_is_scored_again(tmp_path, monkeypatch):
+    """An older cached teacher row (no KID) or one with other KID subsets is recomputed and rewritten; a current
+    one is served as it is."""
+    real = torch.zeros(16, 3)
+    fresh = {"fid": 80.0, "kid": 0.005, "kid_std": 0.0005, "kid_subsets": fid.kid_settings(16, 4), "n": 4}
+    calls = []
+    monkeypatch.setattr(evaluate, "sample_scores", lambda *args: calls.append(args) or dict(fresh))
+    evaluation = SimpleNamespace(lo=0, n=4, cache_dir=tmp_path, features=None, train_images=None,
+                                 cfg={"fid_batch_size": 2})
+    path = tmp_path / "teacher-records0-3-ref16.json"
+    for stale in ({"fid": 79.0, "n": 4}, {**fresh, "kid_subsets": {**fresh["kid_subsets"], "subsets": 10}}, [1, 2]):
+        path.write_text(json.dumps(stale))
+        assert evaluate.Evaluation.teacher_scores(evaluation, None, real) == fresh
+        assert json.loads(path.read_text()) == fresh
+    assert len(calls) == 3
+    assert evaluate.Evaluation.teacher_scores(evaluation, None, real) == fresh and len(calls) == 3  # served cached

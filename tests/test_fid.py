@@ -57,3 +57,52 @@ def test_a_damaged_feature_cache_is_computed_again(tmp_path):
     assert fid.cached_features(features, images, cache, 4, "test").equal(first) and calls == [4, 2]
     cache.write_bytes(cache.read_bytes()[:20])
     assert fid.cached_features(features, images, cache, 4, "test").equal(first) and calls == [4, 2, 4, 2]
+
+
+def _numpy_unbiased_kid(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD² with k(x, y) = (x·y / d + 1)³: the means of k over distinct pairs within each set, minus
+    twice the mean of k over all cross pairs."""
+    d, m, n = a.shape[1], len(a), len(b)
+    k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+    within_a = (k_aa.sum() - np.trace(k_aa)) / (m * (m - 1))
+    within_b = (k_bb.sum() - np.trace(k_bb)) / (n * (n - 1))
+    return float(within_a + within_b - 2 * k_ab.mean())
+
+
+def _features(rng, n, shift=0.0) -> torch.Tensor:
+    """Non-negative, like Inception pool features after their ReLU."""
+    return torch.from_numpy(np.abs(rng.normal(size=(n, 2048)) * 0.3 + shift))
+
+
+def test_kid_is_the_unbiased_polynomial_mmd():
+    """Equal set sizes make every subset a permutation of the whole set: one deterministic estimate, std 0."""
+    rng = np.random.default_rng(0)
+    real, fake = _features(rng, 40), _features(rng, 40, shift=0.1)
+    assert fid.kid_settings(40, 40) == {"subsets": fid.KID_SUBSETS, "subset_size": 40, "seed": fid.KID_SEED}
+    mean, std = fid.kernel_distance(real, fake)
+    expected = _numpy_unbiased_kid(real.numpy(), fake.numpy())
+    assert expected > 0 and abs(mean - expected) < 1e-9 * abs(expected) + 1e-12 and std < 1e-12
+
+
+def test_kid_of_a_set_against_itself_and_its_own_distribution_is_about_zero():
+    """Against another sample of its own distribution KID is ~0 (unbiased); against itself the off-diagonal
+    means leave -2 (mean k(x, x) - mean k(x, x')) / N, which shrinks as 1/N."""
+    rng = np.random.default_rng(1)
+    real, same, shifted = (_features(rng, 100, shift).float() for shift in (0.0, 0.0, 0.3))
+    against_shifted = fid.kernel_distance(real, shifted)[0]
+    assert against_shifted > 0.01
+    assert abs(fid.kernel_distance(real, real.clone())[0]) < 0.05 * against_shifted
+    assert abs(fid.kernel_distance(real, same)[0]) < 0.01 * against_shifted
+
+
+def test_kid_subsets_are_reproducible_and_leave_the_global_rng_alone():
+    rng = np.random.default_rng(2)
+    real, fake = _features(rng, 50).float(), _features(rng, 20, shift=0.05).float()
+    assert fid.kid_settings(50, 20)["subset_size"] == 20 and fid.kid_settings(5000, 3000)["subset_size"] == 1000
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = fid.kernel_distance(real, fake)
+    assert torch.rand(3).equal(expected_next)  # the subsets came from a fork of the global generator
+    second = fid.kernel_distance(real, fake)
+    assert first == second and first[1] > 0  # random subsets of the 50 real features: a spread, the same each run

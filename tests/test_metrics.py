@@ -1,5 +1,6 @@
-"""Precision / recall, memorization, diversity and PSNR against direct NumPy computations."""
+"""Precision / recall, memorization, diversity, PSNR and FID excess against direct computations."""
 import numpy as np
+import pytest
 import torch
 
 from pipeline import metrics
@@ -47,3 +48,23 @@ def test_slerp_keeps_the_ends_and_the_norm():
     torch.testing.assert_close(path[-1], b)
     norms = path.flatten(1).norm(dim=1)
     assert norms.min() > 0.95 * min(a.norm(), b.norm())  # a straight line would dip to about 0.7x midway
+
+
+def test_fid_excess_over_the_floor_and_its_ratios():
+    scores = {"teacher": {"fid": 57.25}, "d": {"fid": 108.04}, "b": {"fid": 119.02}, "real": {"fid": 46.44}}
+    excess = metrics.fid_excess(scores)
+    assert excess == pytest.approx({"teacher": 10.81, "d": 61.60, "b": 72.58})
+    ratios = metrics.fid_ratios(scores)
+    assert ratios["fid"] == pytest.approx({"d_over_teacher": 108.04 / 57.25, "b_over_teacher": 119.02 / 57.25,
+                                           "b_over_d": 119.02 / 108.04})
+    # the plain ratio 1.89 hides that D adds 5.7x what the teacher adds beyond the floor
+    assert ratios["fid_excess"] == pytest.approx({"d_over_teacher": 61.60 / 10.81, "b_over_teacher": 72.58 / 10.81,
+                                                  "b_over_d": 72.58 / 61.60})
+
+
+def test_fid_ratios_of_d_alone_and_of_a_teacher_at_the_floor():
+    scores = {"teacher": {"fid": 40.0}, "d": {"fid": 50.0}, "real": {"fid": 41.0}}
+    assert metrics.fid_excess(scores) == pytest.approx({"teacher": -1.0, "d": 9.0})
+    ratios = metrics.fid_ratios(scores)
+    assert ratios["fid"] == pytest.approx({"d_over_teacher": 1.25})
+    assert ratios["fid_excess"] == {"d_over_teacher": None}  # no excess to divide by: no ratio

@@ -1,0 +1,166 @@
+"""The distribution-level term of D: its losses against NumPy, the teacher encoder, training with it, its
+state in the checkpoint only, an exact resume, refused keys, no Inception anywhere near a training loss, and a
+diverged run that stops with one sentence."""
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import adversarial, checkpoint, generate, students, teacher_data, teachers
+from pipeline.train_d import DTrainer
+
+from conftest import ROOT, assert_one_sentence_error, cli_args, run_distill_in_process, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, small_teacher):
+    folder = tmp_path_factory.mktemp("adv_data")
+    generate.generate(tiny_config({"teacher_path": small_teacher, "data_dir": folder}))
+    return folder
+
+
+def _cfg(teacher, data, run, **overrides):
+    return tiny_config({"teacher_path": teacher, "data_dir": data, "d_run_dir": run, "data_workers": 0,
+                        "lambda_adv": 0.1, "lambda_feat": 1.0, **overrides})
+
+
+def _logits(rng, shapes):
+    return [torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+
+
+def test_losses_match_their_numpy_formulas():
+    rng = np.random.default_rng(0)
+    shapes = [(4, 1, 8, 8), (4, 1, 4, 4)]
+    real, fake = _logits(rng, shapes), _logits(rng, shapes)
+    hinge = np.mean([np.maximum(0, 1 - r.numpy()).mean() + np.maximum(0, 1 + f.numpy()).mean()
+                     for r, f in zip(real, fake)])
+    assert float(adversarial.hinge_discriminator_loss(real, fake)) == pytest.approx(hinge, rel=1e-6)
+    assert float(adversarial.generator_loss(fake)) == pytest.approx(-np.mean([f.numpy().mean() for f in fake]),
+                                                                     rel=1e-6)
+    a, b = _logits(rng, [(2, 3, 4, 4), (2, 5, 2, 2)]), _logits(rng, [(2, 3, 4, 4), (2, 5, 2, 2)])
+    feat = np.mean([((x.numpy() - y.numpy()) ** 2).mean() for x, y in zip(a, b)])
+    assert float(adversarial.feature_loss(a, b)) == pytest.approx(feat, rel=1e-6)
+
+
+def test_teacher_encoder_gives_the_full_unets_own_features(small_teacher):
+    unet, _, _ = teachers.load_teacher(tiny_config({"teacher_path": small_teacher}))
+    encoder = adversarial.TeacherEncoder(unet)
+    seen = []
+    hooks = [b.resnets[0].register_forward_hook(lambda m, i, o: seen.append(o)) for b in unet.down_blocks]
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o)))
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([0, 5, 900])
+    with torch.no_grad():
+        unet(x, t)
+        levels = encoder(x, t)
+    for hook in hooks:
+        hook.remove()
+    assert [f.shape[1] for f in levels] == encoder.channels
+    assert len(levels) == len(seen) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(levels, seen))
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_training_with_the_term_keeps_the_heads_in_the_checkpoint_only(small_teacher, tiny_data, tmp_path):
+    DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "run", d_train_steps=10, d_checkpoint_every=10)).run()
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert {"loss_adv", "loss_feat", "loss_disc", "disc_real_logit", "disc_fake_logit"} <= set(stats[-1])
+    state = torch.load(tmp_path / "run" / checkpoint.LATEST, weights_only=True)
+    assert state["adversary_heads"] and state["adversary_optimizer"]["state"]
+    exported = students.read_safetensors(tmp_path / "run" / "student" / students.WEIGHTS_FILE)[0]
+    plain = students.StudentD.from_config(students.load_student(tmp_path / "run" / "student").config)
+    assert set(exported) == set(plain.state_dict())  # the exported D holds D's own tensors, nothing of the term
+
+
+def _fixed_batches(trainer):
+    """Batch k is a function of k alone, so an interrupted run and an uninterrupted one read the same data."""
+    rows = teacher_data.read_range(trainer.manifest, *trainer.train_range)
+    size = trainer.local_batch
+
+    def stream():
+        if trainer.step == 0:
+            trainer.first_batch({k: v[:size] for k, v in rows.items()})
+        k = trainer.step
+        while True:
+            pick = [(k * size + i) % len(rows["index"]) for i in range(size)]
+            yield {key: value[pick] for key, value in rows.items()}
+            k += 1
+    return stream()
+
+
+def test_resume_after_an_interrupt_is_bit_identical(small_teacher, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(DTrainer, "batches", _fixed_batches)
+    cfg = dict(d_train_steps=6, d_checkpoint_every=2)
+    DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "straight", **cfg)).run()
+
+    def stop_at_3(trainer):
+        if trainer.step == 3:
+            raise KeyboardInterrupt  # what cli.main turns SIGTERM into
+    monkeypatch.setattr(DTrainer, "periodic", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "resumed", **cfg)).run()
+    monkeypatch.undo()
+    monkeypatch.setattr(DTrainer, "batches", _fixed_batches)
+    assert torch.load(tmp_path / "resumed" / checkpoint.LATEST, weights_only=True)["step"] == 3
+    DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "resumed", **cfg)).run()
+    a, b = (torch.load(tmp_path / r / checkpoint.LATEST, weights_only=True) for r in ("straight", "resumed"))
+    for part in ("model", "adversary_heads"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("lambda_adv", "-1", "'lambda_adv' must be zero or positive"),
+    ("lambda_feat", "nan", "'lambda_feat' must be zero or positive"),
+    ("adv_real", "test", "'adv_real'"),
+    ("adv_t_max", "0", "'adv_t_max' must be within (0, 1]"),
+    ("adv_lr", "0", "'adv_lr' must be positive"),
+])
+def test_each_new_key_is_refused_with_one_sentence(capsys, small_teacher, tiny_data, tmp_path, key, value, fragment):
+    args = cli_args({"teacher_path": small_teacher, "data_dir": tiny_data, "d_run_dir": tmp_path / "run"})
+    result = run_distill_in_process(capsys, "--mode", "train_d", *args, f"{key}={value}")
+    assert_one_sentence_error(result, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def _imported_modules(path: Path) -> set:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names.add((node.module or "").split(".")[-1] if node.level else node.module)
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_no_training_loss_reaches_the_inception_network(small_teacher, tiny_data, tmp_path, monkeypatch):
+    # statically: no module a training stage imports for its loss reads the FID network
+    training = ["train_d", "binarize", "losses", "adversarial", "feature_losses", "student_trainer", "trainer"]
+    for name in training:
+        assert not {"fid", "InceptionFeatures", "torchmetrics"} & _imported_modules(ROOT / "pipeline" / f"{name}.py")
+    # and at run time: a D step with every loss term on never builds or calls it
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Inception network was loaded during training")
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    from pipeline import fid
+    monkeypatch.setattr(fid.InceptionFeatures, "__init__", refuse)
+    DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "run", d_train_steps=2, adv_real="dataset",
+                  verify_dataset_md5=False)).run()
+
+
+def test_a_diverged_run_stops_with_one_sentence_and_keeps_its_last_checkpoint(capsys, small_teacher, tiny_data,
+                                                                            tmp_path):
+    args = cli_args({"teacher_path": small_teacher, "data_dir": tiny_data, "d_run_dir": tmp_path / "run",
+                     "d_train_steps": 8, "d_checkpoint_every": 2, "d_lr": 1e4, "d_lr_warmup_fraction": 0.01})
+    result = run_distill_in_process(capsys, "--mode", "train_d", *args)
+    assert_one_sentence_error(result, "diverged at step", "lower the learning rate")
+    saved = torch.load(tmp_path / "run" / checkpoint.LATEST, weights_only=True) if (
+        tmp_path / "run" / checkpoint.LATEST).exists() else None
+    if saved is not None:  # whatever was kept holds finite weights only
+        assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    weights = tmp_path / "run" / "student" / students.WEIGHTS_FILE
+    if weights.exists():
+        assert all(torch.isfinite(v).all() for v in students.read_safetensors(weights)[0].values())
