@@ -5,7 +5,7 @@ with its time path folded and its convolutions and linears binarized (``student_
 loss, per batch of teacher records:
 
     L = d_losses(B, records) + lambda_d_outputs * d_losses(B, D's predictions)
-        + lambda_spd * SPD(D, B) + lambda_lrm * LRM(D, B)
+        + lambda_spd * SPD(D, B) + lambda_lrm * LRM(D, B)  [+ the distribution-level term of D, on B's images]
 
 The output losses are those of D (rin, chunks, x0), once against the teacher's records and once
 against D's own predictions for the same x_T; SPD and LRM compare the block features of D and B
@@ -28,7 +28,8 @@ from .student_trainer import StudentTrainer, data_fingerprint
 
 RUN_KEYS = ("data_dir", "b_train_steps", "b_batch_size", "b_lr", "b_lr_warmup_fraction", "b_weight_decay",
             "lambda_rin", "lambda_chunks", "lambda_x0", "lambda_d_outputs", "lambda_spd", "lambda_lrm",
-            "b_progressive_every", "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed",
+            "b_progressive_every", "loss_metric", "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr",
+            "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed",
             *packed.BINARIZATION_KEYS)
 EVERYTHING = 10 ** 9  # a step after every progressive ring
 
@@ -74,6 +75,7 @@ class BTrainer(StudentTrainer):
                   + (f"progressive rings every {cfg['b_progressive_every']} steps; " if cfg["b_progressive_every"]
                      else "all layers binary from step 0; ")
                   + f"autocast={self.amp or 'off (fp32)'}")
+        self.start_adversary()  # the teacher that made the data is loaded only for it
         self.resume()
 
     # --- the model
@@ -101,9 +103,10 @@ class BTrainer(StudentTrainer):
 
     # --- LRM bases live in the checkpoint
     def extra_state(self):
-        return {"lrm_bases": self.bases.state_dict()}
+        return {**super().extra_state(), "lrm_bases": self.bases.state_dict()}
 
     def load_extra_state(self, state):
+        super().load_extra_state(state)
         self.bases.load_fitted(state["lrm_bases"])
 
     def batches(self):
@@ -138,7 +141,8 @@ class BTrainer(StudentTrainer):
         flipped = sum(int(new.ne(old).sum()) for new, old in zip(signs, self._signs))
         self._signs = signs
         active = sum(layer.is_active for layer in self.binary_layers)
-        return {"sign_flip_fraction": flipped / self.binary_count(), "binary_layers_active": active}
+        return {**super().after_step(), "sign_flip_fraction": flipped / self.binary_count(),
+                "binary_layers_active": active}
 
     def loss(self, batch):
         cfg = self.cfg
@@ -146,7 +150,7 @@ class BTrainer(StudentTrainer):
         with runtime.autocast(self.amp, self.device):
             pred_b = self.network(batch["x_T"])
         feats_b = self.taps_b.take()
-        total, parts, per_chunk, _ = d_losses(self.model, pred_b, batch, cfg)
+        total, parts, per_chunk, images = d_losses(self.model, pred_b, batch, cfg)
         logged = {f"loss_{k}": v.item() for k, v in parts.items()}
         if cfg["lambda_d_outputs"]:
             z_d = pred_d["rin"].float() + pred_d["chunks"].float().sum(dim=1)
@@ -163,7 +167,7 @@ class BTrainer(StudentTrainer):
             lrm = self.bases.loss(feats_d, feats_b)
             total = total + cfg["lambda_lrm"] * lrm
             logged["loss_lrm"] = lrm.item()
-        return total, {**logged, "chunk_losses": per_chunk.tolist()}
+        return self.with_adversary(total, {**logged, "chunk_losses": per_chunk.tolist()}, images, batch)
 
     # --- export
     def ema_b(self):

@@ -94,15 +94,17 @@ class _Table(dict):
 def _what_to_work_on(table):
     table.section = "what to work on"
     table.add("name", "fashion_mnist", EVERY, "run name: output folders are named after it")
-    table.add("dataset", "fashion_mnist", ("pretrain", "rectify", "teacher_sample", "train_d", "eval_d"), "image dataset",
+    table.add("dataset", "fashion_mnist", ("pretrain", "rectify", "teacher_sample") + TRAINING + ("eval_d",),
+              "image dataset",
               choices=("fashion_mnist", "cifar10"))
-    table.add("dataset_dir", "/usr/share/datasets/fashion-mnist", ("pretrain", "rectify", "teacher_sample", "train_d",
-                                                                 "eval_d"),
+    table.add("dataset_dir", "/usr/share/datasets/fashion-mnist", ("pretrain", "rectify", "teacher_sample")
+              + TRAINING + ("eval_d",),
               "folder of the dataset's files", folder=".")
     table.add("teacher_path", "Diffusion/fashion_mnist", ("pretrain", "rectify", "teacher_sample", "generate", "repair",
-                                                           "train_d", "eval_d"),
+                                                           "train_d", "binarize", "eval_d"),
               "teacher in diffusers layout (<path>/unet, <path>/scheduler)", folder=".")
-    table.add("teacher_hub_id", "", ("rectify", "teacher_sample", "generate", "repair", "train_d", "eval_d"),
+    table.add("teacher_hub_id", "", ("rectify", "teacher_sample", "generate", "repair", "train_d", "binarize",
+                                     "eval_d"),
               "hub id tried when teacher_path holds no weights (\"\" = never)")
 
 
@@ -229,6 +231,9 @@ def _student_d(table):
     table.add("lambda_rin", 1.0, TRAINING, "weight of the rin0 loss (latent space only)", range=NON_NEGATIVE)
     table.add("lambda_chunks", 1.0, TRAINING, "weight of the chunk losses", range=NON_NEGATIVE)
     table.add("lambda_x0", 0.1, TRAINING, "weight of the loss on the read-out image", range=NON_NEGATIVE)
+    table.add("loss_metric", "mse", TRAINING, "distance of the output losses: mse (the reference's) | pseudo_huber "
+              "(improved consistency training's, per image or chunk, scaled to an RMS error)",
+              choices=("mse", "pseudo_huber"))
     table.add("holdout_samples", 256, TRAINING + ("eval_d",), "records 0..N-1 are never trained on; eval_d uses them",
               range=POSITIVE)
     table.add("train_samples", 0, TRAINING, "training records after the held-out ones (0 = all)", range=NON_NEGATIVE)
@@ -238,15 +243,15 @@ def _student_d(table):
 
 
 def _distribution_term(table):
-    table.section = ("distribution-level term of D (docs/design.md §4): a discriminator on the frozen teacher's "
+    table.section = ("distribution-level term of D and B (docs/design.md §4): a discriminator on the frozen teacher's "
                      "features of noised images")
-    d = ("train_d",)
+    d = TRAINING
     table.add("lambda_adv", 0.0, d, "weight of the adversarial (hinge) loss against discriminator heads on the frozen "
               "teacher's encoder features of noised images (0 = off)", range=NON_NEGATIVE)
-    table.add("lambda_feat", 0.0, d, "weight of the paired feature loss: the teacher's encoder features of D's and the "
-              "teacher's image of the same x_T, noised alike (0 = off)", range=NON_NEGATIVE)
+    table.add("lambda_feat", 0.0, d, "weight of the paired feature loss: the teacher's encoder features of the student's "
+              "and the teacher's image of the same x_T, noised alike (0 = off)", range=NON_NEGATIVE)
     table.add("adv_real", "teacher", d, "the discriminator's real images: teacher (the batch's teacher images) | "
-              "dataset (the training split, so D may pass its teacher)", choices=("teacher", "dataset"))
+              "dataset (the training split, so a student may pass its teacher)", choices=("teacher", "dataset"))
     table.add("adv_t_max", 0.3, d, "the features are read at t ~ U{0..adv_t_max*(T-1)}",
               range=Range(0, 1, low_open=True))
     table.add("adv_lr", 0.0002, d, "learning rate of the discriminator heads (Adam, betas 0 and 0.99)",
@@ -324,7 +329,7 @@ def _evaluation(table):
     table.add("throughput_batch", 64, ("eval_d",), "batch of the images/s measurement", range=POSITIVE)
     table.add("walk_frames", 120, ("eval_d",), "frames of the latent walk between the first two held-out x_T "
               "(0 = no walk)", range=NON_NEGATIVE)
-    table.add("verify_dataset_md5", True, ("pretrain", "rectify", "teacher_sample", "train_d", "eval_d"),
+    table.add("verify_dataset_md5", True, ("pretrain", "rectify", "teacher_sample") + TRAINING + ("eval_d",),
               "check the published MD5 sums of the image dataset")
     table.add("sample_student", "b", ("sample",), "b (the packed B) | d (the full-precision D)", choices=("b", "d"))
     table.add("sample_first", 0, ("sample",),

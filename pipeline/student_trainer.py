@@ -8,7 +8,7 @@ sha256), and resuming on data that grew or changed is refused. The EMA student i
 checkpoint, and every ``snapshot_every`` steps into ``snapshots/``.
 """
 
-from . import distributed, teacher_data
+from . import adversarial, distributed, teacher_data
 from .config import output_dir
 from .errors import UserError
 from .trainer import Recipe, Trainer, one_cycle
@@ -22,9 +22,11 @@ def data_fingerprint(manifest) -> dict:
 
 
 class StudentTrainer(Trainer):
-    """Subclasses set ``run_keys`` and implement ``build_model``, ``loss`` and ``export``."""
+    """Subclasses set ``run_keys`` and implement ``build_model``, ``loss`` and ``export``; one that calls
+    ``start_adversary`` adds ``with_adversary`` to its loss."""
 
     export_name = "student"  # the EMA student is written to <run>/<export_name> at every checkpoint
+    adversary = None  # the distribution-level term (adversarial.AdversarialTerm), when the config asks for it
 
     def __init__(self, cfg, prefix: str, stage: str):
         self.prefix = prefix
@@ -39,6 +41,37 @@ class StudentTrainer(Trainer):
 
     def first_batch(self, batch):
         """Called once on a fresh run with the first batch, which is then not trained on."""
+
+    # --- the distribution-level term (docs/design.md §4)
+    def start_adversary(self, teacher=None, alphas_cumprod=None):
+        """Build the term ``lambda_adv`` / ``lambda_feat`` ask for (before ``resume``, which loads its heads); the
+        teacher that made the data is loaded when not given."""
+        cfg = self.cfg
+        if cfg["lambda_adv"] == 0 and cfg["lambda_feat"] == 0:
+            return
+        if teacher is None:
+            teacher, ddpm, _ = teacher_data.teacher_of(cfg, self.manifest, "cpu")
+            alphas_cumprod = ddpm.alphas_cumprod
+        self.adversary = adversarial.AdversarialTerm.from_config(cfg, teacher, alphas_cumprod, self.device, self.amp)
+        if distributed.is_main():
+            print(f"[{self.recipe.stage}] distribution-level term: {self.adversary.describe()}")
+
+    def with_adversary(self, loss, logged: dict, images, batch):
+        """The step's loss and log with the term's part added (unchanged without it)."""
+        if self.adversary is None:
+            return loss, logged
+        weighted, parts = self.adversary.student_loss(images, batch["x0"], self.step)
+        return loss + weighted, {**logged, **{f"loss_{k}": v.item() for k, v in parts.items()}}
+
+    def after_step(self) -> dict:
+        return self.adversary.update_discriminator() if self.adversary is not None else {}
+
+    def extra_state(self) -> dict:
+        return self.adversary.state_dict() if self.adversary is not None else {}
+
+    def load_extra_state(self, state: dict):
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state)
 
     # --- the loop's hooks
     def make_schedule(self):

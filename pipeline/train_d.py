@@ -8,14 +8,15 @@ start of the heads' linear rin paths. The training machinery (schedule, EMA, res
 stats, data checks) is ``student_trainer.StudentTrainer``; the EMA student is written to ``<run>/student`` at every
 checkpoint.
 """
-from . import adversarial, atomic, distributed, runtime, students, teacher_data
+from . import atomic, distributed, runtime, students, teacher_data
 from .losses import d_losses
 from .student_trainer import StudentTrainer
 
 # Keys whose change makes a saved run a different experiment: resuming with other values is refused.
 RUN_KEYS = ("data_dir", "d_init", "d_head_channels", "d_train_steps", "d_batch_size", "d_lr",
             "d_lr_warmup_fraction", "d_weight_decay", "lambda_rin", "lambda_chunks", "lambda_x0",
-            "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr", "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed")
+            "loss_metric", "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr", "holdout_samples",
+            "train_samples", "ema_decay", "grad_clip", "seed")
 
 
 class DTrainer(StudentTrainer):
@@ -24,15 +25,12 @@ class DTrainer(StudentTrainer):
     def __init__(self, cfg):
         super().__init__(cfg, "d", "train_d")
         self.ddp_unused_parameters = not self.model.reads_every_depth
-        self.adversary = adversarial.AdversarialTerm.from_config(cfg, self.teacher_unet, self.alphas_cumprod,
-                                                                 self.device, self.amp)
         if distributed.is_main():
             print(f"[train_d] D: {students.parameter_count(self.model):,} parameters ({cfg['d_init']} init), "
                   f"chunk groups by decoder depth {self.model.groups}; autocast={self.amp or 'off (fp32)'}; "
                   f"held-out records {self.holdout[0]}..{self.holdout[1] - 1}, training records "
                   f"{self.train_range[0]}..{self.train_range[1] - 1}{self.processes_note()}")
-            if self.adversary is not None:
-                print(f"[train_d] distribution-level term: {self.adversary.describe()}")
+        self.start_adversary(self.teacher_unet, self.alphas_cumprod)
         self.resume()
 
     def build_model(self):
@@ -55,20 +53,8 @@ class DTrainer(StudentTrainer):
         with runtime.autocast(self.amp, self.device):
             pred = self.network(batch["x_T"])
         loss, parts, per_chunk, images = d_losses(self.model, pred, batch, self.cfg)
-        if self.adversary is not None:
-            weighted, adv_parts = self.adversary.student_loss(images, batch["x0"], self.step)
-            loss, parts = loss + weighted, {**parts, **adv_parts}
-        return loss, {**{f"loss_{k}": v.item() for k, v in parts.items()}, "chunk_losses": per_chunk.tolist()}
-
-    def after_step(self) -> dict:
-        return self.adversary.update_discriminator() if self.adversary is not None else {}
-
-    def extra_state(self) -> dict:
-        return self.adversary.state_dict() if self.adversary is not None else {}
-
-    def load_extra_state(self, state: dict):
-        if self.adversary is not None:
-            self.adversary.load_state_dict(state)
+        logged = {**{f"loss_{k}": v.item() for k, v in parts.items()}, "chunk_losses": per_chunk.tolist()}
+        return self.with_adversary(loss, logged, images, batch)
 
     def export(self, folder):
         students.save_student(self.ema_model(students.StudentD.from_config(self.model.config)), folder)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import adversarial, checkpoint, generate, students, teacher_data, teachers
+from pipeline import adversarial, checkpoint, generate, packed, students, teacher_data, teachers
+from pipeline.binarize import BTrainer
 from pipeline.train_d import DTrainer
 
 from conftest import ROOT, assert_one_sentence_error, cli_args, run_distill_in_process, tiny_config
@@ -45,6 +46,32 @@ def test_losses_match_their_numpy_formulas():
     assert float(adversarial.feature_loss(a, b)) == pytest.approx(feat, rel=1e-6)
 
 
+@pytest.mark.parametrize("metric", ["mse", "pseudo_huber"])
+def test_output_losses_match_their_numpy_formulas(metric):
+    from pipeline.losses import PSEUDO_HUBER_C, d_losses
+    rng = np.random.default_rng(1)
+    pred = {"rin": torch.from_numpy(rng.standard_normal((3, 1, 8, 8)).astype(np.float32)),
+            "chunks": torch.from_numpy(0.1 * rng.standard_normal((3, 4, 1, 8, 8)).astype(np.float32))}
+    batch = {"chunks": torch.from_numpy(0.1 * rng.standard_normal((3, 4, 1, 8, 8)).astype(np.float32)),
+             "x0": torch.from_numpy(rng.uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32))}
+    student = students.StudentD(dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 8],
+                                     down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2,
+                                     layers_per_block=1, norm_num_groups=4), chunks=4, image_channels=1,
+                                latent_channels=1, space="pixel", timestep=9, head_channels=4)
+    cfg = {"loss_metric": metric, "lambda_chunks": 1.0, "lambda_x0": 0.1, "lambda_rin": 1.0}
+    total, parts, _, images = d_losses(student, pred, batch, cfg)
+
+    def dist(a, b, axes):
+        ms = ((a - b) ** 2).mean(axis=axes)
+        return ms.mean() if metric == "mse" else (np.sqrt(ms + PSEUDO_HUBER_C ** 2) - PSEUDO_HUBER_C).mean()
+    p, t = {k: v.numpy() for k, v in pred.items()}, {k: v.numpy() for k, v in batch.items()}
+    image = p["rin"] + p["chunks"].sum(axis=1)
+    assert np.allclose(images.numpy(), image, atol=1e-6)
+    expected = dist(p["chunks"], t["chunks"], (2, 3, 4)) + 0.1 * dist(image, t["x0"], (1, 2, 3))
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    assert float(parts["chunks"]) == pytest.approx(dist(p["chunks"], t["chunks"], (2, 3, 4)), rel=1e-5)
+
+
 def test_teacher_encoder_gives_the_full_unets_own_features(small_teacher):
     unet, _, _ = teachers.load_teacher(tiny_config({"teacher_path": small_teacher}))
     encoder = adversarial.TeacherEncoder(unet)
@@ -71,6 +98,19 @@ def test_training_with_the_term_keeps_the_heads_in_the_checkpoint_only(small_tea
     exported = students.read_safetensors(tmp_path / "run" / "student" / students.WEIGHTS_FILE)[0]
     plain = students.StudentD.from_config(students.load_student(tmp_path / "run" / "student").config)
     assert set(exported) == set(plain.state_dict())  # the exported D holds D's own tensors, nothing of the term
+
+
+def test_b_trains_with_the_term_and_packs_only_b(small_teacher, tiny_data, tmp_path):
+    DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "d", d_train_steps=2, lambda_adv=0, lambda_feat=0)).run()
+    cfg = _cfg(small_teacher, tiny_data, tmp_path / "d", b_run_dir=tmp_path / "b", b_train_steps=4,
+               b_checkpoint_every=4)
+    trainer = BTrainer(cfg)
+    trainer.run()
+    stats = [json.loads(line) for line in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
+    assert {"loss_adv", "loss_feat", "loss_disc", "sign_flip_fraction"} <= set(stats[-1])
+    state = torch.load(tmp_path / "b" / checkpoint.LATEST, weights_only=True)
+    assert state["adversary_heads"] and "lrm_bases" in state
+    assert packed.load_packed(tmp_path / "b" / "packed") is not None  # built from B's config alone
 
 
 def _fixed_batches(trainer):
