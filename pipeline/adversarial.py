@@ -59,7 +59,12 @@ class TeacherEncoder(nn.Module):
             raise UserError("the adversarial term reads a plain UNet2DModel's encoder, and this teacher is class-"
                             "conditional or has skip-sample blocks; set lambda_adv=0 and lambda_feat=0")
         self.unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        self.channels = [b.resnets[0].out_channels for b in unet.down_blocks] + [unet.config.block_out_channels[-1]]
+        size, channels = unet.config.sample_size, unet.config.in_channels
+        size = size if isinstance(size, int) else size[0]
+        with torch.no_grad():
+            levels = self(torch.zeros(1, channels, size, size), torch.zeros(1, dtype=torch.long))
+        self.channels = [f.shape[1] for f in levels]
+        self.strides = [2 if f.shape[-1] >= size else 1 for f in levels]  # full-resolution levels are read at half
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: its norms and dropout never switch to training behaviour
@@ -76,18 +81,23 @@ class TeacherEncoder(nn.Module):
         return levels
 
 
-class Head(nn.Sequential):
-    """One level's patch logits: spectral-norm 3x3, LeakyReLU, spectral-norm 1x1 to one channel."""
+HEAD_WIDTH = 64
 
-    def __init__(self, channels: int):
-        super().__init__(spectral_norm(nn.Conv2d(channels, channels, 3, padding=1)), nn.LeakyReLU(0.2),
-                         spectral_norm(nn.Conv2d(channels, 1, 1)))
+
+class Head(nn.Sequential):
+    """One level's patch logits: two spectral-norm 3x3 convolutions of ``HEAD_WIDTH`` channels with LeakyReLU, then a
+    spectral-norm 1x1 to one logit per position. ``stride`` 2 on a full-resolution level keeps its cost down."""
+
+    def __init__(self, channels: int, stride: int = 1):
+        super().__init__(spectral_norm(nn.Conv2d(channels, HEAD_WIDTH, 3, stride=stride, padding=1)), nn.LeakyReLU(0.2),
+                         spectral_norm(nn.Conv2d(HEAD_WIDTH, HEAD_WIDTH, 3, padding=1)), nn.LeakyReLU(0.2),
+                         spectral_norm(nn.Conv2d(HEAD_WIDTH, 1, 1)))
 
 
 class Discriminator(nn.Module):
-    def __init__(self, channels: list):
+    def __init__(self, channels: list, strides: list):
         super().__init__()
-        self.heads = nn.ModuleList(Head(c) for c in channels)
+        self.heads = nn.ModuleList(Head(c, s) for c, s in zip(channels, strides))
 
     def forward(self, levels: list) -> list:
         return [head(f) for head, f in zip(self.heads, levels)]
@@ -120,7 +130,7 @@ class AdversarialTerm:
         if cfg["lambda_adv"] > 0:
             with torch.random.fork_rng(devices=[]):  # the heads start alike on every rank and in every rerun
                 torch.manual_seed(cfg["seed"])
-                self.discriminator = Discriminator(self.encoder.channels).to(device)
+                self.discriminator = Discriminator(self.encoder.channels, self.encoder.strides).to(device)
             self.opt = torch.optim.Adam(self.discriminator.parameters(), lr=cfg["adv_lr"], betas=(0.0, 0.99))
 
     @classmethod
@@ -155,7 +165,9 @@ class AdversarialTerm:
         cfg = self.cfg
         t, eps, dataset_real = self._draws(images, step)
         fake = self._features(images, t, eps, grad=True)
-        teacher = self._features(teacher_images, t, eps, grad=False)
+        teacher = None
+        if cfg["lambda_feat"] > 0 or (self.discriminator is not None and dataset_real is None):
+            teacher = self._features(teacher_images, t, eps, grad=False)
         parts, total = {}, 0.0
         if cfg["lambda_feat"] > 0:
             parts["feat"] = feature_loss(fake, teacher)

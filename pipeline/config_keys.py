@@ -252,9 +252,9 @@ def _distribution_term(table):
               "and the teacher's image of the same x_T, noised alike (0 = off)", range=NON_NEGATIVE)
     table.add("adv_real", "teacher", d, "the discriminator's real images: teacher (the batch's teacher images) | "
               "dataset (the training split, so a student may pass its teacher)", choices=("teacher", "dataset"))
-    table.add("adv_t_max", 0.3, d, "the features are read at t ~ U{0..adv_t_max*(T-1)}",
+    table.add("adv_t_max", 0.01, d, "the features are read at t ~ U{0..adv_t_max*(T-1)}",
               range=Range(0, 1, low_open=True))
-    table.add("adv_lr", 0.0002, d, "learning rate of the discriminator heads (Adam, betas 0 and 0.99)",
+    table.add("adv_lr", 0.002, d, "learning rate of the discriminator heads (Adam, betas 0 and 0.99)",
               range=POSITIVE)
 
 
