@@ -103,9 +103,9 @@ class Discriminator(nn.Module):
         return [head(f) for head, f in zip(self.heads, levels)]
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of one step's draws: a function of (seed, step) alone, so resuming changes nothing."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 0xAD7]).generate_state(1)[0]))
+def step_generator(seed: int, step: int, stream: int = 0xAD7) -> torch.Generator:
+    """The generator of one step's draws: a function of (seed, step, stream) alone, so resuming changes nothing."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]))
 
 
 def _mean_logit(logits: list) -> float:
@@ -144,6 +144,18 @@ class AdversarialTerm:
             real = torch.from_numpy(load_images(cfg, "train"))  # the training split only: the test split is eval's
         return cls(cfg, teacher_unet, alphas_cumprod, device, amp, real)
 
+    def extra_noise(self, x_T, step: int) -> torch.Tensor:
+        """``x_T`` followed by ``adv_extra_noise`` fresh x_T (this process's share), rounded to float16 as generate
+        rounds the records' x_T. They have no teacher image: only the distribution-level term sees the student's
+        images of them, so it shapes the student on noise beyond the teacher data (the held-out records' x_T are
+        drawn from other streams, so never among them)."""
+        count = self.cfg["adv_extra_noise"] // distributed.world()
+        if count == 0 or self.discriminator is None:  # the paired feature loss has no use for unpaired noise
+            return x_T
+        g = step_generator(self.cfg["seed"] + 7919 * distributed.rank(), step, stream=0xF2E5)
+        fresh = torch.randn((count, *x_T.shape[1:]), generator=g).half().float()
+        return torch.cat([x_T, fresh.to(x_T.device)])
+
     def _draws(self, images, step):
         g = step_generator(self.cfg["seed"] + 7919 * distributed.rank(), step)
         t = torch.randint(0, self.t_max + 1, (len(images),), generator=g)
@@ -160,17 +172,17 @@ class AdversarialTerm:
             return self.encoder(abar.sqrt() * images + (1 - abar).sqrt() * eps, t)
 
     def student_loss(self, images, teacher_images, step: int):
-        """(weighted total, {name: scalar tensor}) for the student's images of one batch (with their graph) and
-        the teacher's images of the same x_T."""
-        cfg = self.cfg
+        """(weighted total, {name: scalar tensor}) for the student's images (with their graph) of one batch and of
+        its extra noise (``extra_noise``), and the teacher's images of the batch (its first rows)."""
+        cfg, n = self.cfg, len(teacher_images)
         t, eps, dataset_real = self._draws(images, step)
         fake = self._features(images, t, eps, grad=True)
         teacher = None
         if cfg["lambda_feat"] > 0 or (self.discriminator is not None and dataset_real is None):
-            teacher = self._features(teacher_images, t, eps, grad=False)
+            teacher = self._features(teacher_images, t[:n], eps[:n], grad=False)
         parts, total = {}, 0.0
         if cfg["lambda_feat"] > 0:
-            parts["feat"] = feature_loss(fake, teacher)
+            parts["feat"] = feature_loss([f[:n] for f in fake], teacher)
             total = total + cfg["lambda_feat"] * parts["feat"]
         if self.discriminator is not None:
             real = teacher if dataset_real is None else self._features(dataset_real.to(self.device), t, eps, False)
@@ -206,7 +218,8 @@ class AdversarialTerm:
         if self.discriminator is not None:
             terms.append(f"adversarial loss x{cfg['lambda_adv']:g} (real = {cfg['adv_real']}, discriminator heads "
                          f"{sum(p.numel() for p in self.discriminator.parameters()):,} parameters, lr "
-                         f"{cfg['adv_lr']:g})")
+                         f"{cfg['adv_lr']:g}"
+                         + (f", {cfg['adv_extra_noise']} extra x_T per step" if cfg["adv_extra_noise"] else "") + ")")
         return f"{' and '.join(terms)} on the frozen teacher's encoder features at t <= {self.t_max}"
 
     def state_dict(self) -> dict:

@@ -24,12 +24,12 @@ from .d_outputs import DOutputs
 from .errors import UserError
 from .feature_losses import FeatureTaps, LowRankBases, spd_loss
 from .losses import d_losses
-from .student_trainer import StudentTrainer, data_fingerprint
+from .student_trainer import StudentTrainer, batch_rows, data_fingerprint
 
 RUN_KEYS = ("data_dir", "b_train_steps", "b_batch_size", "b_lr", "b_lr_warmup_fraction", "b_weight_decay",
             "lambda_rin", "lambda_chunks", "lambda_x0", "lambda_d_outputs", "lambda_spd", "lambda_lrm",
             "b_progressive_every", "loss_metric", "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr",
-            "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed",
+            "adv_extra_noise", "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed",
             *packed.BINARIZATION_KEYS)
 EVERYTHING = 10 ** 9  # a step after every progressive ring
 
@@ -147,9 +147,11 @@ class BTrainer(StudentTrainer):
     def loss(self, batch):
         cfg = self.cfg
         pred_d, feats_d = self.d_forward(batch)
+        n = len(batch["x_T"])
         with runtime.autocast(self.amp, self.device):
-            pred_b = self.network(batch["x_T"])
-        feats_b = self.taps_b.take()
+            pred_all = self.network(self.student_inputs(batch))
+        feats_b = {name: f[:n] for name, f in self.taps_b.take().items()}  # D's features exist for the batch only
+        pred_b = batch_rows(pred_all, n)
         total, parts, per_chunk, images = d_losses(self.model, pred_b, batch, cfg)
         logged = {f"loss_{k}": v.item() for k, v in parts.items()}
         if cfg["lambda_d_outputs"]:
@@ -167,7 +169,7 @@ class BTrainer(StudentTrainer):
             lrm = self.bases.loss(feats_d, feats_b)
             total = total + cfg["lambda_lrm"] * lrm
             logged["loss_lrm"] = lrm.item()
-        return self.with_adversary(total, {**logged, "chunk_losses": per_chunk.tolist()}, images, batch)
+        return self.with_adversary(total, {**logged, "chunk_losses": per_chunk.tolist()}, images, batch, pred_all)
 
     # --- export
     def ema_b(self):

@@ -8,7 +8,9 @@ sha256), and resuming on data that grew or changed is refused. The EMA student i
 checkpoint, and every ``snapshot_every`` steps into ``snapshots/``.
 """
 
-from . import adversarial, distributed, teacher_data
+import torch
+
+from . import adversarial, distributed, students, teacher_data
 from .config import output_dir
 from .errors import UserError
 from .trainer import Recipe, Trainer, one_cycle
@@ -21,12 +23,18 @@ def data_fingerprint(manifest) -> dict:
     return {k: generator.get(k) for k in DATA_KEYS}
 
 
+def batch_rows(pred: dict, n: int) -> dict:
+    """The first ``n`` rows of every prediction: the batch's own, without the term's extra noise."""
+    return {k: v[:n] for k, v in pred.items()}
+
+
 class StudentTrainer(Trainer):
     """Subclasses set ``run_keys`` and implement ``build_model``, ``loss`` and ``export``; one that calls
     ``start_adversary`` adds ``with_adversary`` to its loss."""
 
     export_name = "student"  # the EMA student is written to <run>/<export_name> at every checkpoint
     adversary = None  # the distribution-level term (adversarial.AdversarialTerm), when the config asks for it
+
 
     def __init__(self, cfg, prefix: str, stage: str):
         self.prefix = prefix
@@ -56,10 +64,19 @@ class StudentTrainer(Trainer):
         if distributed.is_main():
             print(f"[{self.recipe.stage}] distribution-level term: {self.adversary.describe()}")
 
-    def with_adversary(self, loss, logged: dict, images, batch):
-        """The step's loss and log with the term's part added (unchanged without it)."""
+    def student_inputs(self, batch):
+        """What the student runs on this step: the batch's x_T, then the term's extra noise (none without it)."""
+        return batch["x_T"] if self.adversary is None else self.adversary.extra_noise(batch["x_T"], self.step)
+
+    def with_adversary(self, loss, logged: dict, images, batch, pred=None):
+        """The step's loss and log with the term's part added (unchanged without it). ``images`` are the student's
+        images of the batch; ``pred``, its whole prediction, adds the images of the extra noise's rows."""
         if self.adversary is None:
             return loss, logged
+        n = len(batch["x_T"])
+        if pred is not None and len(pred["chunks"]) > n:
+            extra = students.readout(self.model, pred["rin"][n:].float() + pred["chunks"][n:].float().sum(dim=1))
+            images = torch.cat([images, extra])
         weighted, parts = self.adversary.student_loss(images, batch["x0"], self.step)
         return loss + weighted, {**logged, **{f"loss_{k}": v.item() for k, v in parts.items()}}
 

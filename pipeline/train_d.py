@@ -10,12 +10,13 @@ checkpoint.
 """
 from . import atomic, distributed, runtime, students, teacher_data
 from .losses import d_losses
-from .student_trainer import StudentTrainer
+from .student_trainer import StudentTrainer, batch_rows
 
 # Keys whose change makes a saved run a different experiment: resuming with other values is refused.
 RUN_KEYS = ("data_dir", "d_init", "d_head_channels", "d_train_steps", "d_batch_size", "d_lr",
             "d_lr_warmup_fraction", "d_weight_decay", "lambda_rin", "lambda_chunks", "lambda_x0",
-            "loss_metric", "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr", "holdout_samples",
+            "loss_metric", "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr",
+            "adv_extra_noise", "holdout_samples",
             "train_samples", "ema_decay", "grad_clip", "seed")
 
 
@@ -51,10 +52,10 @@ class DTrainer(StudentTrainer):
 
     def loss(self, batch):
         with runtime.autocast(self.amp, self.device):
-            pred = self.network(batch["x_T"])
-        loss, parts, per_chunk, images = d_losses(self.model, pred, batch, self.cfg)
+            pred = self.network(self.student_inputs(batch))
+        loss, parts, per_chunk, images = d_losses(self.model, batch_rows(pred, len(batch["x_T"])), batch, self.cfg)
         logged = {**{f"loss_{k}": v.item() for k, v in parts.items()}, "chunk_losses": per_chunk.tolist()}
-        return self.with_adversary(loss, logged, images, batch)
+        return self.with_adversary(loss, logged, images, batch, pred)
 
     def export(self, folder):
         students.save_student(self.ema_model(students.StudentD.from_config(self.model.config)), folder)

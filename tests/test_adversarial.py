@@ -100,10 +100,25 @@ def test_training_with_the_term_keeps_the_heads_in_the_checkpoint_only(small_tea
     assert set(exported) == set(plain.state_dict())  # the exported D holds D's own tensors, nothing of the term
 
 
+def test_extra_noise_reaches_only_the_adversarial_loss(small_teacher, tiny_data, tmp_path):
+    trainer = DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "run", d_train_steps=2, adv_extra_noise=3))
+    x_T = torch.randn(4, 1, 32, 32)
+    a, b = trainer.adversary.extra_noise(x_T, 5), trainer.adversary.extra_noise(x_T, 5)
+    assert a.shape == (7, 1, 32, 32) and torch.equal(a, b) and torch.equal(a[:4], x_T)
+    assert not torch.equal(a[4:], trainer.adversary.extra_noise(x_T, 6)[4:])  # fresh every step
+    assert torch.equal(a[4:], a[4:].half().float())  # float16 values, as the records' x_T
+    seen = []
+    original = trainer.adversary.student_loss
+    trainer.adversary.student_loss = lambda images, teacher, step: seen.append(len(images)) or original(
+        images, teacher, step)
+    trainer.run()
+    assert seen == [4 + 3, 4 + 3]  # the batch's records and the extra noise; the output losses saw the batch only
+
+
 def test_b_trains_with_the_term_and_packs_only_b(small_teacher, tiny_data, tmp_path):
     DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "d", d_train_steps=2, lambda_adv=0, lambda_feat=0)).run()
     cfg = _cfg(small_teacher, tiny_data, tmp_path / "d", b_run_dir=tmp_path / "b", b_train_steps=4,
-               b_checkpoint_every=4)
+               b_checkpoint_every=4, adv_extra_noise=2)  # B's feature taps then hold extra rows, sliced away
     trainer = BTrainer(cfg)
     trainer.run()
     stats = [json.loads(line) for line in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
