@@ -108,6 +108,16 @@ def step_generator(seed: int, step: int, stream: int = 0xAD7) -> torch.Generator
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]))
 
 
+def adaptive_weight(regression, adversarial, output_params, cap: float = 1e4) -> torch.Tensor:
+    """||grad_W regression|| / ||grad_W adversarial|| over the student's output layers W, detached (Esser et al.
+    2021, VQGAN, eq. 7): the adversarial gradient then keeps a fixed share of the regression's at the output,
+    however far the regression loss falls over the schedule."""
+    def norm(loss):
+        grads = torch.autograd.grad(loss, output_params, retain_graph=True, allow_unused=True)
+        return torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None))
+    return (norm(regression) / (norm(adversarial) + 1e-8)).clamp(max=cap).detach()
+
+
 def _mean_logit(logits: list) -> float:
     return float(torch.stack([x.detach().float().mean() for x in logits]).mean())
 
@@ -171,9 +181,11 @@ class AdversarialTerm:
         with torch.set_grad_enabled(grad), runtime.autocast(self.amp, self.device):
             return self.encoder(abar.sqrt() * images + (1 - abar).sqrt() * eps, t)
 
-    def student_loss(self, images, teacher_images, step: int):
+    def student_loss(self, images, teacher_images, step: int, regression=None, output_params=()):
         """(weighted total, {name: scalar tensor}) for the student's images (with their graph) of one batch and of
-        its extra noise (``extra_noise``), and the teacher's images of the batch (its first rows)."""
+        its extra noise (``extra_noise``), and the teacher's images of the batch (its first rows). With
+        ``adv_weighting=adaptive`` the adversarial weight is ``lambda_adv · adaptive_weight`` against the
+        ``regression`` loss on ``output_params``."""
         cfg, n = self.cfg, len(teacher_images)
         t, eps, dataset_real = self._draws(images, step)
         fake = self._features(images, t, eps, grad=True)
@@ -190,7 +202,10 @@ class AdversarialTerm:
             with runtime.autocast(self.amp, self.device):
                 parts["adv"] = generator_loss(self.discriminator(fake))
             self.discriminator.requires_grad_(True)
-            total = total + cfg["lambda_adv"] * parts["adv"]
+            weight = cfg["lambda_adv"]
+            if cfg["adv_weighting"] == "adaptive":
+                parts["adv_weight"] = weight = weight * adaptive_weight(regression, parts["adv"], list(output_params))
+            total = total + weight * parts["adv"]
             self._pending = ([f.detach() for f in fake], real)
         return total, parts
 

@@ -256,6 +256,9 @@ def _distribution_term(table):
               range=Range(0, 1, low_open=True))
     table.add("adv_lr", 0.002, d, "learning rate of the discriminator heads (Adam, betas 0 and 0.99)",
               range=POSITIVE)
+    table.add("adv_weighting", "fixed", d, "fixed (lambda_adv as it is) | adaptive (lambda_adv times the ratio of "
+              "the regression's to the adversarial gradient norm on the student's output layers, as VQGAN)",
+              choices=("fixed", "adaptive"))
     table.add("adv_extra_noise", 0, d, "fresh x_T per step, beyond the batch's records, whose student images only the "
               "adversarial loss sees: the term shapes the student on noise the teacher data does not cover",
               range=NON_NEGATIVE)

@@ -77,7 +77,8 @@ class StudentTrainer(Trainer):
         if pred is not None and len(pred["chunks"]) > n:
             extra = students.readout(self.model, pred["rin"][n:].float() + pred["chunks"][n:].float().sum(dim=1))
             images = torch.cat([images, extra])
-        weighted, parts = self.adversary.student_loss(images, batch["x0"], self.step)
+        weighted, parts = self.adversary.student_loss(images, batch["x0"], self.step, loss,
+                                                      students.output_parameters(self.model))
         return loss + weighted, {**logged, **{f"loss_{k}": v.item() for k, v in parts.items()}}
 
     def after_step(self) -> dict:

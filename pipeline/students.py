@@ -208,6 +208,12 @@ def one_step(student: StudentD, x_T):
     return readout(student, out["rin"] + out["chunks"].sum(dim=1)).clamp(-1, 1)
 
 
+def output_parameters(student: StudentD) -> list:
+    """The weights of D's last layers, the heads' output convolutions (adaptive weighting reads gradients there)."""
+    heads = list(student.heads) + ([student.rin_head] if student.predicts_rin else [])
+    return [head.out.weight for head in heads]
+
+
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

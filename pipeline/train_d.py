@@ -16,7 +16,7 @@ from .student_trainer import StudentTrainer, batch_rows
 RUN_KEYS = ("data_dir", "d_init", "d_head_channels", "d_train_steps", "d_batch_size", "d_lr",
             "d_lr_warmup_fraction", "d_weight_decay", "lambda_rin", "lambda_chunks", "lambda_x0",
             "loss_metric", "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr",
-            "adv_extra_noise", "holdout_samples",
+            "adv_extra_noise", "adv_weighting", "holdout_samples",
             "train_samples", "ema_decay", "grad_clip", "seed")
 
 

@@ -46,6 +46,20 @@ def test_losses_match_their_numpy_formulas():
     assert float(adversarial.feature_loss(a, b)) == pytest.approx(feat, rel=1e-6)
 
 
+def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_output_layer():
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((5, 3)), rng.standard_normal((3, 2))
+    a, b = rng.standard_normal((5, 2)), rng.standard_normal((5, 2))
+    weight = torch.tensor(w, requires_grad=True)
+    y = torch.tensor(x) @ weight
+    regression_loss, adversarial_loss = ((y - torch.tensor(a)) ** 2).mean(), (y * torch.tensor(b)).mean()
+    # d/dW mean((xW - a)^2) = 2 x^T (xW - a) / n ;  d/dW mean(xW * b) = x^T b / n
+    n = a.size
+    expected = np.linalg.norm(2 * x.T @ (x @ w - a) / n) / np.linalg.norm(x.T @ b / n)
+    ratio = adversarial.adaptive_weight(regression_loss, adversarial_loss, [weight])
+    assert float(ratio) == pytest.approx(expected, rel=1e-6) and not ratio.requires_grad
+
+
 @pytest.mark.parametrize("metric", ["mse", "pseudo_huber"])
 def test_output_losses_match_their_numpy_formulas(metric):
     from pipeline.losses import PSEUDO_HUBER_C, d_losses
@@ -101,7 +115,8 @@ def test_training_with_the_term_keeps_the_heads_in_the_checkpoint_only(small_tea
 
 
 def test_extra_noise_reaches_only_the_adversarial_loss(small_teacher, tiny_data, tmp_path):
-    trainer = DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "run", d_train_steps=2, adv_extra_noise=3))
+    trainer = DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "run", d_train_steps=2, adv_extra_noise=3,
+                            adv_weighting="adaptive"))
     x_T = torch.randn(4, 1, 32, 32)
     a, b = trainer.adversary.extra_noise(x_T, 5), trainer.adversary.extra_noise(x_T, 5)
     assert a.shape == (7, 1, 32, 32) and torch.equal(a, b) and torch.equal(a[:4], x_T)
@@ -109,8 +124,7 @@ def test_extra_noise_reaches_only_the_adversarial_loss(small_teacher, tiny_data,
     assert torch.equal(a[4:], a[4:].half().float())  # float16 values, as the records' x_T
     seen = []
     original = trainer.adversary.student_loss
-    trainer.adversary.student_loss = lambda images, teacher, step: seen.append(len(images)) or original(
-        images, teacher, step)
+    trainer.adversary.student_loss = lambda images, *args: seen.append(len(images)) or original(images, *args)
     trainer.run()
     assert seen == [4 + 3, 4 + 3]  # the batch's records and the extra noise; the output losses saw the batch only
 
@@ -170,6 +184,9 @@ def test_resume_after_an_interrupt_is_bit_identical(small_teacher, tiny_data, tm
     ("adv_real", "test", "'adv_real'"),
     ("adv_t_max", "0", "'adv_t_max' must be within (0, 1]"),
     ("adv_lr", "0", "'adv_lr' must be positive"),
+    ("adv_weighting", "auto", "'adv_weighting'"),
+    ("adv_extra_noise", "-2", "'adv_extra_noise' must be zero or positive"),
+    ("loss_metric", "l1", "'loss_metric'"),
 ])
 def test_each_new_key_is_refused_with_one_sentence(capsys, small_teacher, tiny_data, tmp_path, key, value, fragment):
     args = cli_args({"teacher_path": small_teacher, "data_dir": tiny_data, "d_run_dir": tmp_path / "run"})
