@@ -35,7 +35,6 @@ class StudentTrainer(Trainer):
     export_name = "student"  # the EMA student is written to <run>/<export_name> at every checkpoint
     adversary = None  # the distribution-level term (adversarial.AdversarialTerm), when the config asks for it
 
-
     def __init__(self, cfg, prefix: str, stage: str):
         self.prefix = prefix
         self.manifest = teacher_data.open_data(cfg)
