@@ -46,10 +46,10 @@ def run_variant(preset: str, tag: str, overrides: list) -> dict:
 
 def row(tag: str, overrides: list, result: dict) -> str:
     r = result["report"]
-    d, floor = r["scores"]["d"], r["scores"]["real"]["fid"]
-    excess = (d["fid"] - floor) / (r["scores"]["teacher"]["fid"] - floor)
-    return (f"| {tag} | {' '.join(overrides) or '(preset)'} | {d['fid']:.2f} | {d['fid'] - floor:.2f} | "
-            f"{d['fid'] / r['scores']['teacher']['fid']:.2f} | {excess:.2f} | {d['kid'] * 1e3:.2f} | "
+    d = r["scores"]["d"]
+    return (f"| {tag} | {' '.join(overrides) or '(preset)'} | {d['fid']:.2f} | {r['fid_excess']['d']:.2f} | "
+            f"{r['fid_ratio']['d_over_teacher']:.2f} | {r['fid_excess_ratio']['d_over_teacher']:.2f} | "
+            f"{d['kid'] * 1e3:.2f} | "
             f"{d['precision']:.3f} | {d['recall']:.3f} | {r['fidelity_vs_teacher']['d']['psnr_db']:.2f} | "
             f"{d['memorization']:.3f} | {result['seconds_per_step']:.3f} |")
 

@@ -33,6 +33,11 @@ from . import distributed, runtime
 from .errors import UserError
 
 
+# The keys of the term and of the output losses' distance: a run trained with other values is another experiment.
+RUN_KEYS = ("loss_metric", "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr", "adv_extra_noise",
+            "adv_weighting")
+
+
 def hinge_discriminator_loss(real_logits: list, fake_logits: list) -> torch.Tensor:
     """mean over levels of mean relu(1 - real) + mean relu(1 + fake)."""
     per_level = [F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean() for r, f in zip(real_logits, fake_logits)]

@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from . import atomic, binary, distributed, packed, runtime, student_b, students, teacher_data
+from . import adversarial, atomic, binary, distributed, packed, runtime, student_b, students, teacher_data
 from .d_outputs import DOutputs
 from .errors import UserError
 from .feature_losses import FeatureTaps, LowRankBases, spd_loss
@@ -28,9 +28,8 @@ from .student_trainer import StudentTrainer, batch_rows, data_fingerprint
 
 RUN_KEYS = ("data_dir", "b_train_steps", "b_batch_size", "b_lr", "b_lr_warmup_fraction", "b_weight_decay",
             "lambda_rin", "lambda_chunks", "lambda_x0", "lambda_d_outputs", "lambda_spd", "lambda_lrm",
-            "b_progressive_every", "loss_metric", "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr",
-            "adv_extra_noise", "adv_weighting", "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed",
-            *packed.BINARIZATION_KEYS)
+            "b_progressive_every", "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed",
+            *adversarial.RUN_KEYS, *packed.BINARIZATION_KEYS)
 EVERYTHING = 10 ** 9  # a step after every progressive ring
 
 

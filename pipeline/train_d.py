@@ -8,16 +8,14 @@ start of the heads' linear rin paths. The training machinery (schedule, EMA, res
 stats, data checks) is ``student_trainer.StudentTrainer``; the EMA student is written to ``<run>/student`` at every
 checkpoint.
 """
-from . import atomic, distributed, runtime, students, teacher_data
+from . import adversarial, atomic, distributed, runtime, students, teacher_data
 from .losses import d_losses
 from .student_trainer import StudentTrainer, batch_rows
 
 # Keys whose change makes a saved run a different experiment: resuming with other values is refused.
 RUN_KEYS = ("data_dir", "d_init", "d_head_channels", "d_train_steps", "d_batch_size", "d_lr",
             "d_lr_warmup_fraction", "d_weight_decay", "lambda_rin", "lambda_chunks", "lambda_x0",
-            "loss_metric", "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr",
-            "adv_extra_noise", "adv_weighting", "holdout_samples",
-            "train_samples", "ema_decay", "grad_clip", "seed")
+            "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed", *adversarial.RUN_KEYS)
 
 
 class DTrainer(StudentTrainer):

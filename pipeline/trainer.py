@@ -198,14 +198,15 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
-        self.stop_if_diverged(loss.item(), float(grad_norm))  # before the update: the weights stay the last good ones
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"]))
+        loss_value = loss.item()
+        self.stop_if_diverged(loss_value, grad_norm)  # before the update: the weights stay the last good ones
         self.scaler.step(self.opt)
         self.scaler.update()
         self.schedule.step()
         self.ema.step(self.ema_parameters(self.model))
         self.step += 1
-        return {"loss": loss.item(), **logged, "grad_norm": float(grad_norm), **self.after_step()}
+        return {"loss": loss_value, **logged, "grad_norm": grad_norm, **self.after_step()}
 
     def stop_if_diverged(self, loss: float, grad_norm: float) -> None:
         """One sentence, and no checkpoint of the broken weights, when the loss or the gradient is not finite. Under
