@@ -35,7 +35,7 @@ from .errors import UserError
 
 # The keys of the term and of the output losses' distance: a run trained with other values is another experiment.
 RUN_KEYS = ("loss_metric", "lambda_adv", "lambda_feat", "adv_real", "adv_t_max", "adv_lr", "adv_extra_noise",
-            "adv_weighting")
+            "adv_weighting", "adv_ramp_steps", "feat_metric")
 
 
 def hinge_discriminator_loss(real_logits: list, fake_logits: list) -> torch.Tensor:
@@ -49,8 +49,17 @@ def generator_loss(fake_logits: list) -> torch.Tensor:
     return -torch.stack([f.float().mean() for f in fake_logits]).mean()
 
 
-def feature_loss(fake_features: list, teacher_features: list) -> torch.Tensor:
-    """mean over levels of the elementwise MSE between paired feature maps."""
+def feature_loss(fake_features: list, teacher_features: list, metric: str = "mse") -> torch.Tensor:
+    """mean over levels of the elementwise MSE between paired feature maps; with ``metric="normalized"``, of the
+    per-position squared distance between channel vectors scaled to unit length (LPIPS's form without its learned
+    channel weights): every level then weighs alike, whatever its activations' scale, and only the direction of a
+    position's features counts."""
+    if metric == "normalized":
+        def unit(x):
+            x = x.float()
+            return x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+        per_level = [(unit(f) - unit(t)).pow(2).sum(dim=1).mean() for f, t in zip(fake_features, teacher_features)]
+        return torch.stack(per_level).mean()
     return torch.stack([F.mse_loss(f.float(), t.float()) for f, t in zip(fake_features, teacher_features)]).mean()
 
 
@@ -186,12 +195,20 @@ class AdversarialTerm:
         with torch.set_grad_enabled(grad), runtime.autocast(self.amp, self.device):
             return self.encoder(abar.sqrt() * images + (1 - abar).sqrt() * eps, t)
 
+    def ramp(self, step: int) -> float:
+        """The share of the weights at this (0-based) step: a student started from the teacher's backbone makes images
+        far from the teacher's for its first steps, and a feature loss at full weight then holds it in a degenerate
+        state the regression never leaves (docs/design.md §4); ``adv_ramp_steps`` lets the regression lead first."""
+        steps = self.cfg["adv_ramp_steps"]
+        return 1.0 if steps == 0 else min(1.0, (step + 1) / steps)
+
     def student_loss(self, images, teacher_images, step: int, regression=None, output_params=()):
         """(weighted total, {name: scalar tensor}) for the student's images (with their graph) of one batch and of
         its extra noise (``extra_noise``), and the teacher's images of the batch (its first rows). With
         ``adv_weighting=adaptive`` the adversarial weight is ``lambda_adv · adaptive_weight`` against the
         ``regression`` loss on ``output_params``."""
         cfg, n = self.cfg, len(teacher_images)
+        ramp = self.ramp(step)
         t, eps, dataset_real = self._draws(images, step)
         fake = self._features(images, t, eps, grad=True)
         teacher = None
@@ -199,15 +216,15 @@ class AdversarialTerm:
             teacher = self._features(teacher_images, t[:n], eps[:n], grad=False)
         parts, total = {}, 0.0
         if cfg["lambda_feat"] > 0:
-            parts["feat"] = feature_loss([f[:n] for f in fake], teacher)
-            total = total + cfg["lambda_feat"] * parts["feat"]
+            parts["feat"] = feature_loss([f[:n] for f in fake], teacher, cfg["feat_metric"])
+            total = total + ramp * cfg["lambda_feat"] * parts["feat"]
         if self.discriminator is not None:
             real = teacher if dataset_real is None else self._features(dataset_real.to(self.device), t, eps, False)
             self.discriminator.requires_grad_(False)  # the student's loss trains the student only
             with runtime.autocast(self.amp, self.device):
                 parts["adv"] = generator_loss(self.discriminator(fake))
             self.discriminator.requires_grad_(True)
-            weight = cfg["lambda_adv"]
+            weight = ramp * cfg["lambda_adv"]
             if cfg["adv_weighting"] == "adaptive":
                 parts["adv_weight"] = weight = weight * adaptive_weight(regression, parts["adv"], list(output_params))
             total = total + weight * parts["adv"]
@@ -234,13 +251,14 @@ class AdversarialTerm:
         """For the stage's first line: which terms are on, with what."""
         cfg, terms = self.cfg, []
         if cfg["lambda_feat"] > 0:
-            terms.append(f"teacher-feature loss x{cfg['lambda_feat']:g}")
+            terms.append(f"teacher-feature loss ({cfg['feat_metric']}) x{cfg['lambda_feat']:g}")
         if self.discriminator is not None:
             terms.append(f"adversarial loss x{cfg['lambda_adv']:g} (real = {cfg['adv_real']}, discriminator heads "
                          f"{sum(p.numel() for p in self.discriminator.parameters()):,} parameters, lr "
                          f"{cfg['adv_lr']:g}"
                          + (f", {cfg['adv_extra_noise']} extra x_T per step" if cfg["adv_extra_noise"] else "") + ")")
-        return f"{' and '.join(terms)} on the frozen teacher's encoder features at t <= {self.t_max}"
+        ramp = f", ramped up over the first {cfg['adv_ramp_steps']} steps" if cfg["adv_ramp_steps"] else ""
+        return f"{' and '.join(terms)} on the frozen teacher's encoder features at t <= {self.t_max}{ramp}"
 
     def state_dict(self) -> dict:
         if self.discriminator is None:

@@ -250,6 +250,8 @@ def _distribution_term(table):
               "teacher's encoder features of noised images (0 = off)", range=NON_NEGATIVE)
     table.add("lambda_feat", 0.0, d, "weight of the paired feature loss: the teacher's encoder features of the student's "
               "and the teacher's image of the same x_T, noised alike (0 = off)", range=NON_NEGATIVE)
+    table.add("feat_metric", "mse", d, "distance of the feature loss: mse (of the raw features) | normalized (of "
+              "channel vectors scaled to unit length, per position, as LPIPS)", choices=("mse", "normalized"))
     table.add("adv_real", "teacher", d, "the discriminator's real images: teacher (the batch's teacher images) | "
               "dataset (the training split, so a student may pass its teacher)", choices=("teacher", "dataset"))
     table.add("adv_t_max", 0.01, d, "the features are read at t ~ U{0..adv_t_max*(T-1)}",
@@ -259,6 +261,9 @@ def _distribution_term(table):
     table.add("adv_weighting", "fixed", d, "fixed (lambda_adv as it is) | adaptive (lambda_adv times the ratio of "
               "the regression's to the adversarial gradient norm on the student's output layers, as VQGAN)",
               choices=("fixed", "adaptive"))
+    table.add("adv_ramp_steps", 0, d, "lambda_adv and lambda_feat grow linearly from 0 over the first N steps, so the "
+              "term reads student images the regression has brought near the teacher's (0 = full weight from step 1)",
+              range=NON_NEGATIVE)
     table.add("adv_extra_noise", 0, d, "fresh x_T per step, beyond the batch's records, whose student images only the "
               "adversarial loss sees: the term shapes the student on noise the teacher data does not cover",
               range=NON_NEGATIVE)

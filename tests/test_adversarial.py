@@ -44,6 +44,10 @@ def test_losses_match_their_numpy_formulas():
     a, b = _logits(rng, [(2, 3, 4, 4), (2, 5, 2, 2)]), _logits(rng, [(2, 3, 4, 4), (2, 5, 2, 2)])
     feat = np.mean([((x.numpy() - y.numpy()) ** 2).mean() for x, y in zip(a, b)])
     assert float(adversarial.feature_loss(a, b)) == pytest.approx(feat, rel=1e-6)
+    unit = [x.numpy() / np.sqrt((x.numpy() ** 2).sum(axis=1, keepdims=True)) for x in a + b]
+    normalized = np.mean([((x - y) ** 2).sum(axis=1).mean() for x, y in zip(unit[:2], unit[2:])])
+    assert float(adversarial.feature_loss(a, b, "normalized")) == pytest.approx(normalized, rel=1e-5)
+    assert float(adversarial.feature_loss(a, [3 * x for x in a], "normalized")) < 1e-6  # blind to scale
 
 
 def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_output_layer():
@@ -129,6 +133,16 @@ def test_extra_noise_reaches_only_the_adversarial_loss(small_teacher, tiny_data,
     assert seen == [4 + 3, 4 + 3]  # the batch's records and the extra noise; the output losses saw the batch only
 
 
+def test_the_ramp_grows_the_weights_linearly_then_holds_them(small_teacher, tiny_data, tmp_path):
+    trainer = DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "run", lambda_adv=0, lambda_feat=0.5,
+                            adv_ramp_steps=4))
+    images, teacher_images = torch.rand(3, 1, 32, 32) * 2 - 1, torch.rand(3, 1, 32, 32) * 2 - 1
+    for step, share in [(0, 0.25), (1, 0.5), (3, 1.0), (40, 1.0)]:
+        total, parts = trainer.adversary.student_loss(images, teacher_images, step)
+        assert torch.allclose(total, share * 0.5 * parts["feat"]), step
+    assert "ramped up over the first 4 steps" in trainer.adversary.describe()
+
+
 def test_b_trains_with_the_term_and_packs_only_b(small_teacher, tiny_data, tmp_path):
     DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "d", d_train_steps=2, lambda_adv=0, lambda_feat=0)).run()
     cfg = _cfg(small_teacher, tiny_data, tmp_path / "d", b_run_dir=tmp_path / "b", b_train_steps=4,
@@ -186,7 +200,9 @@ def test_resume_after_an_interrupt_is_bit_identical(small_teacher, tiny_data, tm
     ("adv_lr", "0", "'adv_lr' must be positive"),
     ("adv_weighting", "auto", "'adv_weighting'"),
     ("adv_extra_noise", "-2", "'adv_extra_noise' must be zero or positive"),
+    ("adv_ramp_steps", "-1", "'adv_ramp_steps' must be zero or positive"),
     ("loss_metric", "l1", "'loss_metric'"),
+    ("feat_metric", "lpips", "'feat_metric'"),
 ])
 def test_each_new_key_is_refused_with_one_sentence(capsys, small_teacher, tiny_data, tmp_path, key, value, fragment):
     args = cli_args({"teacher_path": small_teacher, "data_dir": tiny_data, "d_run_dir": tmp_path / "run"})
