@@ -25,7 +25,7 @@ SAMPLE_NAME = re.compile(r"sample_(\d{8})\.zst")
 # Decoded bytes of one sample file: far above any real sample, so that a damaged one cannot exhaust memory.
 SAMPLE_MAX_BYTES = 1 << 28
 DTYPES = {key: dtype for key, (dtype, _) in store.record_spec(1, 1, 1, 1).items()}
-FLOAT_KEYS = ("x_T_f16", "x0_teacher_f16", "rin0_scale_f16", "r_chunks_scale_f16")
+FLOAT_KEYS = store.FLOAT_KEYS
 
 
 class Layout(NamedTuple):

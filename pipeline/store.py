@@ -303,7 +303,36 @@ def _inspect_shard(manifest: Manifest, entry: dict, deep: bool):
         arrays = codec.unpack(stored, manifest.data["generator"], entry)
     except ValueError as err:
         return str(err), None
-    return None, arrays
+    return records_problem(arrays, manifest.data["generator"]), arrays
+
+
+FLOAT_KEYS = ("x_T_f16", "x0_teacher_f16", "rin0_scale_f16", "r_chunks_scale_f16")
+SCALE_KEYS = ("rin0_scale_f16", "r_chunks_scale_f16")
+
+
+def records_problem(records: dict, generator: dict):
+    """What no writer of records can produce (a non-finite float, a negative scale, a T or chunk_size other
+    than the generator's), as text completing "<shard> ...", or None: a shard whose sha256 was recomputed
+    after such an edit passes every checksum, and training on it would give an all-NaN student."""
+    bad = next((key for key in FLOAT_KEYS if not np.isfinite(records[key]).all()), None)
+    if bad:
+        return f"holds NaN or inf in {bad}"
+    bad = next((key for key in SCALE_KEYS if (records[key] < 0).any()), None)
+    if bad:
+        return f"holds a negative quantization scale in {bad}"
+    if (records["T"] <= 0).any() or (records["chunk_size"] <= 0).any():
+        return "holds a T or chunk_size that is not positive"
+    T, chunk_size = generator.get("T"), generator.get("chunk_size")
+    if isinstance(T, int) and T > 0 and not (records["T"] == T).all():
+        return f"holds T={_first_other(records['T'], T)}, but the folder's teacher has T={T}"
+    if isinstance(chunk_size, int) and chunk_size > 0 and not (records["chunk_size"] == chunk_size).all():
+        return (f"holds chunk_size={_first_other(records['chunk_size'], chunk_size)}, but the folder's T and "
+                f"chunks make it {chunk_size}")
+    return None
+
+
+def _first_other(values: np.ndarray, expected: int) -> int:
+    return int(values[values != expected].flat[0])
 
 
 def index_text(first, count):

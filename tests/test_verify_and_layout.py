@@ -8,7 +8,8 @@ import zstandard
 from pipeline import generate, store, verify
 from pipeline.errors import UserError
 
-from conftest import assert_one_sentence_error, flip_a_bit, npz_with_absurd_header, read_folder, run_cli
+from conftest import (assert_one_sentence_error, flip_a_bit, npz_with_absurd_header, read_folder, run_cli,
+                      run_distill_in_process)
 
 
 @pytest.fixture
@@ -128,3 +129,33 @@ def test_shards_compressed_on_any_number_of_threads_are_the_same_bytes():
     one = store.encode_npz(arrays, 3, workers=1)
     assert store.encode_npz(arrays, 3, workers=3) == one and zstandard.frame_content_size(one) > 24_000_000
     np.testing.assert_array_equal(store.decode_npz(one, 25_000_000)["codes"], arrays["codes"])
+
+
+def _edit_record(key, value):
+    def edit(rows):
+        rows[key] = rows[key].copy()
+        rows[key].flat[3] = value
+        return rows
+    return edit
+
+
+@pytest.mark.parametrize("edit,what", [
+    (_edit_record("rin0_scale_f16", np.nan), "holds NaN or inf in rin0_scale_f16"),
+    (_edit_record("r_chunks_scale_f16", np.inf), "holds NaN or inf in r_chunks_scale_f16"),
+    (_edit_record("x0_teacher_f16", -np.inf), "holds NaN or inf in x0_teacher_f16"),
+    (_edit_record("r_chunks_scale_f16", -0.5), "holds a negative quantization scale in r_chunks_scale_f16"),
+    (_edit_record("T", 0), "holds a T or chunk_size that is not positive"),
+    (_edit_record("T", 999), "holds T=999, but the folder's teacher has T="),
+    (_edit_record("chunk_size", 7), "holds chunk_size=7, but the folder's T and chunks make it"),
+])
+def test_verify_refuses_values_no_writer_produces_even_when_rehashed(dataset, capsys, edit, what):
+    """Issue 31: an edited shard whose sha256 was recomputed passes every checksum; its values must not."""
+    _, folder = dataset
+    rows = {key: value[5:10] for key, value in read_folder(folder).items()}
+    _replace_listed_shard(folder, "shard-00001.npz.zst", store.encode_npz(edit(rows), 3))
+    result = run_distill_in_process(capsys, "--mode", "verify", "--config", "tiny", f"data_dir={folder}")
+    assert_one_sentence_error(result, "shard-00001.npz.zst", "1 problem(s)", what)
+    assert f"BAD shard-00001.npz.zst (indices 5..9): {what}" in result.stdout
+    manifest = store.Manifest.load(folder)
+    with pytest.raises(UserError, match=what.replace("(", r"\(")):  # every reader, training's too
+        manifest.read_shard(manifest.shards[1])
