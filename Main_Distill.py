@@ -68,6 +68,8 @@ def sample_plan(cfg):
 
 def run_all(cfg):
     """Every stage in turn; each one resumes, so rerunning after an interruption continues."""
+    from pipeline import student_b
+    student_b.check_before_training(cfg)  # binarize's key needs D's layer names: refused before generate
     for stage in (generate, train_d, binarize, eval_d):
         stage(cfg)
 
@@ -110,6 +112,8 @@ def import_plan(cfg):
 
 
 def all_plan(cfg):
+    from pipeline import student_b
+    student_b.check_before_training(cfg)
     return generate_plan(cfg) + [
         f"then train D for {cfg['d_train_steps']} steps into {output_dir(cfg, 'd_run_dir')}, binarize it for "
         f"{cfg['b_train_steps']} steps into {output_dir(cfg, 'b_run_dir')} and write the D-vs-B report to "

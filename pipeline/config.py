@@ -216,6 +216,21 @@ def _holdout_before_fid(cfg):
     return None
 
 
+TEST_SPLIT_IMAGES = {"fashion_mnist": 10_000, "cifar10": 10_000}  # the published test splits (MD5-checked)
+
+
+def _reference_fits_fid(cfg):
+    """fid_reference_count, checked before --mode all spends generate, train_d and binarize on it."""
+    count, n = cfg["fid_reference_count"], cfg["fid_samples"]
+    if 0 < count < n:
+        return f"fid_reference_count={count} is smaller than fid_samples={n}; raise it (0 = all)"
+    published = TEST_SPLIT_IMAGES[cfg["dataset"]]
+    if cfg["verify_dataset_md5"] and count > published:  # an unchecked copy may hold any number of images
+        return (f"fid_reference_count={count} is more than the {published} images of the {cfg['dataset']} test "
+                f"split; lower it (0 = all)")
+    return None
+
+
 def _split_fits_the_data_to_be_made(cfg):
     total, holdout, train = cfg["samples_total"], cfg["holdout_samples"], cfg["train_samples"]
     if holdout >= total:
@@ -239,6 +254,7 @@ RULES = (
     (_any_of("rectify"), _ring_fits_the_schedule),
     (_any_of("pretrain"), _unet_shape),
     (_any_of("eval_d"), _holdout_before_fid),
+    (_any_of("eval_d"), _reference_fits_fid),
     # a command that generates and then trains (--mode all): the split must fit the data it will make
     (lambda stages: "generate" in stages and bool(stages & {"train_d", "binarize"}), _split_fits_the_data_to_be_made),
 )

@@ -129,7 +129,7 @@ def to_binary(model, cfg):
             table.append({"name": name, "kind": "full precision (frozen)", "parameters": params, "bits": 32,
                           "ring": None})
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        if _kept_by(name, patterns):
             table.append({"name": name, "kind": "full precision", "parameters": params, "bits": 32, "ring": None})
             continue
         binarizer = weight_binarizer(cfg, sizes[name], image_shape[-1])
@@ -141,8 +141,43 @@ def to_binary(model, cfg):
         table.append({"name": name, "kind": f"binary, {new.binarizer.label}", "parameters": params,
                       "bits": new.basis, "ring": ring_of(name, levels)})
     if not any(row["ring"] is not None for row in table):
-        raise UserError("b_full_precision keeps every layer in full precision; name fewer layers")
+        raise _nothing_to_binarize()
     return table
+
+
+def _kept_by(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _nothing_to_binarize() -> UserError:
+    return UserError("b_full_precision keeps every layer in full precision; name fewer layers")
+
+
+def check_before_training(cfg) -> None:
+    """The b_full_precision check of a command that trains D first (--mode all), where the teacher is local."""
+    from .teachers import local_config
+    teacher_config = local_config(cfg)
+    if teacher_config is not None:
+        check_patterns_leave_binary_layers(cfg, teacher_config)
+
+
+def check_patterns_leave_binary_layers(cfg, teacher_config: dict) -> None:
+    """Refuse a ``b_full_precision`` that would keep every layer of the D made from this teacher in full
+    precision, before --mode all spends generate and train_d on it. D is built on the meta device (layer
+    names, no memory); its frozen latent x0 head is left out, as B keeps it in full precision anyway."""
+    from .students import StudentD
+    channels = teacher_config["in_channels"]
+    latent = cfg["space"] == "latent"
+    backbone = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = StudentD(backbone, chunks=cfg["chunks"], image_channels=channels,
+                         latent_channels=backbone["block_out_channels"][0] if latent else channels,
+                         space=cfg["space"], timestep=0, head_channels=cfg["d_head_channels"])
+        fold_time_embedding(model)
+    patterns = full_precision_patterns(cfg)
+    names = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))]
+    if all(_kept_by(name, patterns) for name in names):
+        raise _nothing_to_binarize()
 
 
 @torch.no_grad()

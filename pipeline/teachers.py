@@ -50,6 +50,19 @@ def _unet_folder(path: Path):
     return None
 
 
+def local_config(cfg):
+    """The teacher UNet's config.json as a dict where ``teacher_path`` holds the weights, else None (a hub
+    teacher is only reached when a stage loads it)."""
+    folder = _unet_folder(project_path(cfg["teacher_path"])) if cfg["teacher_path"] else None
+    if folder is None:
+        return None
+    try:
+        return dict(UNet2DModel.load_config(folder, local_files_only=True))
+    except Exception as err:  # diffusers raises many types for a damaged config
+        raise UserError(f"the teacher config in {folder} cannot be read ({type(err).__name__}); replace the folder "
+                        f"with a complete copy") from None
+
+
 def _load_local(path: Path):
     folder = _unet_folder(path)
     try:

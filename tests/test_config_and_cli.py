@@ -141,3 +141,23 @@ def test_a_config_file_that_does_not_parse_is_one_sentence(tmp_path, name, text)
     (tmp_path / name).write_text(text)
     result = run_cli("Main_Distill.py", "--config", str(tmp_path / name), "--dry-run")
     assert_one_sentence_error(result, name)
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("fid_reference_count=2", "fid_reference_count=2 is smaller than fid_samples=4"),
+    ("fid_reference_count=10001", "more than the 10000 images of the fashion_mnist test split"),
+    ("b_full_precision=*", "b_full_precision keeps every layer in full precision"),
+    ("b_full_precision=unet.*,heads.*", "b_full_precision keeps every layer in full precision"),
+])
+def test_late_keys_of_all_are_refused_before_generate_starts(tmp_path, small_teacher, capsys, override, fragment):
+    """Issue 31: these stopped --mode all only after generate, train_d (and binarize) had run."""
+    from conftest import run_distill_in_process
+    result = run_distill_in_process(capsys, "--config", "tiny", f"teacher_path={small_teacher}",
+                                    f"data_dir={tmp_path / 'd'}", override)
+    assert_one_sentence_error(result, fragment)
+    assert result.returncode == 2 and not (tmp_path / "d").exists()
+
+
+def test_patterns_that_leave_a_binary_layer_pass_the_early_check(tiny_cfg):
+    from pipeline import student_b
+    student_b.check_before_training(tiny_cfg(b_full_precision="unet.*"))  # the heads stay binary
