@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -30,6 +31,10 @@ SHARD_PATTERN = "shard-*.npz.zst"
 SHARD_NAME = re.compile(r"shard-(\d{5})\.npz\.zst")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+# Bounds of a manifest's numbers: far above any real folder, low enough that sizes computed from them fit
+# the C integers of numpy and zstd (a hand-edited count of 10**20 was an OverflowError in every reader).
+MAX_RECORDS = 2 ** 40
+MAX_SHARD_BYTES = 2 ** 40
 IMPORTED = "imported from the reference one-file-per-sample layout"  # generator.source of imported folders
 
 
@@ -89,7 +94,8 @@ def decode_npz(data: bytes, max_bytes: int) -> dict:
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, RuntimeError, NotImplementedError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, RuntimeError, NotImplementedError,
+            tokenize.TokenError) as err:
         raise ValueError(f"cannot be read as an npz archive ({type(err).__name__}: {err})") from None
 
 
@@ -124,8 +130,10 @@ def _member_problem(archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_byt
                 return f"has npy format version {version}, not 1.0 or 2.0"
             shape, _, dtype = read_header(member)
             header_bytes = member.tell()
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError) as err:
-        # RuntimeError / NotImplementedError: zip flags of encryption or an unknown zip version (damage)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError,
+            tokenize.TokenError) as err:
+        # RuntimeError / NotImplementedError: zip flags of encryption or an unknown zip version (damage);
+        # TokenError: numpy reparses a header that is not a Python literal with the tokenizer (an unclosed bracket)
         return f"has no readable npy header ({type(err).__name__}: {err})"
     if dtype.hasobject:
         return "holds Python objects, which are never loaded"
@@ -186,6 +194,12 @@ class Manifest:
             ok = False
         if not ok:
             raise UserError(f"{path} is not a readable teacher-data manifest; restore it or regenerate the folder")
+        absurd = next((e for e in data["shards"] if e["first_index"] + e["count"] > MAX_RECORDS
+                       or e["bytes"] > MAX_SHARD_BYTES), None)
+        if absurd is not None:
+            raise UserError(f"{path} lists {absurd['file']!r} with {absurd['count']} records from index "
+                            f"{absurd['first_index']} in {absurd['bytes']} bytes, beyond the {MAX_RECORDS:,} records "
+                            f"and bytes a folder can hold, so it was edited by hand; restore it or regenerate the folder")
         if data["format_version"] > FORMAT_VERSION:
             raise UserError(f"{path} has format version {data['format_version']}, newer than this tool "
                             f"({FORMAT_VERSION}); update the tool")

@@ -273,3 +273,18 @@ def test_chunk_size_is_T_over_chunks_as_both_writers_store_it(T, chunks):
     sample = reference_sample(0, chunks=chunks, T=T)
     assert int(sample["chunk_size"][0]) == T // chunks
     assert reference_layout.sample_problem(sample) is None
+
+
+def test_an_npy_header_that_is_not_a_python_literal_is_one_sentence(tmp_path):
+    """Issue 31: numpy reparses a broken header with the tokenizer, whose TokenError was a traceback."""
+    buf = io.BytesIO()
+    np.savez(buf, **reference_sample(0))
+    raw = bytearray(buf.getvalue())
+    header = raw.index(b"{'descr'")
+    raw[raw.index(b"}", header)] = ord(" ")  # one byte: the header's dict is never closed
+    path = tmp_path / "sample_00000000.zst"
+    write_like_the_reference(path, bytes(raw))
+    with pytest.raises(UserError, match="has no readable npy header"):
+        reference_layout.read_sample(path)
+    with pytest.raises(ValueError, match="has no readable npy header"):
+        store.decode_npz(zstandard.ZstdCompressor().compress(bytes(raw)), 10 ** 6)

@@ -159,3 +159,16 @@ def test_verify_refuses_values_no_writer_produces_even_when_rehashed(dataset, ca
     manifest = store.Manifest.load(folder)
     with pytest.raises(UserError, match=what.replace("(", r"\(")):  # every reader, training's too
         manifest.read_shard(manifest.shards[1])
+
+
+@pytest.mark.parametrize("key", ["count", "first_index", "bytes"])
+def test_a_manifest_number_too_large_for_any_folder_is_one_sentence(dataset, capsys, key):
+    """Issue 31: a count of 10**20 was an OverflowError in verify, train_d, export and repair."""
+    _, folder = dataset
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][1][key] = 10 ** 20
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for mode in ("verify", "repair", "export", "train_d"):
+        result = run_distill_in_process(capsys, "--mode", mode, "--config", "tiny", f"data_dir={folder}",
+                                        f"reference_dir={folder.parent / 'ref'}", f"d_run_dir={folder.parent / 'd'}")
+        assert_one_sentence_error(result, "shard-00001.npz.zst", "edited by hand")
