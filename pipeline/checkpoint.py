@@ -41,10 +41,35 @@ def load(run_dir):
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to start over "
                         f"or restore a good copy") from None
+    problem = _foreign(state)
+    if problem:
+        raise UserError(f"{path} is not a checkpoint of this tool ({problem}); delete it to start over or use "
+                        f"another run folder")
+    return state
+
+
+# what save() always writes, by type: a bare state_dict, a list or another tool's file lacks some of it
+REQUIRED = {"model": dict, "rng": dict, "step": int, "config": str, "record": str}
+
+
+def _foreign(state):
+    """Why a loaded file is not one of our checkpoints, or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a dict"
+    missing = next((k for k, kind in REQUIRED.items() if not isinstance(state.get(k), kind)), None)
+    if missing:
+        return f"its '{missing}' is missing or not a {REQUIRED[missing].__name__}"
+    for key in ("config", "record"):
+        try:
+            if not isinstance(json.loads(state[key]), dict):
+                return f"its '{key}' is not a JSON object"
+        except (ValueError, RecursionError):
+            return f"its '{key}' is not readable JSON"
+    return None
 
 
 def check_same_config(saved_json: str, cfg: dict, keys, run_dir) -> None:

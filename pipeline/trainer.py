@@ -167,7 +167,7 @@ class Trainer:
                                                    "ema": self.ema, "scaler": self.scaler})
             self.ema.to(device=self.device)  # its shadow weights load where the checkpoint was read (the CPU)
             self.saved_step = self.step
-        except (RuntimeError, KeyError, ValueError):
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError):
             raise UserError(f"{self.run_dir / checkpoint.LATEST} holds another model or an older checkpoint "
                             f"format; use another run folder") from None
         if main:
