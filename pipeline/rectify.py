@@ -62,6 +62,9 @@ class RectifyTrainer(trainer.Trainer):
                             f"{self.teacher.config.sample_size}px images but {cfg['dataset']} has shape "
                             f"{list(self.data.shape[1:])}; rectify a teacher of this dataset")
         self.T = ddpm.config.num_train_timesteps
+        if cfg["rect_steps"] > self.T - 1:  # the config rule knows num_train_timesteps, not this teacher's T
+            raise UserError(f"rect_steps={cfg['rect_steps']} must be at most {self.T - 1}, the teacher in "
+                            f"{self.teacher_source} having T={self.T} (the ring ends at t = 0); lower rect_steps")
         self.batch_rng = torch.Generator().manual_seed(cfg["seed"])
         super().__init__(cfg, trainer.Recipe.from_config(cfg, "rect_", "rectify"), output_dir(cfg, "rect_run_dir"))
         self.alphas_cumprod = ddpm.alphas_cumprod.to(self.device)

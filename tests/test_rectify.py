@@ -181,3 +181,14 @@ def test_rect_init_starts_from_an_rnet_and_refuses_another_network(small_teacher
     with pytest.raises(UserError, match="another network"):
         RectifyTrainer(_cfg(small_teacher, tmp_path, rect_run_dir=tmp_path / "other", rect_head_blocks=2,
                             rect_init=first))
+
+
+def test_rect_steps_beyond_the_teachers_own_T_is_one_sentence(tmp_path):
+    """Issue 31: the config rule checks num_train_timesteps; a teacher with another T gave ring.py's ValueError."""
+    cfg = config.resolve("tiny")
+    torch.manual_seed(0)
+    teachers.save_teacher(teachers.new_unet(cfg, channels=1), teachers.new_scheduler(dict(cfg, num_train_timesteps=4)),
+                          tmp_path / "teacher")
+    with pytest.raises(UserError, match=r"rect_steps=5 must be at most 3, the teacher in .* having T=4"):
+        RectifyTrainer(_cfg(tmp_path / "teacher", tmp_path))
+    assert not (tmp_path / "run").exists()
