@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from . import atomic, jsonfile
 from .config import DEFAULTS
 from .errors import UserError
 
@@ -65,9 +65,9 @@ def _foreign(state):
         return f"its '{missing}' is missing or not a {REQUIRED[missing].__name__}"
     for key in ("config", "record"):
         try:
-            if not isinstance(json.loads(state[key]), dict):
+            if not isinstance(jsonfile.loads(state[key]), dict):
                 return f"its '{key}' is not a JSON object"
-        except (ValueError, RecursionError):
+        except ValueError:
             return f"its '{key}' is not readable JSON"
     return None
 

@@ -10,6 +10,7 @@ import json
 import tomllib
 from pathlib import Path
 
+from . import jsonfile
 from .config_keys import KEYS, STAGES, TEACHER_LOADERS
 from .errors import UserError
 
@@ -84,12 +85,19 @@ def _load_preset(name_or_path):
                         f"nor a .toml/.json file; pass one of those to --config")
     try:
         text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        values = jsonfile.loads(text) if path.suffix == ".json" else _toml(text)
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"config file {path} cannot be parsed ({err}); fix its syntax") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold an object of key = value pairs")
     return values, str(path)
+
+
+def _toml(text):
+    try:
+        return tomllib.loads(text)
+    except RecursionError:  # the parser recurses once per nesting level
+        raise ValueError("TOML nested too deeply to parse") from None
 
 
 def parse_overrides(items):

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from . import (atomic, config, datasets, distributed, fid, images, latent_walk, metrics, packed, ring, runtime,
-               student_b, students, teacher_data, teachers)
+from . import (atomic, config, datasets, distributed, fid, images, jsonfile, latent_walk, metrics, packed, ring,
+               runtime, student_b, students, teacher_data, teachers)
 from . import report as report_text
 from .config import output_dir
 from .errors import UserError
@@ -184,7 +184,7 @@ class Evaluation:
         key = f"teacher-records{self.lo}-{self.lo + self.n - 1}-ref{len(real)}"
         path = self.cache_dir / f"{key}.json"
         try:
-            cached = json.loads(path.read_text())
+            cached = jsonfile.loads(path.read_text())
         except (OSError, ValueError):
             cached = None  # not cached yet, or a damaged cache: compute it again
         kid = fid.kid_settings(len(real), self.n)

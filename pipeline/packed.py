@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from . import atomic, student_b, students
+from . import atomic, jsonfile, student_b, students
 from .config import output_dir, project_path
 from .errors import UserError
 
@@ -132,7 +132,7 @@ def export_packed(model, config: dict, folder) -> dict:
 
 def _read_config(config_path) -> dict:
     try:
-        config = json.loads(config_path.read_text())
+        config = jsonfile.loads(config_path.read_text())
         if isinstance(config, dict) and config.get("kind") == KIND:
             return config
     except (OSError, ValueError):
@@ -144,7 +144,7 @@ def _read(packed_path, config: dict):
     """(signs as uint8 numpy, values, per-layer sign byte counts), checked against the checksum."""
     try:
         tensors, metadata, _ = students.read_safetensors(packed_path)
-        counts = json.loads(metadata["sign_bytes"])
+        counts = jsonfile.loads(metadata["sign_bytes"])
         signs, values = tensors["signs"], tensors["values"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{packed_path} cannot be read ({type(err).__name__}: truncated or damaged); "

@@ -7,12 +7,11 @@ is only ever combined with the teacher it was trained on: loading rebuilds the R
 configured teacher, refuses another one, and checks that exactly the frozen teacher weights were left
 out.
 """
-import json
 from pathlib import Path
 
 from safetensors.torch import save
 
-from . import atomic, students
+from . import atomic, jsonfile, students
 from .errors import UserError
 from .rnet import RNet
 
@@ -44,7 +43,7 @@ def read_config(folder) -> dict:
         raise UserError(f"{folder} holds no RNet (expected {CONFIG_FILE} and {WEIGHTS_FILE}); make one with "
                         f"'Main_Diffusion.py --mode rectify' or point rnet_path= at an RNet folder")
     try:
-        config = json.loads(config_path.read_text())
+        config = jsonfile.loads(config_path.read_text())
     except (OSError, ValueError):
         config = None
     if not isinstance(config, dict) or config.get("kind") != KIND:

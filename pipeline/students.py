@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
-from . import atomic
+from . import atomic, jsonfile
 from .config import output_dir, project_path
 from .errors import UserError
 from .film import Readout
@@ -239,7 +239,7 @@ def read_safetensors(path):
     data = Path(path).read_bytes()
     try:
         tensors = load(data)
-        metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+        metadata = jsonfile.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
     except (SafetensorError, ValueError, AttributeError) as err:
         raise ValueError(type(err).__name__) from None
     return tensors, metadata, len(data)
@@ -275,7 +275,7 @@ def load_student(folder) -> StudentD:
                         f"'--mode train_d' or set d_weights= to a student folder")
     not_d = f"{config_path} is not a student D config; restore it or {REWRITE}"
     try:
-        config = json.loads(config_path.read_text())
+        config = jsonfile.loads(config_path.read_text())
     except (OSError, ValueError):
         raise UserError(not_d) from None
     if not isinstance(config, dict) or config.get("kind") != KIND:

@@ -136,7 +136,8 @@ def test_dry_run_of_a_training_stage_checks_its_data_and_split(tiny_cfg, tmp_pat
 
 
 @pytest.mark.parametrize("name,text", [("broken.toml", "name = \n"), ("broken.json", "{\"name\": "),
-                                       ("list.json", "[1, 2]")])
+                                       ("list.json", "[1, 2]"), ("deep.json", "[" * 100_000 + "]" * 100_000),
+                                       ("deep.toml", "a = " + "[" * 100_000 + "]" * 100_000)])
 def test_a_config_file_that_does_not_parse_is_one_sentence(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     result = run_cli("Main_Distill.py", "--config", str(tmp_path / name), "--dry-run")

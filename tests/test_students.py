@@ -146,3 +146,11 @@ def test_rin_skips_start_at_the_least_squares_multiple_of_rin():
     with torch.no_grad():
         out = model(rin)["chunks"]  # the other head outputs start at zero, so only the linear path speaks
     torch.testing.assert_close(out, factors.view(1, 3, 1, 1, 1) * rin[:, None], atol=0.01, rtol=0.05)
+
+
+def test_json_nested_too_deeply_for_the_parser_is_one_sentence(tmp_path):
+    """Issue 31: a config or metadata of 100,000 nested lists was a RecursionError traceback."""
+    _saved_student(tmp_path / "d")
+    (tmp_path / "d" / students.CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match="not a student D config"):
+        students.load_student(tmp_path / "d")

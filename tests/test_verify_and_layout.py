@@ -172,3 +172,11 @@ def test_a_manifest_number_too_large_for_any_folder_is_one_sentence(dataset, cap
         result = run_distill_in_process(capsys, "--mode", mode, "--config", "tiny", f"data_dir={folder}",
                                         f"reference_dir={folder.parent / 'ref'}", f"d_run_dir={folder.parent / 'd'}")
         assert_one_sentence_error(result, "shard-00001.npz.zst", "edited by hand")
+
+
+def test_a_manifest_nested_too_deeply_for_the_parser_is_one_sentence(dataset, capsys):
+    """Issue 31: a RecursionError traceback before."""
+    _, folder = dataset
+    (folder / "manifest.json").write_text("{\"shards\": " + "[" * 100_000 + "]" * 100_000 + "}")
+    result = run_distill_in_process(capsys, "--mode", "verify", "--config", "tiny", f"data_dir={folder}")
+    assert_one_sentence_error(result, "manifest.json", "not a readable teacher-data manifest")
