@@ -15,11 +15,9 @@ outwards every ``b_progressive_every`` steps. The statistics add the fraction of
 sign flipped in each step. The training machinery is ``student_trainer.StudentTrainer``; the EMA B is
 exported bit-packed to ``<b_run_dir>/packed`` at every checkpoint, beside the layer table.
 """
-import json
-
 import torch
 
-from . import adversarial, atomic, binary, distributed, packed, runtime, student_b, students, teacher_data
+from . import adversarial, binary, distributed, packed, run_record, runtime, student_b, students, teacher_data
 from .d_outputs import DOutputs
 from .errors import UserError
 from .feature_losses import FeatureTaps, LowRankBases, spd_loss
@@ -38,9 +36,8 @@ def load_d(cfg, manifest):
     folder = students.d_folder(cfg)
     d = students.load_student(folder)
     students.check_fits(d, manifest)
-    run_path = folder / "run.json"
-    if run_path.is_file():
-        run = json.loads(run_path.read_text())
+    run = run_record.read(folder, students.REWRITE)
+    if run is not None:
         if run.get("data") != data_fingerprint(manifest):
             raise UserError(f"the student D in {folder} was trained on other teacher data than {manifest.folder}; "
                             f"binarize the D of this data (d_weights=) or point data_dir= at its data")
@@ -179,7 +176,7 @@ class BTrainer(StudentTrainer):
 
     def export(self, folder):
         sizes = packed.export_packed(self.ema_b(), self.b_config, folder)
-        atomic.write_json(folder / "run.json", dict(self.record(), step=self.step, bytes=sizes))
+        run_record.write(folder, dict(self.record(), step=self.step, bytes=sizes))
         return sizes
 
 
@@ -189,7 +186,7 @@ def binarize(cfg):
     folder = trainer.run()
     if not distributed.is_main():
         return None
-    sizes = json.loads((folder / "run.json").read_text())["bytes"]
+    sizes = run_record.read(folder, packed.REDO)["bytes"]
     d_bytes = (trainer.d_folder / students.WEIGHTS_FILE).stat().st_size
     print(f"[binarize] packed B: {sizes['file_bytes']:,} bytes ({sizes['sign_bytes']:,} of sign bits), "
           f"{d_bytes / sizes['file_bytes']:.1f}x smaller than D in fp32 ({d_bytes:,} bytes)")

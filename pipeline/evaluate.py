@@ -14,7 +14,6 @@ precision. Everything lands in ``SampledImgs/distill/<run>/``: grids, every samp
 latent walk of D and B side by side, report.json and report.md (rendered by ``report``).
 """
 import io
-import json
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from . import (atomic, config, datasets, distributed, fid, images, jsonfile, latent_walk, metrics, packed, ring,
-               runtime, student_b, students, teacher_data, teachers)
+               run_record, runtime, student_b, students, teacher_data, teachers)
 from . import report as report_text
 from .config import output_dir
 from .errors import UserError
@@ -34,8 +33,8 @@ NAMES = report_text.NAMES
 
 def held_out_range(cfg, folder, manifest, n):
     """The held-out records recorded by the training run (else the config's), with at least n of them."""
-    run_path = folder / "run.json"
-    lo, hi = json.loads(run_path.read_text())["holdout_indices"] if run_path.is_file() else (0, cfg["holdout_samples"])
+    run = run_record.read(folder, students.REWRITE)
+    lo, hi = run["holdout_indices"] if run is not None else (0, cfg["holdout_samples"])
     if hi - lo <= 0:
         raise UserError("the held-out split is empty; train with holdout_samples > 0")
     if n > hi - lo:
@@ -155,8 +154,9 @@ class Evaluation:
         if self.n < 2:
             raise UserError(f"fid_samples must be at least 2, got {self.n}")
         self.lo, self.hi = held_out_range(cfg, self.folders["d"], self.manifest, self.n)
-        if b is not None and (b / "run.json").is_file():
-            b_holdout = json.loads((b / "run.json").read_text())["holdout_indices"]
+        b_run = run_record.read(b, packed.REDO) if b is not None else None
+        if b_run is not None:
+            b_holdout = b_run["holdout_indices"]
             if b_holdout != [self.lo, self.hi]:
                 raise UserError(f"B in {b} held out records {b_holdout} but D held out {[self.lo, self.hi]}; "
                                 f"binarize this D again or set b_weights= to its B (none = D alone)")

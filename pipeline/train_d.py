@@ -8,7 +8,7 @@ start of the heads' linear rin paths. The training machinery (schedule, EMA, res
 stats, data checks) is ``student_trainer.StudentTrainer``; the EMA student is written to ``<run>/student`` at every
 checkpoint.
 """
-from . import adversarial, atomic, distributed, runtime, students, teacher_data
+from . import adversarial, distributed, run_record, runtime, students, teacher_data
 from .losses import d_losses
 from .student_trainer import StudentTrainer, batch_rows
 
@@ -57,7 +57,7 @@ class DTrainer(StudentTrainer):
 
     def export(self, folder):
         students.save_student(self.ema_model(students.StudentD.from_config(self.model.config)), folder)
-        atomic.write_json(folder / "run.json", dict(self.record(), step=self.step))
+        run_record.write(folder, dict(self.record(), step=self.step))
 
 
 def train_d(cfg):

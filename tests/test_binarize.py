@@ -1,6 +1,7 @@
 """binarize: B trained from D lowers its loss, keeps its LRM bases and progress across a resume,
 exports a packed B that reloads to the same outputs, and refuses mismatched inputs in one sentence."""
 import json
+import re
 
 import pytest
 import torch
@@ -135,3 +136,33 @@ def test_bad_inputs_are_one_sentence(capsys, small_teacher, with_d, tmp_path):
     result = run_distill_in_process(capsys, "--mode", "binarize", *_args(small_teacher, with_d, b_run_dir=run,
                                                                       b_train_steps=2))
     assert_one_sentence_error(result, "cannot be read")
+
+
+def _rehashed(run: dict) -> str:
+    from pipeline import run_record
+    body = {k: v for k, v in run.items() if k != "sha256"}
+    return json.dumps(dict(body, sha256=run_record._digest(body)))
+
+
+@pytest.mark.parametrize("damage,what", [
+    (lambda text: text[:len(text) // 2], "is not readable JSON (truncated or damaged)"),
+    (lambda text: json.dumps(dict(json.loads(text), holdout_indices=[4, 8])), "was changed after training wrote it"),
+    (lambda text: _rehashed(dict(json.loads(text), weights_sha256="0" * 64)), "was written with other weights"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "sha256"}), "carries no checksum"),
+])
+def test_a_damaged_or_edited_run_json_beside_d_is_one_sentence(small_teacher, with_d, tmp_path, damage, what):
+    """Issue 31: a truncated run.json was a JSONDecodeError; edited holdout_indices made eval_d score training
+    records as held out."""
+    import shutil
+    from pipeline import binarize, evaluate, store
+    from pipeline.errors import UserError
+    folder = shutil.copytree(with_d / "d" / "student", tmp_path / "student")
+    cfg = _cfg(small_teacher, with_d, d_weights=folder)
+    manifest = store.load_manifest(cfg)
+    assert evaluate.held_out_range(cfg, folder, manifest, 2) == (0, 4)
+    run_json = folder / "run.json"
+    run_json.write_text(damage(run_json.read_text()))
+    with pytest.raises(UserError, match=re.escape(what)):
+        evaluate.held_out_range(cfg, folder, manifest, 2)
+    with pytest.raises(UserError, match=re.escape(what)):
+        binarize.load_d(cfg, manifest)
