@@ -71,6 +71,21 @@ def _is_shard_entry(entry) -> bool:
             and all(isinstance(entry.get(k), int) and entry[k] >= 0 for k in ("first_index", "count", "bytes")))
 
 
+def _edited_shard_entry(shards):
+    """What no writer lists, as text completing "<manifest> ...", or None. The one path rule of every reader
+    (verify, repair, training, export, eval_d, ``Manifest.read_shard``): a listed file is a shard file of the
+    folder itself, never ``../`` or an absolute path; and its numbers fit the integers sizes are computed in."""
+    foreign = next((e["file"] for e in shards if not SHARD_NAME.fullmatch(e["file"])), None)
+    if foreign is not None:
+        return f"lists {foreign!r}, which is not a shard file of the folder (shard-NNNNN.npz.zst)"
+    absurd = next((e for e in shards if e["first_index"] + e["count"] > MAX_RECORDS or e["bytes"] > MAX_SHARD_BYTES),
+                  None)
+    if absurd is not None:
+        return (f"lists {absurd['file']!r} with {absurd['count']} records from index {absurd['first_index']} in "
+                f"{absurd['bytes']} bytes, beyond the {MAX_RECORDS:,} records and bytes a folder can hold")
+    return None
+
+
 class Manifest:
     """The manifest of one data folder, kept in memory and rewritten atomically on every change."""
 
@@ -103,12 +118,9 @@ class Manifest:
             ok = False
         if not ok:
             raise UserError(f"{path} is not a readable teacher-data manifest; restore it or regenerate the folder")
-        absurd = next((e for e in data["shards"] if e["first_index"] + e["count"] > MAX_RECORDS
-                       or e["bytes"] > MAX_SHARD_BYTES), None)
-        if absurd is not None:
-            raise UserError(f"{path} lists {absurd['file']!r} with {absurd['count']} records from index "
-                            f"{absurd['first_index']} in {absurd['bytes']} bytes, beyond the {MAX_RECORDS:,} records "
-                            f"and bytes a folder can hold, so it was edited by hand; restore it or regenerate the folder")
+        edited = _edited_shard_entry(data["shards"])
+        if edited:
+            raise UserError(f"{path} {edited}, so it was edited by hand; restore it or regenerate the folder")
         if data["format_version"] > FORMAT_VERSION:
             raise UserError(f"{path} has format version {data['format_version']}, newer than this tool "
                             f"({FORMAT_VERSION}); update the tool")
@@ -276,10 +288,8 @@ def coverage_problems(shards):
 
 
 def layout_problem(manifest: Manifest):
-    """The first problem of the shard list itself (names, gaps, overlaps), as text, or None."""
-    bad_name = next((s["file"] for s in manifest.shards if not SHARD_NAME.fullmatch(s["file"])), None)
-    if bad_name:
-        return f"lists '{bad_name}', which is not a shard file name"
+    """The first problem of the shard list itself (gaps, overlaps, a name listed twice), as text, or None; names
+    that are not shard files never get this far (``Manifest.load``)."""
     problems = coverage_problems(manifest.shards)
     if problems:
         return f"lists shards whose {problems[0][1]} {problems[0][2]}"

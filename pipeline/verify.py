@@ -22,9 +22,6 @@ def find_problems(manifest):
     mine = manifest.shards[distributed.rank()::distributed.world()]
     shard_problems = []
     for s in tqdm(mine, desc="verify", unit="shard", dynamic_ncols=True, disable=not distributed.is_main()):
-        if not store.SHARD_NAME.fullmatch(s["file"]):
-            shard_problems.append((s["file"], index_text(s["first_index"], s["count"]), "is not a shard file name"))
-            continue
         problem = store.shard_problem(manifest, s)
         if problem:
             shard_problems.append((s["file"], index_text(s["first_index"], s["count"]), problem))

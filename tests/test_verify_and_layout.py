@@ -180,3 +180,18 @@ def test_a_manifest_nested_too_deeply_for_the_parser_is_one_sentence(dataset, ca
     (folder / "manifest.json").write_text("{\"shards\": " + "[" * 100_000 + "]" * 100_000 + "}")
     result = run_distill_in_process(capsys, "--mode", "verify", "--config", "tiny", f"data_dir={folder}")
     assert_one_sentence_error(result, "manifest.json", "not a readable teacher-data manifest")
+
+
+@pytest.mark.parametrize("name", ["../shard-00001.npz.zst", "/etc/passwd", "sub/shard-00001.npz.zst", "notes.txt"])
+def test_a_manifest_naming_files_outside_the_folder_is_refused_by_every_reader(dataset, capsys, name):
+    """Issue 31: eval_d and Manifest.read_shard read what a manifest names; one rule in the loader now."""
+    _, folder = dataset
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][1]["file"] = name
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="which is not a shard file of the folder"):
+        store.Manifest.load(folder)
+    for mode in ("verify", "repair", "export", "train_d", "eval_d"):
+        result = run_distill_in_process(capsys, "--mode", mode, "--config", "tiny", f"data_dir={folder}",
+                                        f"reference_dir={folder.parent / 'ref'}", f"d_run_dir={folder.parent / 'd'}")
+        assert_one_sentence_error(result, name, "edited by hand")
