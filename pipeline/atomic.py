@@ -4,6 +4,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -66,3 +67,31 @@ def folder_lock(folder, what: str):
                 raise
             raise UserError(f"another {what} is writing {folder}; wait for it to finish or use another folder") from None
         yield
+
+
+# Written first into every staging folder (<reference_dir>.partial, <data_dir>.importing): only a folder that
+# carries it is emptied when a run starts over, so files of the user's under such a name are never deleted.
+STAGING_MARKER = ".one-step-distill-staging"
+
+
+def claim_staging(staging, what: str) -> None:
+    """Make ``staging`` this tool's staging folder: new, empty, or left by an interrupted run of ours (its
+    marker present; emptied here but for a lock, under which a run of ours may still be working); else one sentence."""
+    from .errors import UserError
+    staging = Path(staging)
+    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+        raise UserError(f"{staging} is not a folder, where {what} stages its files; move it away or pick another "
+                        f"target folder")
+    staging.mkdir(parents=True, exist_ok=True)
+    entries = [p for p in staging.iterdir() if p.name not in (".lock", STAGING_MARKER)]
+    if entries and not (staging / STAGING_MARKER).is_file():
+        raise UserError(f"{staging} holds files that {what} did not write (no {STAGING_MARKER} marker), e.g. "
+                        f"{entries[0].name}; move them away or pick another target folder")
+    (staging / STAGING_MARKER).write_text(f"staging folder of {what}; deleted when it completes or reruns\n")
+
+
+def empty_staging(staging) -> None:
+    """Delete what an interrupted run left in a claimed staging folder (its lock and marker stay)."""
+    for leftover in Path(staging).iterdir():
+        if leftover.name not in (".lock", STAGING_MARKER):
+            shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()

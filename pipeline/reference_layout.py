@@ -67,12 +67,13 @@ def export_command(cfg):
     if problem:
         raise UserError(f"{manifest.folder / store.MANIFEST} {problem}; run '--mode verify' for details")
     target = reference_dir(cfg, must_exist=False)
-    if target.exists() and any(target.iterdir()):
-        raise UserError(f"{target} is not empty; export into a new or empty folder")
+    if target.is_symlink():  # export into the folder it names; the link stays as it is
+        target = target.resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{target} is not an empty folder; export into a new or empty folder")
     staging = target.with_name(target.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    atomic.claim_staging(staging, "export")
+    atomic.empty_staging(staging)
     # a bar used as a context is closed before an error is printed, so the error stays on its own line
     with tqdm(total=sum(s["count"] for s in manifest.shards), desc="export", unit="sample", dynamic_ncols=True) as bar:
         for entry in manifest.shards:
@@ -82,10 +83,11 @@ def export_command(cfg):
                 (staging / sample_name(int(index))).write_bytes(store.encode_npz(sample, REFERENCE_ZSTD_LEVEL))
                 bar.update(1)
     atomic.write_json(staging / "config.json", cfg)
+    (staging / atomic.STAGING_MARKER).unlink()
     if target.exists():
         target.rmdir()
     staging.rename(target)
-    print(f"[export] {bar.n} files written to {target}")
+    print(f"[export] {manifest.data['totals']['samples']} files written to {target}")
     if not isinstance(manifest.codec, store.codecs.ReferenceCodec):
         print(f"[export] the records were written as codec {manifest.data['codec']['name']} made them, not "
               f"re-quantized: they are per-channel int8 codes with float16 scales already, which the reference's "
@@ -165,8 +167,7 @@ def import_command(cfg):
     files = sample_files(source)
     teacher = _import_teacher(cfg)
     staging = target.with_name(target.name + ".importing")
-    if staging.exists() and not staging.is_dir():
-        raise UserError(f"{staging} is a file, where import stages its folder; move it away or pick another data_dir")
+    atomic.claim_staging(staging, "import")  # before the cleanup below, which deletes the folder on failure
     with atomic.folder_lock(staging, "import"):
         try:
             manifest = _import_into(cfg, source, files, staging, teacher)
@@ -174,6 +175,7 @@ def import_command(cfg):
                 _check_target(target)
                 (target / ".lock").unlink()
                 target.rmdir()
+                (staging / atomic.STAGING_MARKER).unlink()
                 os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -211,9 +213,7 @@ def _import_teacher(cfg):
 
 
 def _import_into(cfg, source, files, staging, teacher) -> store.Manifest:
-    for leftover in staging.iterdir():  # from an import that was killed
-        if leftover.name != ".lock":
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    atomic.empty_staging(staging)  # what an import that was killed left
     first = read_sample(files[0])
     layout = layout_of(first)
     manifest = store.Manifest.create(staging, codec=_codec(cfg), generator=imported_generator(source, layout, teacher),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from pipeline import config, generate, reference_layout, store, verify
+from pipeline import atomic, config, generate, reference_layout, store, verify
 from pipeline.errors import UserError
 
 from conftest import assert_one_sentence_error, npz_with_absurd_header, read_folder, read_records, run_cli
@@ -118,6 +118,7 @@ def test_interrupted_export_is_not_a_dataset_and_rerunning_finishes_it(exported,
     ref = tmp_path / "reference"
     partial = tmp_path / "reference.partial"
     partial.mkdir()
+    (partial / atomic.STAGING_MARKER).write_text("")  # the first thing an export writes
     (partial / "sample_00000000.zst").write_bytes(b"left by a killed export")
     with pytest.raises(UserError, match="reference_dir .* does not exist"):
         reference_layout.import_command(dict(cfg, reference_dir=str(ref), data_dir=str(tmp_path / "x")))
@@ -256,6 +257,7 @@ def test_leftovers_of_a_killed_import_are_replaced_and_a_used_folder_is_refused(
     reference_folder(ref, count=3)
     staging = tmp_path / "data.importing"
     staging.mkdir()
+    (staging / atomic.STAGING_MARKER).write_text("")  # the first thing an import writes
     (staging / "shard-00007.npz.zst").write_bytes(b"left by a killed import")
     assert _import(ref, data).returncode == 0
     assert sorted(p.name for p in data.glob("shard-*")) == ["shard-00000.npz.zst", "shard-00001.npz.zst"]
@@ -288,3 +290,38 @@ def test_an_npy_header_that_is_not_a_python_literal_is_one_sentence(tmp_path):
         reference_layout.read_sample(path)
     with pytest.raises(ValueError, match="has no readable npy header"):
         store.decode_npz(zstandard.ZstdCompressor().compress(bytes(raw)), 10 ** 6)
+
+
+def test_staging_folders_holding_files_the_tool_did_not_write_are_refused_and_kept(exported, tmp_path):
+    """Issue 31: export emptied an existing <reference_dir>.partial and import an existing <data_dir>.importing."""
+    cfg, _, ref = exported
+    partial, importing = tmp_path / "mine.partial", tmp_path / "data.importing"
+    for folder in (partial, importing):
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"mine.partial holds files that export did not write .* notes.txt"):
+        reference_layout.export_command(dict(cfg, reference_dir=str(tmp_path / "mine")))
+    result = _import(ref, tmp_path / "data")
+    assert_one_sentence_error(result, "data.importing holds files that import did not write", "notes.txt")
+    assert (partial / "notes.txt").read_text() == "mine" and (importing / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "mine").exists() and not (tmp_path / "data").exists()
+
+
+def test_export_into_a_symlink_to_a_folder_fills_that_folder(exported, tmp_path):
+    """Issue 31: a NotADirectoryError traceback that left a stray .partial."""
+    cfg, _, _ = exported
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    reference_layout.export_command(dict(cfg, reference_dir=str(tmp_path / "link")))
+    assert (tmp_path / "link").is_symlink() and len(list((tmp_path / "link").glob("sample_*.zst"))) == 12
+    assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "real" / atomic.STAGING_MARKER).exists()
+
+
+def test_export_counts_its_files_without_a_progress_bar(exported, tmp_path, monkeypatch, capsys):
+    """Issue 31: "0 files written" under TQDM_DISABLE=1."""
+    import functools
+    from tqdm import tqdm
+    cfg, _, _ = exported
+    monkeypatch.setattr(reference_layout, "tqdm", functools.partial(tqdm, disable=True))  # as TQDM_DISABLE=1 does
+    reference_layout.export_command(dict(cfg, reference_dir=str(tmp_path / "out")))
+    assert "[export] 12 files written to" in capsys.readouterr().out
