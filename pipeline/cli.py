@@ -62,7 +62,7 @@ def build_parser(prog, description, modes, default_mode):
 def main(prog, description, modes, default_mode="generate", argv=None):
     """Parse, resolve and validate the config, print it, and run (or, with --dry-run, plan) the mode."""
     parser = build_parser(prog, description, modes, default_mode)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may follow --dry-run or --mode
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     mode = modes[args.mode]
     ranks = _process_group()

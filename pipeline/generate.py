@@ -121,9 +121,18 @@ class Generator:
         self.seconds["teacher"] += time.perf_counter() - start
         if not finite:
             raise UserError(f"the teacher produced NaN or inf for samples {indices[0]}..{indices[-1]} with "
-                            f"gen_precision={self.cfg['gen_precision']}; use gen_precision=fp32")
+                            f"gen_precision={self.cfg['gen_precision']}; {self.non_finite_advice()}")
         return codecs.Trajectories(*(t.float().cpu().numpy() for t in (x_T, rin0, r_chunks, z_final, x0)),
                                    T=g["T"], chunk_size=g["chunk_size"], latent=self.rnet is not None)
+
+    def non_finite_advice(self) -> str:
+        """What to do about a non-finite trajectory: fp32 helps only where the weights are finite and autocast ran."""
+        networks = [self.unet] + ([self.rnet] if self.rnet is not None else [])
+        if not all(torch.isfinite(p).all() for net in networks for p in net.parameters()):
+            return f"the weights of {self.source} (or its RNet) hold NaN or inf themselves; restore or retrain them"
+        if self.amp is not None:
+            return "use gen_precision=fp32"
+        return f"the teacher {self.source} overflows even in fp32; check or retrain it"
 
     def records(self, indices, tally) -> dict:
         """The encoded records of the given sample indices; ``tally`` measures their codec error."""

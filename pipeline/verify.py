@@ -29,10 +29,14 @@ def find_problems(manifest):
     order = {s["file"]: i for i, s in enumerate(manifest.shards)}
     problems += sorted(found, key=lambda p: order.get(p[0], -1))
     problems += store.coverage_problems(manifest.shards)
-    totals = manifest.data.get("totals")
-    if not isinstance(totals, dict) or totals.get("samples") != sum(s["count"] for s in manifest.shards):
+    if totals_wrong(manifest):
         problems.append((store.MANIFEST, "-", "totals.samples does not match the shards listed"))
     return problems
+
+
+def totals_wrong(manifest) -> bool:
+    totals = manifest.data.get("totals")
+    return not isinstance(totals, dict) or totals.get("samples") != sum(s["count"] for s in manifest.shards)
 
 
 def verify_command(cfg):
@@ -92,7 +96,12 @@ def damaged_shards(cfg, gen, held):
                         f"regenerate the folder")
     damaged = [s for s in manifest.shards if store.shard_problem(manifest, s)]
     if not damaged:
-        print(f"[repair] nothing to repair in {manifest.folder}")
+        if totals_wrong(manifest):  # verify's advice for every problem is repair: the totals are recounted here
+            with atomic.folder_lock(manifest.folder, "run"):
+                manifest.save()
+            print(f"[repair] recounted the totals of {manifest.folder / store.MANIFEST}")
+        else:
+            print(f"[repair] nothing to repair in {manifest.folder}")
         return manifest, []
     held.enter_context(atomic.folder_lock(manifest.folder, "run"))
     return open_manifest(manifest.folder, cfg, codec_info(cfg), gen.generator, gen.spec), damaged

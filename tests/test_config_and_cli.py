@@ -162,3 +162,12 @@ def test_late_keys_of_all_are_refused_before_generate_starts(tmp_path, small_tea
 def test_patterns_that_leave_a_binary_layer_pass_the_early_check(tiny_cfg):
     from pipeline import student_b
     student_b.check_before_training(tiny_cfg(b_full_precision="unet.*"))  # the heads stay binary
+
+
+def test_overrides_may_follow_dry_run(tmp_path, small_teacher, capsys):
+    """Issue 31: argparse refused key=value after --dry-run."""
+    from conftest import run_distill_in_process
+    result = run_distill_in_process(capsys, "--config", "tiny", f"teacher_path={small_teacher}", "--dry-run",
+                                    "samples_total=10", f"data_dir={tmp_path / 'd'}")
+    assert result.returncode == 0, result.stderr
+    assert "[dry-run] would write 10 samples" in result.stdout and not (tmp_path / "d").exists()

@@ -151,3 +151,21 @@ def test_channels_last_teacher_gives_the_same_records(tiny_cfg):
             atol = 1 / 127.5 + 1e-3 if key == "x0_teacher_f16" else 2e-3
             np.testing.assert_allclose(value.astype(np.float32), records[False][key].astype(np.float32),
                                        atol=atol, rtol=0)
+
+
+def test_a_teacher_with_nan_weights_is_not_told_to_use_fp32(tmp_path, capsys):
+    """Issue 31: the advice was "use gen_precision=fp32" with fp32 already set."""
+    import torch
+    from pipeline import config, teachers
+    from conftest import run_distill_in_process
+    cfg = config.resolve("tiny")
+    torch.manual_seed(0)
+    unet = teachers.new_unet(cfg, channels=1)
+    with torch.no_grad():
+        unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    teachers.save_teacher(unet, teachers.new_scheduler(cfg), tmp_path / "teacher")
+    result = run_distill_in_process(capsys, "--mode", "generate", "--config", "tiny",
+                                    f"teacher_path={tmp_path / 'teacher'}", f"data_dir={tmp_path / 'data'}",
+                                    "gen_precision=fp32")
+    assert_one_sentence_error(result, "gen_precision=fp32", "hold NaN or inf themselves")
+    assert "use gen_precision=fp32" not in result.stderr

@@ -195,3 +195,16 @@ def test_a_manifest_naming_files_outside_the_folder_is_refused_by_every_reader(d
         result = run_distill_in_process(capsys, "--mode", mode, "--config", "tiny", f"data_dir={folder}",
                                         f"reference_dir={folder.parent / 'ref'}", f"d_run_dir={folder.parent / 'd'}")
         assert_one_sentence_error(result, name, "edited by hand")
+
+
+def test_repair_recounts_totals_as_verify_advises(dataset, capsys):
+    """Issue 31: verify said "repair" for a totals mismatch that repair did not fix."""
+    cfg, folder = dataset
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["totals"]["samples"] = 99
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = run_distill_in_process(capsys, "--mode", "verify", "--config", "tiny", f"data_dir={folder}")
+    assert_one_sentence_error(result, "totals.samples does not match", "--mode repair")
+    verify.repair(cfg)
+    result = run_distill_in_process(capsys, "--mode", "verify", "--config", "tiny", f"data_dir={folder}")
+    assert result.returncode == 0, result.stderr
