@@ -4,7 +4,8 @@ D is frozen while B trains and B's input for a record is always that record's x_
 and tapped block features for a record are the same at every step. ``DOutputs.build`` computes them
 for every training record before step 1 (one D call per record instead of one per record and epoch)
 and ``lookup`` serves a batch by record index. They are kept in the dtype D produced them in (bf16
-under bf16 autocast), so B's losses see exactly what D would have computed in the step. A store
+under bf16 autocast), so B's losses see what D would have computed in the step, to float rounding: D's kernels
+may sum in another order for another batch (fp32 on AVX2 does), which no loss can tell apart. A store
 larger than ``b_cache_d_mb`` is not built: D then runs in every step, as without the store.
 """
 import torch

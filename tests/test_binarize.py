@@ -72,26 +72,32 @@ def _losses(folder):
     return [json.loads(line)["loss"] for line in (folder / "stats.jsonl").read_text().splitlines()]
 
 
-def test_d_outputs_kept_in_memory_train_b_exactly_as_d_run_in_every_step(small_teacher, with_d, tmp_path):
-    runs = {}
-    for name, budget in (("kept", 4096), ("live", 0)):
-        cfg = _cfg(small_teacher, with_d, b_run_dir=tmp_path / name, b_train_steps=4, b_checkpoint_every=4,
-                   data_workers=0, b_cache_d_mb=budget)
-        runs[name] = trainer = BTrainer(cfg)
-        trainer.run()
-        assert (trainer.d_outputs is not None) == (budget > 0)
-    assert _losses(tmp_path / "kept") == pytest.approx(_losses(tmp_path / "live"), rel=1e-5)
-    # a looked-up batch is what D computes on those records' x_T
-    kept = runs["kept"]
-    batch = next(iter(kept.batches()))
-    pred, feats = kept.d_outputs.lookup(batch["index"], kept.device)
-    with torch.no_grad(), runtime.autocast(kept.amp, kept.device):  # as the step would run D
-        live = kept.d(batch["x_T"])
-    live_feats = kept.taps_d.take()
-    torch.testing.assert_close(pred["chunks"], live["chunks"], rtol=1e-5, atol=1e-6)
+def test_d_outputs_kept_in_memory_give_b_the_loss_d_run_in_the_step_would(small_teacher, with_d, tmp_path):
+    """The kept store serves a batch what D computes for those records in the step, so B's loss is the one D run
+    live would give, to float rounding (D's kernels may sum in another order for another batch). Whole runs are not
+    compared: in fp32 such a rounding difference flips the sign of a latent weight near 0 and two B runs part."""
+    cfg = _cfg(small_teacher, with_d, b_run_dir=tmp_path / "b", b_train_steps=4, b_checkpoint_every=4,
+               data_workers=0, b_cache_d_mb=4096)
+    trainer = BTrainer(cfg)
+    trainer.run()
+    assert trainer.d_outputs is not None
+    batch = next(iter(trainer.batches()))
+    pred, feats = trainer.d_outputs.lookup(batch["index"], trainer.device)
+    with torch.no_grad(), runtime.autocast(trainer.amp, trainer.device):  # as the step would run D
+        live = trainer.d(batch["x_T"])
+    live_feats = trainer.taps_d.take()
+    def assert_rounding_apart(kept, computed):  # fp32 sums in another order differ by ~1e-7 of the tensor's scale
+        torch.testing.assert_close(kept, computed, rtol=1e-5, atol=1e-5 * float(computed.abs().max()))
+    assert_rounding_apart(pred["chunks"], live["chunks"])
     assert feats.keys() == live_feats.keys()
     for name in feats:
-        torch.testing.assert_close(feats[name], live_feats[name], rtol=1e-5, atol=1e-6)
+        assert_rounding_apart(feats[name], live_feats[name])
+    with torch.no_grad():
+        kept_loss, kept_parts = trainer.loss(batch)
+        trainer.d_outputs = None  # D now runs in the step
+        live_loss, live_parts = trainer.loss(batch)
+    assert kept_parts.keys() == live_parts.keys() and "loss_spd" in kept_parts
+    assert float(kept_loss) == pytest.approx(float(live_loss), rel=1e-5)
 
 
 def test_d_outputs_over_the_budget_are_computed_in_every_step(small_teacher, with_d, tmp_path, monkeypatch, capsys):
