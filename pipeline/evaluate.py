@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from . import (atomic, config, datasets, distributed, fid, images, jsonfile, latent_walk, metrics, packed, ring,
+from . import (api, atomic, config, datasets, distributed, fid, images, jsonfile, latent_walk, metrics, packed, ring,
                run_record, runtime, student_b, students, teacher_data, teachers)
 from . import report as report_text
 from .config import output_dir
@@ -55,12 +55,10 @@ def b_folder(cfg):
     return folder if cfg["b_weights"] or (folder / packed.PACKED_FILE).is_file() else None
 
 
-@torch.inference_mode()
-def one_step_images(model, x_T, batch_size, device, label="D"):
-    out = [students.one_step(model, x_T[lo:lo + batch_size].to(device)).float().cpu()
-           for lo in tqdm(range(0, len(x_T), batch_size), desc=f"{label} one-step samples", unit="batch",
-                          dynamic_ncols=True, disable=not distributed.is_main())]
-    return torch.cat(out)
+def one_step_images(model, x_T, batch_size, label="D"):
+    """The images the Python API gives (pipeline/api.py), with a progress bar."""
+    return api.one_step_images(model, x_T, batch_size, progress=lambda starts: tqdm(
+        starts, desc=f"{label} one-step samples", unit="batch", dynamic_ncols=True, disable=not distributed.is_main()))
 
 
 @torch.inference_mode()
@@ -201,7 +199,7 @@ class Evaluation:
         """One-step images of every student on the held-out x_T: (records, fidelity vs the teacher on all
         of them, the first N of each student as uint8, the teacher's first N as uint8)."""
         records = teacher_data.read_range(self.manifest, self.lo, self.hi)
-        samples = {key: one_step_images(model, records["x_T"], self.cfg["fid_batch_size"], self.device, NAMES[key])
+        samples = {key: one_step_images(model, records["x_T"], self.cfg["fid_batch_size"], NAMES[key])
                    for key, model in self.models.items()}
         fidelity = {key: metrics.fidelity(images_, records["x0"]) for key, images_ in samples.items()}
         uint8 = {key: datasets.to_uint8(images_[:self.n]) for key, images_ in samples.items()}
@@ -249,8 +247,7 @@ class Evaluation:
     def walk(self, start, end):
         """The students' images along the spherical path between the first two held-out x_T, side by side."""
         path = latent_walk.slerp(start, end, self.cfg["walk_frames"])
-        frames = {NAMES[key]: datasets.to_uint8(one_step_images(model, path, self.cfg["fid_batch_size"], self.device,
-                                                                NAMES[key]))
+        frames = {NAMES[key]: datasets.to_uint8(one_step_images(model, path, self.cfg["fid_batch_size"], NAMES[key]))
                   for key, model in self.models.items()}
         latent_walk.save_walk(frames, self.out_dir / "latent_walk.gif", self.out_dir / "latent_walk.png")
 

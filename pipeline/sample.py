@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic, config, datasets, images, packed, runtime, students
+from . import api, atomic, config, images, packed, runtime, students
 from .config import output_dir, project_path
 from .errors import UserError
-from .trajectory import draw_x_T
 
 GRID_IMAGES = 64
 NAMES = {"d": "D", "b": "B"}
@@ -64,17 +63,6 @@ def plan(cfg) -> list:
             f"to {out_folder(cfg)}"]
 
 
-@torch.inference_mode()
-def one_step_uint8(model, seed: int, index: list, batch_size: int, device) -> np.ndarray:
-    """uint8 images [N, C, H, W] of ``model`` from the x_T that generate draws for these sample indices."""
-    shape = [model.config["image_channels"], model.unet.config.sample_size, model.unet.config.sample_size]
-    out = []
-    for lo in range(0, len(index), batch_size):
-        x_T = draw_x_T(seed, index[lo:lo + batch_size], shape).to(device)
-        out.append(datasets.to_uint8(students.one_step(model, x_T)))
-    return np.concatenate(out)
-
-
 def write(out: Path, images_uint8: np.ndarray, index: list, cfg) -> None:
     """PNGs, grid and config first, ``samples.npz`` last: a complete npz means complete PNGs."""
     (out / "samples.npz").unlink(missing_ok=True)  # a stale npz must not vouch for a half-written run
@@ -91,10 +79,11 @@ def sample_command(cfg) -> Path:
     """Sample, write and say where the files are; returns the output folder."""
     model = load_student(cfg)
     device = runtime.configure(cfg)
-    model = runtime.for_inference(model.to(device), cfg)
+    student = api.Student(runtime.for_inference(model.to(device), cfg), student_folder(cfg),
+                          NAMES[cfg["sample_student"]])
     index = indices(cfg)
     started = time.perf_counter()
-    images_uint8 = one_step_uint8(model, cfg["seed"], index, cfg["fid_batch_size"], device)
+    images_uint8 = student(index, seed=cfg["seed"], batch_size=cfg["fid_batch_size"])
     seconds = time.perf_counter() - started
     out = out_folder(cfg)
     write(out, images_uint8, index, cfg)

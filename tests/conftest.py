@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -148,3 +149,10 @@ def small_student():
     from pipeline import students
     torch.manual_seed(0)
     return students.new_student(SMALL_BACKBONE, student_generator(3, 1), head_channels=8)
+
+
+def reader_snippet(marker="reader"):
+    """The python block that follows ``<!-- {marker}: this block is run by tests/... -->`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    block = re.split(rf"<!-- {re.escape(marker)}: this block is run by tests/\w+\.py -->", text, maxsplit=1)[1]
+    return re.search(r"```python\n(.*?)```", block, re.S).group(1)

@@ -4,13 +4,7 @@ import sys
 
 from pipeline import generate
 
-from conftest import ROOT
-
-
-def reader_snippet(marker="reader"):
-    text = (ROOT / "README.md").read_text()
-    block = text.split(f"<!-- {marker}: this block is run by tests/test_readme.py -->", 1)[1]
-    return re.search(r"```python\n(.*?)```", block, re.S).group(1)
+from conftest import ROOT, reader_snippet
 
 
 def test_readme_reader_runs_with_numpy_and_zstandard_only(tiny_cfg, tmp_path):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import config, datasets, generate, packed, sample, student_b, students
+from pipeline import api, config, datasets, generate, packed, sample, student_b, students, teachers, trajectory
 from pipeline.errors import UserError
 
-from conftest import assert_one_sentence_error, read_records, run_cli
+from conftest import assert_one_sentence_error, read_records, reader_snippet, run_cli
 
 BACKBONE = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
             "layers_per_block": 1, "norm_num_groups": 4, "down_block_types": ["DownBlock2D"] * 2,
@@ -144,3 +144,38 @@ def test_the_command_line_samples_plans_and_refuses_in_one_sentence(made, tmp_pa
     result = run_cli("Main_Distill.py", *args, f"b_weights={damaged}", f"student_samples_dir={tmp_path / 'x'}")
     assert result.returncode == 2
     assert_one_sentence_error(result, "checksum mismatch", "re-export")
+
+
+@pytest.mark.parametrize("student", ["d", "b"])
+def test_the_python_api_gives_the_images_sample_writes(made, tmp_path, student):
+    root, records = made
+    out = sample.sample_command(_cfg(root, student, tmp_path / "out"))
+    held = api.load(root / student)
+    assert held.kind == student.upper()
+    index = list(range(FIRST, FIRST + COUNT))
+    with np.load(out / "samples.npz") as npz:
+        assert np.array_equal(held(index), npz["images"])
+    x_T = torch.from_numpy(np.stack([records[i] for i in index]))  # the x_T of the teacher records
+    assert np.array_equal(held(x_T=x_T, batch_size=2), held(index))
+
+
+def test_the_python_api_samples_the_teacher_by_ddim_and_refuses_what_is_no_model(made, small_teacher, tmp_path):
+    teacher = api.load(small_teacher, steps=4)
+    assert teacher.kind == "teacher"
+    unet, ddpm, _ = teachers.load_teacher(config.resolve("tiny", [f"teacher_path={small_teacher}"]))
+    x_T = trajectory.draw_x_T(0, [0, 1], teacher.image_shape)
+    expected = datasets.to_uint8(trajectory.ddim_sample(unet, teachers.ddim_scheduler(ddpm), x_T, 4))
+    assert np.array_equal(teacher([0, 1]), expected)
+    with pytest.raises(UserError, match="holds no student D, packed B or teacher"):
+        api.load(tmp_path)
+    with pytest.raises(UserError, match="one of the two"):
+        teacher([0], x_T=x_T)
+
+
+def test_the_readmes_python_api_block_runs_on_a_trained_d(made):
+    root, _ = made
+    code = reader_snippet("api").replace('"Checkpoints/distill/fashion_mnist"', repr(str(root / "d")))
+    scope = {}
+    exec(code, scope)
+    assert scope["images"].shape == (16, 1, 32, 32) and scope["images"].dtype == np.uint8
+    assert np.array_equal(scope["images"], api.load(root / "d")(range(16)))
