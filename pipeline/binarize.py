@@ -11,7 +11,7 @@ The output losses are those of D (rin, chunks, x0), once against the teacher's r
 against D's own predictions for the same x_T; SPD and LRM compare the block features of D and B
 (``feature_losses``); LRM's channel-PCA bases are fitted on D's features of the first batch and kept
 in the checkpoint. Progressive binarization switches rings of blocks to 1 bit from the middle
-outwards every ``b_progressive_every`` steps. The statistics add the fraction of latent weights whose
+outwards every ``b_progressive_every`` steps. The statistics add the fraction of real-valued weights whose
 sign flipped in each step. The training machinery is ``student_trainer.StudentTrainer``; the EMA B is
 exported bit-packed to ``<b_run_dir>/packed`` at every checkpoint, beside the layer table.
 """
@@ -127,13 +127,13 @@ class BTrainer(StudentTrainer):
     def before_step(self):
         student_b.set_progress(self.model, self.step, self.cfg["b_progressive_every"])
         if self._signs is None:  # afterwards the previous step's after_step has taken them
-            self._signs = self._latent_signs()
+            self._signs = self._real_weight_signs()
 
-    def _latent_signs(self):
-        return [layer.latent().detach() >= 0 for layer in self.binary_layers]
+    def _real_weight_signs(self):
+        return [layer.real_weight().detach() >= 0 for layer in self.binary_layers]
 
     def after_step(self):
-        signs = self._latent_signs()
+        signs = self._real_weight_signs()
         flipped = sum(int(new.ne(old).sum()) for new, old in zip(signs, self._signs))
         self._signs = signs
         active = sum(layer.is_active for layer in self.binary_layers)

@@ -155,7 +155,7 @@ def first_scales(w, centre: bool):
 
 
 class _BinaryWeights:
-    """What binary convolutions and linears share: latent weight -> binary weight, scales, W1A1 input."""
+    """What binary convolutions and linears share: real-valued weight -> binary weight, scales, W1A1 input."""
 
     def _setup_binary(self, binarizer: str, centre: bool, w1a1: bool):
         fn = get(binarizer)
@@ -173,7 +173,7 @@ class _BinaryWeights:
         # Python copies of the two flags: reading a CUDA buffer in every forward would wait for the GPU
         self.is_started, self.is_active = False, True
         self.register_load_state_dict_post_hook(lambda module, keys: module._read_flags())
-        self.frozen = False  # freeze_signs: the layer then holds exported signs, not latent weights
+        self.frozen = False  # freeze_signs: the layer then holds exported signs, not real-valued weights
         if w1a1:
             self.threshold = torch.nn.Parameter(torch.zeros(self.weight.shape[1]))
 
@@ -197,12 +197,12 @@ class _BinaryWeights:
         self.started.fill_(True)
         self.is_started = True
 
-    def latent(self):
+    def real_weight(self):
         w = self.weight
         return w - w.mean(dim=tuple(range(1, w.dim())), keepdim=True) if self.centre else w
 
     def freeze_signs(self, *planes: torch.Tensor):
-        """Hold exported sign planes (+-1) instead of latent weights: the binary weight is then rebuilt
+        """Hold exported sign planes (+-1) instead of real-valued weights: the binary weight is then rebuilt
         with the same operations as in training, so the outputs are bit-identical."""
         if len(planes) != self.basis:
             raise ValueError(f"{self.binarizer_name} needs {self.basis} sign planes, got {len(planes)}")
@@ -226,14 +226,14 @@ class _BinaryWeights:
                 for scale, start in zip(self.scales(), first_scales(self.weight.detach().float(), self.centre)):
                     scale.copy_(start)
                 self._mark_started()
-        w = self.latent()
+        w = self.real_weight()
         return self.binarizer.apply(w, *(s.to(w.dtype) for s in self.scales()))
 
     def signs(self):
         """The sign planes of the current binary weight as bool tensors (True = +1), as exported."""
         if self.frozen:
             return [plane > 0 for plane in self._frozen_planes()]
-        w = self.latent().detach()
+        w = self.real_weight().detach()
         return [plane > 0 for plane in self.binarizer.sign_planes(w, *(s.detach().to(w.dtype) for s in self.scales()))]
 
     def binary_input(self, x, channel_dim):

@@ -275,7 +275,7 @@ def _student_b(table):
     table.add("b_run_dir", "", b + ("eval_d", "sample"),
               "\"\" = Checkpoints/binarize/<name>; packed B in <b_run_dir>/packed",
               folder="Checkpoints/binarize")
-    _recipe(table, "b", lr=0.001, weight_decay=(0.0, "latent weights only; scales are never decayed"),
+    _recipe(table, "b", lr=0.001, weight_decay=(0.0, "real-valued weights only; scales are never decayed"),
             snapshot="the packed EMA B")
     table.add("lambda_d_outputs", 1.0, b, "D's own predictions as a second target of B's output losses",
               range=NON_NEGATIVE)

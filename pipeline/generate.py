@@ -167,9 +167,6 @@ class Generator:
         self.seconds["write"] += time.perf_counter() - start
         return entry
 
-    def write_shard(self, manifest, number, first, count, bar):
-        manifest.list_shard(self.write_shard_file(manifest.folder, number, first, count, bar))
-
 
 def reopen_partial_last_shard(manifest, cfg) -> None:
     """When extending, unlist a short last shard so that it is regenerated whole: the records of a

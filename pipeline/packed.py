@@ -61,7 +61,7 @@ def build_b(config: dict):
 
 
 def _value_keys(model, binary: dict):
-    """State-dict keys stored in ``values``: all but binary latent weights and bookkeeping buffers."""
+    """State-dict keys stored in ``values``: all but binary layers' real-valued weights and bookkeeping buffers."""
     return [k for k in model.state_dict() if k.rpartition(".")[2] not in SKIPPED_BUFFERS
             and not (k.rpartition(".")[0] in binary and k.endswith(".weight"))]
 

@@ -29,7 +29,7 @@ def learning_rate(cfg, step: int) -> float:
     return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class Trainer(trainer.Trainer):
+class PretrainTrainer(trainer.Trainer):
     """The denoising loss on dataset images, on the shared training loop."""
 
     run_keys = ARCHITECTURE_KEYS
@@ -115,5 +115,5 @@ class Trainer(trainer.Trainer):
 
 def pretrain(cfg):
     with distributed.together():  # under torchrun a refused set-up stops every rank with one sentence
-        trainer = Trainer(cfg)
+        trainer = PretrainTrainer(cfg)
     trainer.run()

@@ -182,7 +182,7 @@ def check_patterns_leave_binary_layers(cfg, teacher_config: dict) -> None:
 
 @torch.no_grad()
 def start_scales(model):
-    """Set every binary layer's scales from its current latent weights (mean|W|, mean|R|), so that
+    """Set every binary layer's scales from its current real-valued weights (mean|W|, mean|R|), so that
     a layer that progressive binarization has not reached yet is still exported correctly."""
     for _, layer in binary_layers(model):
         layer.binary_weight()

@@ -75,7 +75,7 @@ def _losses(folder):
 def test_d_outputs_kept_in_memory_give_b_the_loss_d_run_in_the_step_would(small_teacher, with_d, tmp_path):
     """The kept store serves a batch what D computes for those records in the step, so B's loss is the one D run
     live would give, to float rounding (D's kernels may sum in another order for another batch). Whole runs are not
-    compared: in fp32 such a rounding difference flips the sign of a latent weight near 0 and two B runs part."""
+    compared: in fp32 such a rounding difference flips the sign of a real-valued weight near 0 and two B runs part."""
     cfg = _cfg(small_teacher, with_d, b_run_dir=tmp_path / "b", b_train_steps=4, b_checkpoint_every=4,
                data_workers=0, b_cache_d_mb=4096)
     trainer = BTrainer(cfg)

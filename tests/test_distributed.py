@@ -203,11 +203,11 @@ def _gap_over_move(one: dict, two: dict, start: dict) -> float:
 def test_pretrain_and_rectify_on_two_ranks_train_what_one_process_trains(small_teacher, tmp_path):
     """Every rank draws the global batch alike and trains on its half: two processes end where one does (ranks
     drawing their own samples would end as far apart as the weights moved)."""
-    from pipeline.pretrain import Trainer
+    from pipeline.pretrain import PretrainTrainer
     from pipeline.rectify import RectifyTrainer
     runs = {"pretrain": ({"train_steps": 3, "batch_size": 8, "lr_warmup_steps": 1, "precision": "fp32"},
                          lambda side: {"run_dir": tmp_path / side / "run", "teacher_path": tmp_path / side / "teacher"},
-                         Trainer, Path("teacher") / "unet" / "diffusion_pytorch_model.safetensors", "batch 4"),
+                         PretrainTrainer, Path("teacher") / "unet" / "diffusion_pytorch_model.safetensors", "batch 4"),
             "rectify": ({"teacher_path": small_teacher, "rect_steps": 5, "rect_depth_weights": "1,1",
                          "rect_batch_size": 4, "rect_train_steps": 3, "rect_rin_blocks": 0, "rect_r_blocks": 0,
                          "rect_head_blocks": 1, "rect_lora": "resnet", "rect_lora_rank": 2, "precision": "fp32"},

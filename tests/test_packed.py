@@ -17,7 +17,7 @@ def trained_b(request):
     table = student_b.to_binary(model, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(4, 1, 16, 16)
-    for _ in range(3):  # move latent weights and scales away from their start
+    for _ in range(3):  # move real-valued weights and scales away from their start
         opt.zero_grad()
         model(x)["chunks"].pow(2).mean().backward()
         opt.step()

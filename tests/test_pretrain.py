@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import config, teachers
-from pipeline.pretrain import Trainer, learning_rate
+from pipeline.pretrain import PretrainTrainer, learning_rate
 
 from conftest import assert_one_sentence_error, run_cli
 
@@ -16,9 +16,9 @@ def _cfg(tmp_path, **extra):
 
 
 def test_pretrain_resumes_and_writes_a_loadable_teacher(tmp_path):
-    Trainer(_cfg(tmp_path, train_steps=2)).run()
+    PretrainTrainer(_cfg(tmp_path, train_steps=2)).run()
     first = load_file(tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
-    trainer = Trainer(_cfg(tmp_path, train_steps=4, overwrite_teacher="true"))
+    trainer = PretrainTrainer(_cfg(tmp_path, train_steps=4, overwrite_teacher="true"))
     assert trainer.step == 2  # resumed from checkpoint.pt
     trainer.run()
     stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
@@ -32,18 +32,18 @@ def test_pretrain_resumes_and_writes_a_loadable_teacher(tmp_path):
     assert json.loads((tmp_path / "teacher" / "pretrain_config.json").read_text())["train_steps"] == 4
 
 
-class _InterruptedAfterStep3(Trainer):
+class _InterruptedAfterStep3(PretrainTrainer):
     def periodic(self):
         if self.step == 3:
             raise KeyboardInterrupt  # as Ctrl-C / SIGTERM reach the loop
 
 
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    straight = Trainer(_cfg(tmp_path / "a", train_steps=5))
+    straight = PretrainTrainer(_cfg(tmp_path / "a", train_steps=5))
     straight.run()
     with pytest.raises(KeyboardInterrupt):
         _InterruptedAfterStep3(_cfg(tmp_path / "b", train_steps=5)).run()
-    resumed = Trainer(_cfg(tmp_path / "b", train_steps=5))
+    resumed = PretrainTrainer(_cfg(tmp_path / "b", train_steps=5))
     assert resumed.step == 3
     resumed.run()
     a, b = straight.model.state_dict(), resumed.model.state_dict()
@@ -57,7 +57,7 @@ def test_pretrain_refuses_to_replace_an_existing_teacher(small_teacher, tmp_path
 
 
 def test_resume_with_another_architecture_is_refused(tmp_path):
-    Trainer(_cfg(tmp_path, train_steps=1)).run()
+    PretrainTrainer(_cfg(tmp_path, train_steps=1)).run()
     result = run_cli("Main_Diffusion.py", "--mode", "pretrain", "--config", "tiny", f"run_dir={tmp_path / 'run'}",
                      f"teacher_path={tmp_path / 'other'}", "unet_channels=8,16")
     assert_one_sentence_error(result, "unet_channels")
@@ -70,7 +70,7 @@ def test_learning_rate_warms_up_then_decays():
 
 
 def test_snapshots_are_teachers_that_load_with_their_step(tmp_path):
-    Trainer(_cfg(tmp_path, train_steps=4, snapshot_every=2)).run()
+    PretrainTrainer(_cfg(tmp_path, train_steps=4, snapshot_every=2)).run()
     snapshots = sorted((tmp_path / "run" / "snapshots").iterdir())
     assert [s.name for s in snapshots] == ["step-000002", "step-000004"]
     first, _, _ = teachers.load_teacher(_cfg(tmp_path, teacher_path=snapshots[0]))
