@@ -10,6 +10,7 @@ and writes into ``<data_dir>.importing``, renamed to ``data_dir`` only once comp
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -134,8 +135,10 @@ def layout_of(sample: dict) -> Layout:
 def read_sample(path: Path) -> dict:
     """One sample file, checked on its own; one sentence naming the file where it is bad."""
     try:
-        sample = store.decode_npz(path.read_bytes(), SAMPLE_MAX_BYTES)
-        problem = sample_problem(sample)
+        problem = _not_a_regular_file(path)
+        if not problem:
+            sample = store.decode_npz(path.read_bytes(), SAMPLE_MAX_BYTES)
+            problem = sample_problem(sample)
     except OSError as err:
         problem = f"cannot be read ({err.strerror or err})"
     except ValueError as err:
@@ -143,6 +146,22 @@ def read_sample(path: Path) -> dict:
     if problem:
         raise UserError(f"{path} {problem}; replace it with an intact copy of that sample")
     return sample
+
+
+def _not_a_regular_file(path: Path):
+    """Why ``path`` (or what a symlink there points at) is not a regular file, or None. Checked before the
+    file is opened: a device such as /dev/zero never ends and a FIFO blocks the open itself (docs/design.md §3)."""
+    info = os.stat(path)
+    mode = info.st_mode
+    if stat.S_ISREG(mode):
+        if info.st_size > SAMPLE_MAX_BYTES:  # zstd never grows data by this much: not a sample, do not read it
+            return f"is {info.st_size} bytes, more than any sample file (at most {SAMPLE_MAX_BYTES} decoded)"
+        return None
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")]
+    kind = next((name for test, name in kinds if test(mode)), "something else")
+    via = f" (the symlink points to {os.path.realpath(path)})" if path.is_symlink() else ""
+    return f"is {kind}{via}, not a regular file, so import does not read it"
 
 
 def sample_files(source: Path) -> list:

@@ -3,6 +3,7 @@ are imported, the reference's reader reads our exports, imported data trains, an
 file is refused with one sentence naming it, wherever it sits in the folder."""
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -325,3 +326,56 @@ def test_export_counts_its_files_without_a_progress_bar(exported, tmp_path, monk
     monkeypatch.setattr(reference_layout, "tqdm", functools.partial(tqdm, disable=True))  # as TQDM_DISABLE=1 does
     reference_layout.export_command(dict(cfg, reference_dir=str(tmp_path / "out")))
     assert "[export] 12 files written to" in capsys.readouterr().out
+
+
+def _special(kind, path, tmp_path):
+    """A sample file name that is not a regular file: what ``kind`` says."""
+    import os
+    if kind == "dev-zero-link":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "fifo-link":
+        os.mkfifo(tmp_path / "pipe")
+        path.symlink_to(tmp_path / "pipe")
+    else:
+        path.mkdir()
+
+
+@pytest.mark.parametrize("position", [0, 2])
+@pytest.mark.parametrize("kind,what", [("dev-zero-link", "is a device (the symlink points to /dev/zero)"),
+                                       ("fifo", "is a FIFO, not a regular file"),
+                                       ("fifo-link", "is a FIFO (the symlink points to"),
+                                       ("folder", "is a folder, not a regular file")])
+def test_import_reads_only_regular_files(kind, what, position, tmp_path):
+    """Issue 31: import followed a symlink to /dev/zero (memory without bound) and blocked on a FIFO."""
+    import signal
+    ref = tmp_path / "ref"
+    reference_folder(ref, count=4)
+    name = ref / f"sample_{position:08d}.zst"
+    name.unlink()
+    _special(kind, name, tmp_path)
+    def blocked(*_):
+        raise TimeoutError("import blocked on a file that is not a regular file")
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(60)  # a FIFO opened for reading would block this test for good
+    try:
+        with pytest.raises(UserError, match=re.escape(f"{name.name} {what}")) as err:
+            reference_layout.import_command(config.resolve("tiny", [f"reference_dir={ref}",
+                                                                    f"data_dir={tmp_path / 'data'}"]))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert str(err.value).count(";") == 1 and not (tmp_path / "data").exists()
+    assert not (tmp_path / "data.importing").exists()
+
+
+def test_a_fifo_among_the_sample_files_is_one_sentence_from_the_command_line(tmp_path):
+    ref = tmp_path / "ref"
+    reference_folder(ref, count=2)
+    (ref / "sample_00000001.zst").unlink()
+    _special("fifo-link", ref / "sample_00000001.zst", tmp_path)
+    result = run_cli("Main_Distill.py", "--mode", "import", "--config", "tiny", f"reference_dir={ref}",
+                     f"data_dir={tmp_path / 'data'}", timeout=120)
+    assert result.returncode == 2
+    assert_one_sentence_error(result, "sample_00000001.zst is a FIFO", "not a regular file")
