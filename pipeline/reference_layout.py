@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from . import atomic, codec as codecs, config, store
+from . import atomic, codec as codecs, config, quant, store
 from .config import output_dir, project_path
 from .errors import UserError
 
@@ -76,9 +76,11 @@ def export_command(cfg):
     atomic.claim_staging(staging, "export")
     atomic.empty_staging(staging)
     # a bar used as a context is closed before an error is printed, so the error stays on its own line
+    rin0_miss = 0.0
     with tqdm(total=sum(s["count"] for s in manifest.shards), desc="export", unit="sample", dynamic_ncols=True) as bar:
         for entry in manifest.shards:
             arrays = manifest.read_shard(entry)
+            rin0_miss = max(rin0_miss, _rin0_miss(arrays, manifest))
             for row, index in enumerate(arrays["index"]):
                 sample = {key: arrays[key][row] for key in manifest.spec}
                 (staging / sample_name(int(index))).write_bytes(store.encode_npz(sample, REFERENCE_ZSTD_LEVEL))
@@ -89,10 +91,36 @@ def export_command(cfg):
         target.rmdir()
     staging.rename(target)
     print(f"[export] {manifest.data['totals']['samples']} files written to {target}")
-    if not isinstance(manifest.codec, store.codecs.ReferenceCodec):
+    if not isinstance(manifest.codec, codecs.ReferenceCodec):
         print(f"[export] the records were written as codec {manifest.data['codec']['name']} made them, not "
               f"re-quantized: they are per-channel int8 codes with float16 scales already, which the reference's "
-              f"reader dequantizes and sums as its own (codec error as '--mode verify' reports)")
+              f"reader dequantizes as its own")
+    print(f"[export] {_sum_note(manifest, rin0_miss)}")
+
+
+def _latent(manifest) -> bool:
+    return manifest.data["generator"].get("space") == "latent"
+
+
+def _rin0_miss(arrays: dict, manifest) -> float:
+    """Pixel space: the largest |dequantised rin0 - x_T| of a shard's records (0 in latent space)."""
+    if _latent(manifest):
+        return 0.0
+    rin0 = quant.dequantize(arrays["rin0_q"], arrays["rin0_scale_f16"])
+    return float(np.abs(rin0 - arrays["x_T_f16"].astype(np.float32)).max(initial=0.0))
+
+
+def _sum_note(manifest, rin0_miss: float) -> str:
+    """Which sum of a file's arrays gives the chain's final state, and how closely (docs/design.md §3): the
+    codec error that generate measured, and in pixel space what rin0, a percentile-clipped copy of x_T, misses."""
+    error = codecs.combined([s.get("codec_error") for s in manifest.shards])
+    within = (f"to within {error['z_final_max_abs']:.3g} (the codec error '--mode verify' reports)" if error else
+              "to within the codec's error (not recorded for this folder)")
+    if _latent(manifest):
+        return f"each file's rin0 + sum(r_chunks) is the final latent state {within}"
+    return (f"pixel space: each file's x_T_f16 + sum(r_chunks) is the final state (the teacher's image before "
+            f"clamping to [-1, 1]) {within}; rin0 is the reference quantizer's percentile-clipped copy of x_T, so "
+            f"rin0 + sum(r_chunks) misses it by up to {rin0_miss:.3g} in these files")
 
 
 def sample_problem(sample: dict):

@@ -379,3 +379,29 @@ def test_a_fifo_among_the_sample_files_is_one_sentence_from_the_command_line(tmp
                      f"data_dir={tmp_path / 'data'}", timeout=120)
     assert result.returncode == 2
     assert_one_sentence_error(result, "sample_00000001.zst is a FIFO", "not a regular file")
+
+
+def test_the_export_message_states_the_sums_that_hold(exported, tmp_path, capsys):
+    """Issue 31: the message claimed the codec's accuracy for rin0 + sum(r_chunks), which in pixel space misses
+    the teacher's image by rin0's percentile clipping. Measured here on the files, read as the reference reads them."""
+    from pipeline import quant
+    cfg, _, _ = exported
+    capsys.readouterr()
+    reference_layout.export_command(dict(cfg, reference_dir=str(tmp_path / "out")))
+    out = capsys.readouterr().out
+    found = re.search(r"x_T_f16 \+ sum\(r_chunks\) is the final state .* to within ([0-9.e-]+) \(the codec error "
+                      r".*rin0 \+ sum\(r_chunks\) misses it by up to ([0-9.e-]+) in these files", out)
+    assert found, out
+    within, miss = float(found.group(1)), float(found.group(2))
+    worst_x_T, worst_rin0 = 0.0, 0.0
+    for path in sorted((tmp_path / "out").glob("sample_*.zst")):
+        with open(path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
+            sample = dict(np.load(io.BytesIO(reader.read())))
+        chunks = quant.dequantize(sample["r_chunks_q"], sample["r_chunks_scale_f16"]).sum(axis=0)
+        image = sample["x0_teacher_f16"].astype(np.float32)  # the teacher's image, kept in its 8-bit grey levels
+        from_x_T = sample["x_T_f16"].astype(np.float32) + chunks
+        from_rin0 = quant.dequantize(sample["rin0_q"], sample["rin0_scale_f16"]) + chunks
+        worst_x_T = max(worst_x_T, float(np.abs(np.clip(from_x_T, -1, 1) - image).max()))
+        worst_rin0 = max(worst_rin0, float(np.abs(from_rin0 - from_x_T).max()))
+    assert worst_x_T <= within + 1 / 255 + 1e-3  # the grey levels round the image by half a level (1/255) at most
+    assert worst_rin0 == pytest.approx(miss, rel=1e-2) and miss > 10 * within  # what the old message hid
