@@ -213,11 +213,12 @@ def import_command(cfg):
     _check_target(target)
     files = sample_files(source)
     teacher = _import_teacher(cfg)
+    rnet = _import_rnet(cfg, teacher)
     staging = target.with_name(target.name + ".importing")
     atomic.claim_staging(staging, "import")  # before the cleanup below, which deletes the folder on failure
     with atomic.folder_lock(staging, "import"):
         try:
-            manifest = _import_into(cfg, source, files, staging, teacher)
+            manifest = _import_into(cfg, source, files, staging, teacher, rnet)
             with atomic.folder_lock(target, "run"):  # no generate may start on the empty target meanwhile
                 _check_target(target)
                 (target / ".lock").unlink()
@@ -227,7 +228,9 @@ def import_command(cfg):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    named = "" if teacher else " (no import_teacher named: name it to train on this data)"
+    named = ("" if teacher and (rnet or not _latent(manifest)) else
+             " (no import_rnet named: name the RNet that made this latent data to train on it)" if teacher else
+             " (no import_teacher named: name it to train on this data)")
     print(f"[import] {len(files)} samples from {source} written as {len(manifest.shards)} shard(s) to "
           f"{target}{named}")
 
@@ -259,11 +262,11 @@ def _import_teacher(cfg):
     return Teacher(unet, ddpm, where, teachers.weights_sha256(unet))
 
 
-def _import_into(cfg, source, files, staging, teacher) -> store.Manifest:
+def _import_into(cfg, source, files, staging, teacher, rnet) -> store.Manifest:
     atomic.empty_staging(staging)  # what an import that was killed left
     first = read_sample(files[0])
     layout = layout_of(first)
-    manifest = store.Manifest.create(staging, codec=_codec(cfg), generator=imported_generator(source, layout, teacher),
+    manifest = store.Manifest.create(staging, codec=_codec(cfg), generator=imported_generator(source, layout, teacher, rnet),
                                      spec=layout.spec())
     with tqdm(total=len(files), desc="import", unit="sample", dynamic_ncols=True) as bar:
         for number, lo in enumerate(range(0, len(files), cfg["shard_size"])):
@@ -293,7 +296,27 @@ def _codec(cfg) -> dict:
             "container": "uncompressed npz in one zstd frame", "zstd_level": codecs.zstd_level(cfg, codecs.ReferenceCodec)}
 
 
-def imported_generator(source, layout: Layout, teacher) -> dict:
+class ImportedRNet(NamedTuple):
+    net: object
+    where: str
+    sha256: str
+
+
+def _import_rnet(cfg, teacher):
+    """The RNet named by ``import_rnet`` (built around the named teacher, which it must have been trained
+    on), or None: latent data is read through its x0 head, so training needs it (docs/design.md §3)."""
+    if not cfg["import_rnet"]:
+        return None
+    if teacher is None:
+        raise UserError(f"import_rnet={cfg['import_rnet']} needs import_teacher= too: an RNet is rebuilt around "
+                        f"the teacher it was trained on; name that teacher")
+    from . import rnet_files, teachers
+    folder = project_path(cfg["import_rnet"])
+    net, _ = rnet_files.load_rnet(folder, teacher.unet, teacher.sha256)
+    return ImportedRNet(net, str(folder), teachers.weights_sha256(net))
+
+
+def imported_generator(source, layout: Layout, teacher, rnet=None) -> dict:
     """The manifest's generator block of imported records: what the files and the named teacher tell.
     What the reference layout does not record (sampler, steps, seed, percentile) is null; without a
     teacher, training refuses the data (``teacher_sha256`` null) and says how to name it."""
@@ -309,7 +332,21 @@ def imported_generator(source, layout: Layout, teacher) -> dict:
         generator.update(teacher=teacher.where, teacher_sha256=teacher.sha256, scheduler={
             k: teacher.ddpm.config[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
                                                 "timestep_spacing")})
+    if rnet is not None:
+        _check_rnet_fits(rnet, layout, generator["space"])
+        generator.update(rnet=rnet.where, rnet_sha256=rnet.sha256)
     return generator
+
+
+def _check_rnet_fits(rnet: ImportedRNet, layout: Layout, space: str):
+    if space != "latent":
+        raise UserError(f"import_rnet={rnet.where} names an RNet, but the imported files hold pixel-space data "
+                        f"({layout.text()}); import them without import_rnet")
+    found = {"latent channels": (rnet.net.latent_channels, layout.latent_channels), "T": (rnet.net.T, layout.T)}
+    for what, (rnet_value, data_value) in found.items():
+        if rnet_value != data_value:
+            raise UserError(f"the RNet in {rnet.where} has {what} {rnet_value} but the imported files have "
+                            f"{data_value}, so it did not make them; set import_rnet= to the RNet that did")
 
 
 def _check_teacher_fits(teacher: Teacher, layout: Layout, space: str):
