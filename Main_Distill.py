@@ -75,8 +75,9 @@ def run_all(cfg):
 
 
 def generate_plan(cfg):
-    from pipeline import teachers
+    from pipeline import generate, teachers
     teachers.check_available(cfg)
+    generate.check_existing_folder(cfg)  # a resume or extension: the teacher that made the folder, and its keys
     return [f"would write {cfg['samples_total']} samples of {cfg['steps']}-step DDIM trajectories ({cfg['chunks']} "
             f"chunks) from {cfg['teacher_path'] or cfg['teacher_hub_id']} into {output_dir(cfg, 'data_dir')}"]
 

@@ -205,6 +205,9 @@ def _reference_layout(table):
     table.add("reference_dir", "", ("export", "import"), "folder of sample_XXXXXXXX.zst files", folder=".")
     table.add("import_teacher", "", ("import",),
               "teacher folder that made the imported data (\"\" = unknown; training then refuses it)", folder=".")
+    table.add("import_rnet", "", ("import",),
+              "RNet folder that made imported latent data, around import_teacher (\"\" = none; training then "
+              "refuses latent data)", folder=".")
 
 
 def _recipe(table, prefix, lr, weight_decay, snapshot):

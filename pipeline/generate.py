@@ -55,6 +55,7 @@ def open_manifest(folder, cfg, codec, generator, spec):
     if manifest is None:
         return store.Manifest.create(folder, codec, generator, spec)
     old = manifest.data["generator"]
+    check_same_networks(folder, old, generator)
     for key in CONTENT_KEYS:
         if old.get(key) != generator[key]:
             raise UserError(f"{folder} holds data made with {key}={json.dumps(old.get(key))}, not "
@@ -71,6 +72,18 @@ def open_manifest(folder, cfg, codec, generator, spec):
         raise UserError(f"{folder / store.MANIFEST} {problem}, so it was edited by hand; restore it or use another "
                         f"data_dir")
     return manifest
+
+
+def check_same_networks(folder, old: dict, generator: dict) -> None:
+    """A folder is extended or resumed only by the teacher (and RNet) whose weights made it: the same sha256
+    over every weight, so a teacher retrained or edited in place since is refused, by name (docs/design.md §3)."""
+    for key, what, where, flag in (("teacher_sha256", "teacher", generator["teacher"], "teacher_path"),
+                                   ("rnet_sha256", "RNet", generator.get("rnet"), "rnet_path")):
+        made_by, now = old.get(key), generator.get(key)
+        if made_by and now and made_by != now:
+            raise UserError(f"{folder} was made by a {what} whose weights have sha256 {made_by[:12]}..., but the "
+                            f"{what} in {where} has {now[:12]}... (its weights changed since, or it is another "
+                            f"one); set {flag}= to the {what} that made the data or use another data_dir")
 
 
 class Generator:
@@ -166,6 +179,16 @@ class Generator:
         entry = store.write_shard_file(folder, number, first, count, payload, extra)
         self.seconds["write"] += time.perf_counter() - start
         return entry
+
+
+def check_existing_folder(cfg) -> None:
+    """For --dry-run: a data folder that already holds a manifest is checked as generate checks it before
+    writing (teacher and RNet weights, content keys, codec), so the plan of a resume or an extension refuses
+    what the run would; a new folder costs no teacher load."""
+    folder = output_dir(cfg, "data_dir")
+    if store.Manifest.load(folder) is not None:
+        gen = Generator(cfg)
+        open_manifest(folder, cfg, codec_info(cfg), gen.generator, gen.spec)
 
 
 def reopen_partial_last_shard(manifest, cfg) -> None:

@@ -70,3 +70,18 @@ def add_lora(unet: nn.Module, target: str, rank: int, alpha: float) -> int:
         setattr(parent, name, wrapper(layer, rank, alpha).to(layer.weight.device))
         wrapped += 1
     return wrapped
+
+
+def full_rank(unet: nn.Module, target: str):
+    """The rank at which a LoRA reaches full rank on every layer ``target`` wraps (the largest of the layers'
+    min(input width (times the kernel), output width)), or None where it wraps none: a higher rank adds
+    parameters and nothing else."""
+    widths = []
+    for parent, name in _layers(unet, target) if target in TARGETS and target != "none" else ():
+        layer = getattr(parent, name)
+        if isinstance(layer, nn.Linear):
+            widths.append(min(layer.in_features, layer.out_features))
+        else:
+            kernel = layer.kernel_size[0] * layer.kernel_size[1]
+            widths.append(min(layer.in_channels * kernel, layer.out_channels))
+    return max(widths, default=None)

@@ -1,6 +1,6 @@
 """Per-channel symmetric INT8 quantizer of the teacher data (docs/design.md §3).
 
-    scale_c = max(P_p(|x_c|) / 127, 1e-8)         float32, P = numpy's linear percentile, p = 99.5
+    scale_c = float32(max(P_p(|x_c|) / 127, 1e-8))   P = numpy's linear percentile, p = 99.5, in float64
     q       = clip(round_half_even(x / scale_c), -127, 127)    int8, zero point 0, -128 never used
     x_hat   = q * float16(scale_c)                 dequantization uses the stored float16 scale
 
@@ -13,10 +13,15 @@ SCALE_FLOOR = 1e-8
 
 
 def channel_scales(x: np.ndarray, percentile: float) -> np.ndarray:
-    """float32 scales [..., C] for ``x`` [..., C, H, W]: one per channel of every leading index."""
+    """float32 scales [..., C] for ``x`` [..., C, H, W]: one per channel of every leading index.
+
+    Bit-compatible with the reference's writer (docs/design.md §3): its percentile argument is a float64
+    scalar, which makes numpy interpolate in float64, and the division by 127 stays in float64; the scale
+    is rounded to float32 once, at the end. Rounding the percentile and then the quotient in float32
+    moved some scales by one float32 ulp, and so a code by 1 wherever x / scale sat next to a half."""
     magnitudes = np.abs(x.reshape(*x.shape[:-2], -1)).astype(np.float32)
-    clip_at = np.percentile(magnitudes, percentile, axis=-1).astype(np.float32)
-    return np.maximum(clip_at / np.float32(127), np.float32(SCALE_FLOOR))
+    clip_at = np.percentile(magnitudes, np.float64(percentile), axis=-1).astype(np.float64)
+    return np.maximum(clip_at / 127.0, SCALE_FLOOR).astype(np.float32)
 
 
 def quantize(x: np.ndarray, percentile: float = 99.5):

@@ -22,7 +22,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from . import datasets, distributed, images, rnet, rnet_files, ring, runtime, teachers, trainer
+from . import datasets, distributed, images, lora, rnet, rnet_files, ring, runtime, teachers, trainer
 from .config import output_dir, project_path
 from .errors import UserError
 
@@ -38,6 +38,16 @@ def rnet_settings(cfg, T: int) -> dict:
     return {"T": T, "rin_blocks": cfg["rect_rin_blocks"], "r_blocks": cfg["rect_r_blocks"],
             "head_blocks": cfg["rect_head_blocks"], "lora_target": cfg["rect_lora"], "lora_rank": cfg["rect_lora_rank"],
             "lora_alpha": cfg["rect_lora_alpha"], "gate_cap": cfg["rect_gate_cap"]}
+
+
+def check_lora_rank(cfg, teacher, source) -> None:
+    """Refuse a LoRA rank above the full rank of every layer it wraps, where it adds parameters only (rank
+    200,000 asked for 22.9 GB); checked by the run and by its --dry-run plan."""
+    limit = lora.full_rank(teacher, cfg["rect_lora"])
+    if limit is not None and cfg["rect_lora_rank"] > limit:
+        raise UserError(f"rect_lora_rank={cfg['rect_lora_rank']} is more than {limit}, the full rank of every layer "
+                        f"that rect_lora={cfg['rect_lora']} wraps in the teacher in {source}, so the rest would only "
+                        f"cost memory; use at most {limit}")
 
 
 def counts_line(net) -> str:
@@ -62,6 +72,7 @@ class RectifyTrainer(trainer.Trainer):
                             f"{self.teacher.config.sample_size}px images but {cfg['dataset']} has shape "
                             f"{list(self.data.shape[1:])}; rectify a teacher of this dataset")
         self.T = ddpm.config.num_train_timesteps
+        check_lora_rank(cfg, self.teacher, self.teacher_source)
         if cfg["rect_steps"] > self.T - 1:  # the config rule knows num_train_timesteps, not this teacher's T
             raise UserError(f"rect_steps={cfg['rect_steps']} must be at most {self.T - 1}, the teacher in "
                             f"{self.teacher_source} having T={self.T} (the ring ends at t = 0); lower rect_steps")
@@ -262,7 +273,10 @@ def rectify(cfg):
 def plan(cfg) -> list:
     """--dry-run: what would train, with the RNet's parameter counts (built around the teacher)."""
     teacher, ddpm, source = teachers.load_teacher(cfg)
-    net = rnet.RNet(teacher, **rnet_settings(cfg, ddpm.config.num_train_timesteps))
+    check_lora_rank(cfg, teacher, source)
+    with torch.device("meta"):  # counted, not allocated: a plan of any size costs no memory (docs/design.md §14)
+        shape = type(teacher).from_config(teacher.config)
+        net = rnet.RNet(shape, **rnet_settings(cfg, ddpm.config.num_train_timesteps))
     start = []
     if cfg["rect_init"]:
         folder = project_path(cfg["rect_init"])

@@ -10,13 +10,14 @@ and writes into ``<data_dir>.importing``, renamed to ``data_dir`` only once comp
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-from . import atomic, codec as codecs, config, store
+from . import atomic, codec as codecs, config, quant, store
 from .config import output_dir, project_path
 from .errors import UserError
 
@@ -75,9 +76,11 @@ def export_command(cfg):
     atomic.claim_staging(staging, "export")
     atomic.empty_staging(staging)
     # a bar used as a context is closed before an error is printed, so the error stays on its own line
+    rin0_miss = 0.0
     with tqdm(total=sum(s["count"] for s in manifest.shards), desc="export", unit="sample", dynamic_ncols=True) as bar:
         for entry in manifest.shards:
             arrays = manifest.read_shard(entry)
+            rin0_miss = max(rin0_miss, _rin0_miss(arrays, manifest))
             for row, index in enumerate(arrays["index"]):
                 sample = {key: arrays[key][row] for key in manifest.spec}
                 (staging / sample_name(int(index))).write_bytes(store.encode_npz(sample, REFERENCE_ZSTD_LEVEL))
@@ -88,10 +91,36 @@ def export_command(cfg):
         target.rmdir()
     staging.rename(target)
     print(f"[export] {manifest.data['totals']['samples']} files written to {target}")
-    if not isinstance(manifest.codec, store.codecs.ReferenceCodec):
+    if not isinstance(manifest.codec, codecs.ReferenceCodec):
         print(f"[export] the records were written as codec {manifest.data['codec']['name']} made them, not "
               f"re-quantized: they are per-channel int8 codes with float16 scales already, which the reference's "
-              f"reader dequantizes and sums as its own (codec error as '--mode verify' reports)")
+              f"reader dequantizes as its own")
+    print(f"[export] {_sum_note(manifest, rin0_miss)}")
+
+
+def _latent(manifest) -> bool:
+    return manifest.data["generator"].get("space") == "latent"
+
+
+def _rin0_miss(arrays: dict, manifest) -> float:
+    """Pixel space: the largest |dequantised rin0 - x_T| of a shard's records (0 in latent space)."""
+    if _latent(manifest):
+        return 0.0
+    rin0 = quant.dequantize(arrays["rin0_q"], arrays["rin0_scale_f16"])
+    return float(np.abs(rin0 - arrays["x_T_f16"].astype(np.float32)).max(initial=0.0))
+
+
+def _sum_note(manifest, rin0_miss: float) -> str:
+    """Which sum of a file's arrays gives the chain's final state, and how closely (docs/design.md §3): the
+    codec error that generate measured, and in pixel space what rin0, a percentile-clipped copy of x_T, misses."""
+    error = codecs.combined([s.get("codec_error") for s in manifest.shards])
+    within = (f"to within {error['z_final_max_abs']:.3g} (the codec error '--mode verify' reports)" if error else
+              "to within the codec's error (not recorded for this folder)")
+    if _latent(manifest):
+        return f"each file's rin0 + sum(r_chunks) is the final latent state {within}"
+    return (f"pixel space: each file's x_T_f16 + sum(r_chunks) is the final state (the teacher's image before "
+            f"clamping to [-1, 1]) {within}; rin0 is the reference quantizer's percentile-clipped copy of x_T, so "
+            f"rin0 + sum(r_chunks) misses it by up to {rin0_miss:.3g} in these files")
 
 
 def sample_problem(sample: dict):
@@ -134,8 +163,10 @@ def layout_of(sample: dict) -> Layout:
 def read_sample(path: Path) -> dict:
     """One sample file, checked on its own; one sentence naming the file where it is bad."""
     try:
-        sample = store.decode_npz(path.read_bytes(), SAMPLE_MAX_BYTES)
-        problem = sample_problem(sample)
+        problem = _not_a_regular_file(path)
+        if not problem:
+            sample = store.decode_npz(path.read_bytes(), SAMPLE_MAX_BYTES)
+            problem = sample_problem(sample)
     except OSError as err:
         problem = f"cannot be read ({err.strerror or err})"
     except ValueError as err:
@@ -143,6 +174,22 @@ def read_sample(path: Path) -> dict:
     if problem:
         raise UserError(f"{path} {problem}; replace it with an intact copy of that sample")
     return sample
+
+
+def _not_a_regular_file(path: Path):
+    """Why ``path`` (or what a symlink there points at) is not a regular file, or None. Checked before the
+    file is opened: a device such as /dev/zero never ends and a FIFO blocks the open itself (docs/design.md §3)."""
+    info = os.stat(path)
+    mode = info.st_mode
+    if stat.S_ISREG(mode):
+        if info.st_size > SAMPLE_MAX_BYTES:  # zstd never grows data by this much: not a sample, do not read it
+            return f"is {info.st_size} bytes, more than any sample file (at most {SAMPLE_MAX_BYTES} decoded)"
+        return None
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")]
+    kind = next((name for test, name in kinds if test(mode)), "something else")
+    via = f" (the symlink points to {os.path.realpath(path)})" if path.is_symlink() else ""
+    return f"is {kind}{via}, not a regular file, so import does not read it"
 
 
 def sample_files(source: Path) -> list:
@@ -166,11 +213,12 @@ def import_command(cfg):
     _check_target(target)
     files = sample_files(source)
     teacher = _import_teacher(cfg)
+    rnet = _import_rnet(cfg, teacher)
     staging = target.with_name(target.name + ".importing")
     atomic.claim_staging(staging, "import")  # before the cleanup below, which deletes the folder on failure
     with atomic.folder_lock(staging, "import"):
         try:
-            manifest = _import_into(cfg, source, files, staging, teacher)
+            manifest = _import_into(cfg, source, files, staging, teacher, rnet)
             with atomic.folder_lock(target, "run"):  # no generate may start on the empty target meanwhile
                 _check_target(target)
                 (target / ".lock").unlink()
@@ -180,7 +228,9 @@ def import_command(cfg):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    named = "" if teacher else " (no import_teacher named: name it to train on this data)"
+    named = ("" if teacher and (rnet or not _latent(manifest)) else
+             " (no import_rnet named: name the RNet that made this latent data to train on it)" if teacher else
+             " (no import_teacher named: name it to train on this data)")
     print(f"[import] {len(files)} samples from {source} written as {len(manifest.shards)} shard(s) to "
           f"{target}{named}")
 
@@ -212,11 +262,11 @@ def _import_teacher(cfg):
     return Teacher(unet, ddpm, where, teachers.weights_sha256(unet))
 
 
-def _import_into(cfg, source, files, staging, teacher) -> store.Manifest:
+def _import_into(cfg, source, files, staging, teacher, rnet) -> store.Manifest:
     atomic.empty_staging(staging)  # what an import that was killed left
     first = read_sample(files[0])
     layout = layout_of(first)
-    manifest = store.Manifest.create(staging, codec=_codec(cfg), generator=imported_generator(source, layout, teacher),
+    manifest = store.Manifest.create(staging, codec=_codec(cfg), generator=imported_generator(source, layout, teacher, rnet),
                                      spec=layout.spec())
     with tqdm(total=len(files), desc="import", unit="sample", dynamic_ncols=True) as bar:
         for number, lo in enumerate(range(0, len(files), cfg["shard_size"])):
@@ -246,7 +296,27 @@ def _codec(cfg) -> dict:
             "container": "uncompressed npz in one zstd frame", "zstd_level": codecs.zstd_level(cfg, codecs.ReferenceCodec)}
 
 
-def imported_generator(source, layout: Layout, teacher) -> dict:
+class ImportedRNet(NamedTuple):
+    net: object
+    where: str
+    sha256: str
+
+
+def _import_rnet(cfg, teacher):
+    """The RNet named by ``import_rnet`` (built around the named teacher, which it must have been trained
+    on), or None: latent data is read through its x0 head, so training needs it (docs/design.md §3)."""
+    if not cfg["import_rnet"]:
+        return None
+    if teacher is None:
+        raise UserError(f"import_rnet={cfg['import_rnet']} needs import_teacher= too: an RNet is rebuilt around "
+                        f"the teacher it was trained on; name that teacher")
+    from . import rnet_files, teachers
+    folder = project_path(cfg["import_rnet"])
+    net, _ = rnet_files.load_rnet(folder, teacher.unet, teacher.sha256)
+    return ImportedRNet(net, str(folder), teachers.weights_sha256(net))
+
+
+def imported_generator(source, layout: Layout, teacher, rnet=None) -> dict:
     """The manifest's generator block of imported records: what the files and the named teacher tell.
     What the reference layout does not record (sampler, steps, seed, percentile) is null; without a
     teacher, training refuses the data (``teacher_sha256`` null) and says how to name it."""
@@ -262,7 +332,21 @@ def imported_generator(source, layout: Layout, teacher) -> dict:
         generator.update(teacher=teacher.where, teacher_sha256=teacher.sha256, scheduler={
             k: teacher.ddpm.config[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
                                                 "timestep_spacing")})
+    if rnet is not None:
+        _check_rnet_fits(rnet, layout, generator["space"])
+        generator.update(rnet=rnet.where, rnet_sha256=rnet.sha256)
     return generator
+
+
+def _check_rnet_fits(rnet: ImportedRNet, layout: Layout, space: str):
+    if space != "latent":
+        raise UserError(f"import_rnet={rnet.where} names an RNet, but the imported files hold pixel-space data "
+                        f"({layout.text()}); import them without import_rnet")
+    found = {"latent channels": (rnet.net.latent_channels, layout.latent_channels), "T": (rnet.net.T, layout.T)}
+    for what, (rnet_value, data_value) in found.items():
+        if rnet_value != data_value:
+            raise UserError(f"the RNet in {rnet.where} has {what} {rnet_value} but the imported files have "
+                            f"{data_value}, so it did not make them; set import_rnet= to the RNet that did")
 
 
 def _check_teacher_fits(teacher: Teacher, layout: Layout, space: str):

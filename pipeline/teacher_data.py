@@ -34,8 +34,12 @@ def open_data(cfg) -> store.Manifest:
         raise UserError(f"{folder / store.MANIFEST} names no teacher (teacher_sha256); regenerate the folder")
     gen = manifest.data["generator"]
     if gen.get("space") == "latent" and not gen.get("rnet_sha256"):
-        raise UserError(f"{folder} holds latent-space data that names no RNet (imported?); D reads its images "
-                        f"through the RNet's x0 head, so generate the data here with space=latent rnet_path=<RNet>")
+        if store.is_imported(manifest):
+            raise UserError(f"{folder} holds latent-space data imported without naming the RNet that made it; D "
+                            f"reads its images through the RNet's x0 head, so import it again (into a new or emptied "
+                            f"data_dir) with import_rnet=<folder of that RNet> beside import_teacher=")
+        raise UserError(f"{folder} holds latent-space data that names no RNet; D reads its images through the "
+                        f"RNet's x0 head, so generate the data here with space=latent rnet_path=<RNet>")
     return manifest
 
 

@@ -169,3 +169,30 @@ def test_a_teacher_with_nan_weights_is_not_told_to_use_fp32(tmp_path, capsys):
                                     "gen_precision=fp32")
     assert_one_sentence_error(result, "gen_precision=fp32", "hold NaN or inf themselves")
     assert "use gen_precision=fp32" not in result.stderr
+
+
+@pytest.mark.parametrize("samples_total", [6, 4, 12], ids=["resume-complete", "fewer", "extend"])
+def test_a_teacher_whose_weights_changed_is_refused_by_run_and_plan(samples_total, tmp_path, capsys):
+    """Issue 31: every generate into a folder that recorded its teacher's sha256 (resume, rerun, extension, and
+    the --dry-run plan of each) refuses a teacher edited in place since, with one sentence and the folder kept."""
+    import torch
+    from conftest import run_distill_in_process
+    from pipeline import config, teachers
+    cfg = config.resolve("tiny")
+    torch.manual_seed(0)
+    unet, teacher = teachers.new_unet(cfg, channels=1), tmp_path / "teacher"
+    teachers.save_teacher(unet, teachers.new_scheduler(cfg), teacher)
+    args = ["--mode", "generate", "--config", "tiny", f"teacher_path={teacher}", f"data_dir={tmp_path / 'data'}",
+            "shard_size=3"]
+    assert run_distill_in_process(capsys, *args, "samples_total=6").returncode == 0
+    before = _snapshot(tmp_path / "data")
+    with torch.no_grad():
+        unet.conv_in.weight[0, 0, 0, 0] += 1e-3  # one weight retrained in place
+    teachers.save_teacher(unet, teachers.new_scheduler(cfg), teacher)
+    for plan in ([], ["--dry-run"]):
+        result = run_distill_in_process(capsys, *args, f"samples_total={samples_total}", *plan)
+        assert result.returncode == 2
+        assert_one_sentence_error(result, "was made by a teacher whose weights have sha256",
+                                  f"the teacher in {teacher} has", "changed since", "teacher_path=")
+        assert "would write" not in result.stdout
+    assert _snapshot(tmp_path / "data") == before

@@ -123,3 +123,45 @@ def test_d_and_b_train_and_evaluate_on_latent_data(small_teacher, rnet_folder, t
     x0out_parameters = sum(p.numel() for p in net.x0out.parameters())
     assert report["size"]["d"]["x0out_parameters"] == x0out_parameters
     assert report["size"]["b"]["values_by_kind"]["x0 head (X0out, latent space)"] == x0out_parameters
+
+
+def test_imported_latent_data_trains_once_its_rnet_is_named(small_teacher, rnet_folder, tmp_path):
+    """Issue 31: latent data (what the reference itself writes) could be imported but never trained on."""
+    data, ref = tmp_path / "data", tmp_path / "ref"
+    for mode, extra in (("generate", {}), ("export", {"reference_dir": ref})):
+        result = run_cli("Main_Distill.py", "--mode", mode, *_args(small_teacher, rnet_folder, data, **extra))
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    def imported(name, *named):
+        return run_cli("Main_Distill.py", "--mode", "import", "--config", "tiny", f"reference_dir={ref}",
+                       f"data_dir={tmp_path / name}", *named)
+
+    def train_d(name):
+        return run_cli("Main_Distill.py", "--mode", "train_d", "--config", "tiny", f"teacher_path={small_teacher}",
+                       f"data_dir={tmp_path / name}", f"d_run_dir={tmp_path / name}-d", "holdout_samples=2",
+                       "d_train_steps=2", "d_checkpoint_every=2", "data_workers=0", "d_batch_size=2")
+    teacher = f"import_teacher={small_teacher}"
+    assert_one_sentence_error(imported("alone", f"import_rnet={rnet_folder}"), "needs import_teacher= too")
+    assert imported("unnamed", teacher).returncode == 0
+    assert_one_sentence_error(train_d("unnamed"), "imported without naming the RNet", "import_rnet=")
+    result = imported("named", teacher, f"import_rnet={rnet_folder}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    made, got = (store.Manifest.load(f).data["generator"] for f in (data, tmp_path / "named"))
+    for key in ("teacher_sha256", "rnet_sha256", "space", "latent_channels", "chunks", "T", "image_shape"):
+        assert got[key] == made[key], key
+    trained = train_d("named")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (tmp_path / "named-d" / "student" / "model.safetensors").is_file()
+    pixel = tmp_path / "pixel"
+    pixel.mkdir()
+    with open(ref / "sample_00000000.zst", "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
+        sample = dict(np.load(io.BytesIO(reader.read())))
+    sample.update(rin0_q=sample["rin0_q"][:1], rin0_scale_f16=sample["rin0_scale_f16"][:1],
+                  r_chunks_q=sample["r_chunks_q"][:, :1], r_chunks_scale_f16=sample["r_chunks_scale_f16"][:, :1])
+    buf = io.BytesIO()
+    np.savez(buf, **sample)
+    (pixel / "sample_00000000.zst").write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
+    result = run_cli("Main_Distill.py", "--mode", "import", "--config", "tiny", f"reference_dir={pixel}",
+                     f"data_dir={tmp_path / 'p'}", teacher, f"import_rnet={rnet_folder}")
+    assert_one_sentence_error(result, "names an RNet, but the imported files hold pixel-space data")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "alone").exists()

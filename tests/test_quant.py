@@ -75,3 +75,50 @@ def test_agrees_with_torch_quantize_per_channel_inside_clip_range(axis_scale):
     np.testing.assert_array_equal(q[inside], ref[inside])
     # outside the clip range ours saturates at +-127 (torch at -128 / 127)
     assert (np.abs(q[~inside]) == 127).all()
+
+
+def reference_writer_codes(x, percentile=99.5):
+    """The reference's writer (Distill/quant_io.py) on one [C, H, W] tensor, step by step as it runs: the
+    percentile argument is np.clip of a Python float (a float64 scalar, so numpy interpolates in float64),
+    the quotient by 127.0 stays float64 and the scale becomes float32 once; codes are float32 x / scale,
+    rounded half to even, clipped to +-127; the stored scale is float16."""
+    x = x.astype(np.float32)
+    flat = x.reshape(x.shape[0], -1)
+    clip_at = np.percentile(np.abs(flat), np.clip(percentile, 50.0, 100.0), axis=1)
+    scale = np.maximum(clip_at / 127.0, 1e-8).astype(np.float32)
+    codes = np.clip(np.round(flat / scale[:, None]), -127, 127).astype(np.int8)
+    return codes.reshape(x.shape), scale.astype(np.float16), scale
+
+
+def on_rounding_boundaries(rng, channels=3, size=32):
+    """[C, H, W] whose 12 largest magnitudes per channel fix the 99.5th percentile, and whose other values sit
+    on code boundaries (k + 0.5) * scale of the reference's scale, and one or two float32 ulps to either side."""
+    x = rng.uniform(-1, 1, (channels, size * size)).astype(np.float32) * rng.uniform(0.01, 20)
+    x[:, :12] = rng.uniform(1.5, 2.0, (channels, 12)).astype(np.float32) * np.abs(x).max()
+    _, _, scale = reference_writer_codes(x.reshape(channels, size, size))
+    k = rng.integers(-126, 126, (channels, size * size - 12))
+    edge = ((k + 0.5) * scale[:, None]).astype(np.float32)
+    nudge = rng.integers(-2, 3, edge.shape)
+    for step in (1, 2):
+        edge = np.where(np.abs(nudge) >= step, np.nextafter(edge, np.sign(nudge) * np.inf).astype(np.float32), edge)
+    x[:, 12:] = edge
+    return rng.permutation(x, axis=1).reshape(channels, size, size)
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy-tailed", "on-boundaries"])
+def test_codes_and_scales_are_bit_identical_to_the_reference_writer(kind):
+    """Issue 31: our codes differed by 1 in about one in 10^5 (the scale rounded twice, in float32)."""
+    rng = np.random.default_rng(31)
+    n, chunks = 400, 5
+    if kind == "on-boundaries":
+        x = np.stack([on_rounding_boundaries(rng) for _ in range(n * chunks)])
+    else:
+        draw = rng.standard_normal if kind == "normal" else (lambda shape: rng.standard_t(2, shape))
+        x = draw((n * chunks, 3, 32, 32)) * 10.0 ** rng.uniform(-4, 2, (n * chunks, 1, 1, 1))
+    x = x.astype(np.float32).reshape(n, chunks, 3, 32, 32)  # batched as the codec quantizes the chunks
+    q, scale = quant.quantize(x)
+    for i in range(n):
+        for k in range(chunks):
+            ref_q, ref_scale, _ = reference_writer_codes(x[i, k])
+            np.testing.assert_array_equal(q[i, k], ref_q, err_msg=f"sample {i} chunk {k}")
+            np.testing.assert_array_equal(scale[i, k], ref_scale, err_msg=f"sample {i} chunk {k}")

@@ -192,3 +192,23 @@ def test_rect_steps_beyond_the_teachers_own_T_is_one_sentence(tmp_path):
     with pytest.raises(UserError, match=r"rect_steps=5 must be at most 3, the teacher in .* having T=4"):
         RectifyTrainer(_cfg(tmp_path / "teacher", tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_dry_run_counts_on_the_meta_device_and_refuses_a_rank_beyond_full(small_teacher, tmp_path, monkeypatch):
+    """Issue 31: --dry-run built the whole RNet, so rect_lora_rank=200000 took 22.9 GB to print a plan."""
+    from pipeline import rectify, rnet
+    built = []
+    counts = rnet.parameter_counts
+    monkeypatch.setattr(rnet, "parameter_counts", lambda net: built.append(net) or counts(net))
+    cfg = _cfg(small_teacher, tmp_path, rect_lora_rank=32)  # the full rank of the tiny teacher's widest wrapped layers
+    line = next(x for x in rectify.plan(cfg) if "trainable of" in x)
+    assert {p.device.type for p in built[0].parameters()} == {"meta"}  # nothing allocated
+    teacher, ddpm, _ = teachers.load_teacher(cfg)
+    real = rnet.RNet(teacher, **rectify.rnet_settings(cfg, ddpm.config.num_train_timesteps))
+    assert line.endswith(f"RNet with {rectify.counts_line(real)}")  # the same counts as the network a run trains
+    args = [f"{k}={v}" for k, v in _items(small_teacher, tmp_path, rect_lora_rank=200000).items()]
+    for plan in (["--dry-run"], []):
+        result = run_cli("Main_Diffusion.py", "--mode", "rectify", "--config", "tiny", *plan, *args)
+        assert result.returncode == 2
+        assert_one_sentence_error(result, "rect_lora_rank=200000 is more than 32", "rect_lora=resnet", "at most 32")
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@ are imported, the reference's reader reads our exports, imported data trains, an
 file is refused with one sentence naming it, wherever it sits in the folder."""
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -325,3 +326,82 @@ def test_export_counts_its_files_without_a_progress_bar(exported, tmp_path, monk
     monkeypatch.setattr(reference_layout, "tqdm", functools.partial(tqdm, disable=True))  # as TQDM_DISABLE=1 does
     reference_layout.export_command(dict(cfg, reference_dir=str(tmp_path / "out")))
     assert "[export] 12 files written to" in capsys.readouterr().out
+
+
+def _special(kind, path, tmp_path):
+    """A sample file name that is not a regular file: what ``kind`` says."""
+    import os
+    if kind == "dev-zero-link":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "fifo-link":
+        os.mkfifo(tmp_path / "pipe")
+        path.symlink_to(tmp_path / "pipe")
+    else:
+        path.mkdir()
+
+
+@pytest.mark.parametrize("position", [0, 2])
+@pytest.mark.parametrize("kind,what", [("dev-zero-link", "is a device (the symlink points to /dev/zero)"),
+                                       ("fifo", "is a FIFO, not a regular file"),
+                                       ("fifo-link", "is a FIFO (the symlink points to"),
+                                       ("folder", "is a folder, not a regular file")])
+def test_import_reads_only_regular_files(kind, what, position, tmp_path):
+    """Issue 31: import followed a symlink to /dev/zero (memory without bound) and blocked on a FIFO."""
+    import signal
+    ref = tmp_path / "ref"
+    reference_folder(ref, count=4)
+    name = ref / f"sample_{position:08d}.zst"
+    name.unlink()
+    _special(kind, name, tmp_path)
+    def blocked(*_):
+        raise TimeoutError("import blocked on a file that is not a regular file")
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(60)  # a FIFO opened for reading would block this test for good
+    try:
+        with pytest.raises(UserError, match=re.escape(f"{name.name} {what}")) as err:
+            reference_layout.import_command(config.resolve("tiny", [f"reference_dir={ref}",
+                                                                    f"data_dir={tmp_path / 'data'}"]))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert str(err.value).count(";") == 1 and not (tmp_path / "data").exists()
+    assert not (tmp_path / "data.importing").exists()
+
+
+def test_a_fifo_among_the_sample_files_is_one_sentence_from_the_command_line(tmp_path):
+    ref = tmp_path / "ref"
+    reference_folder(ref, count=2)
+    (ref / "sample_00000001.zst").unlink()
+    _special("fifo-link", ref / "sample_00000001.zst", tmp_path)
+    result = run_cli("Main_Distill.py", "--mode", "import", "--config", "tiny", f"reference_dir={ref}",
+                     f"data_dir={tmp_path / 'data'}", timeout=120)
+    assert result.returncode == 2
+    assert_one_sentence_error(result, "sample_00000001.zst is a FIFO", "not a regular file")
+
+
+def test_the_export_message_states_the_sums_that_hold(exported, tmp_path, capsys):
+    """Issue 31: the message claimed the codec's accuracy for rin0 + sum(r_chunks), which in pixel space misses
+    the teacher's image by rin0's percentile clipping. Measured here on the files, read as the reference reads them."""
+    from pipeline import quant
+    cfg, _, _ = exported
+    capsys.readouterr()
+    reference_layout.export_command(dict(cfg, reference_dir=str(tmp_path / "out")))
+    out = capsys.readouterr().out
+    found = re.search(r"x_T_f16 \+ sum\(r_chunks\) is the final state .* to within ([0-9.e-]+) \(the codec error "
+                      r".*rin0 \+ sum\(r_chunks\) misses it by up to ([0-9.e-]+) in these files", out)
+    assert found, out
+    within, miss = float(found.group(1)), float(found.group(2))
+    worst_x_T, worst_rin0 = 0.0, 0.0
+    for path in sorted((tmp_path / "out").glob("sample_*.zst")):
+        with open(path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as reader:
+            sample = dict(np.load(io.BytesIO(reader.read())))
+        chunks = quant.dequantize(sample["r_chunks_q"], sample["r_chunks_scale_f16"]).sum(axis=0)
+        image = sample["x0_teacher_f16"].astype(np.float32)  # the teacher's image, kept in its 8-bit grey levels
+        from_x_T = sample["x_T_f16"].astype(np.float32) + chunks
+        from_rin0 = quant.dequantize(sample["rin0_q"], sample["rin0_scale_f16"]) + chunks
+        worst_x_T = max(worst_x_T, float(np.abs(np.clip(from_x_T, -1, 1) - image).max()))
+        worst_rin0 = max(worst_rin0, float(np.abs(from_rin0 - from_x_T).max()))
+    assert worst_x_T <= within + 1 / 255 + 1e-3  # the grey levels round the image by half a level (1/255) at most
+    assert worst_rin0 == pytest.approx(miss, rel=1e-2) and miss > 10 * within  # what the old message hid
