@@ -52,7 +52,7 @@ def test_auto_gives_two_workers_on_a_cpu_only_machine_of_two_cores_and_one_other
 
 def test_the_choice_is_said_in_one_line(machine):
     machine(cores=2)
-    cfg = config.resolve("fashion_mnist")
+    cfg = config.resolve("fashion_mnist", ["procs=0"])
     assert launch.describe(cfg, launch.plan(cfg, STAGES)) == (
         "[procs] generate, train_d and binarize run as 2 worker processes of 1 thread each (torch.distributed, "
         "2 cores), eval_d in this process; procs=1 runs every stage in this one process")
@@ -120,7 +120,7 @@ def _folder_bytes(folder: Path) -> dict:
 
 
 def _default_launch():
-    """procs=0, the default (tiny sets 1), where it starts two workers; procs=2 on a machine where auto would not."""
+    """procs=0 (auto), where it starts two workers; procs=2 on a machine where auto would not."""
     return "procs=0" if launch.usable_cores() >= 2 else "procs=2"
 
 
