@@ -1,7 +1,8 @@
 """Worker processes started by a plain ``python Main_Distill.py`` launch (key ``procs``, docs/design.md §16).
 
 On a 2-core CPU two single-thread processes run generate, train_d and binarize faster than one process with two
-threads (README, "Many processes"), so a plain launch starts its stages as workers of one torch.distributed group:
+threads (README, "Many processes"), so with ``procs=0`` (auto, opt-in while the default is 1) or ``procs=N`` a plain
+launch starts its stages as workers of one torch.distributed group:
 the same code paths that torchrun runs, with the environment torchrun would give them (RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS). This module decides how many workers a stage gets,
 starts and watches them, and turns their exit statuses into what the user reads: the sentence of a worker's
