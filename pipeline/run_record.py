@@ -8,6 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from . import atomic, jsonfile
 from .errors import UserError
 
@@ -25,10 +27,9 @@ def weights_sha256(folder):
     if path is None:
         return None
     try:
-        with open(path, "rb") as f:
-            header = jsonfile.loads(f.read(int.from_bytes(f.read(8), "little")))
-        return (header.get("__metadata__") or {}).get("sha256")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("sha256")
+    except (OSError, ValueError, SafetensorError):
         return None  # damaged weights are the weights loader's sentence
 
 
