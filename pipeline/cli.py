@@ -9,6 +9,7 @@ one torch.distributed group (key ``procs``, pipeline/launch.py); under torchrun 
 import argparse
 import contextlib
 import dataclasses
+import os
 import signal
 import sys
 from typing import Callable, Optional
@@ -66,8 +67,20 @@ def main(prog, description, modes, default_mode="generate", argv=None, script=No
     parser = build_parser(prog, description, modes, default_mode)
     args = parser.parse_intermixed_args(argv)  # key=value may follow --dry-run or --mode
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    if not launch.become_worker():
+        return _run_mode(args, modes, script, worker=False)
+    # A worker of our launcher ends here without tearing its process group down: the launcher owns the workers'
+    # lives, and a gloo group torn down while its peer is already gone can abort the process (SIGABRT) after
+    # the work and its one sentence are done.
+    code = _run_mode(args, modes, script, worker=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run_mode(args, modes, script, worker: bool) -> int:
+    """The exit status of the mode run (or planned) with the config resolved and validated."""
     mode = modes[args.mode]
-    worker = launch.become_worker()  # started by a launcher: it printed the config and says "interrupted"
     ranks = _process_group(worker)
     try:
         with ranks.together() if ranks else contextlib.nullcontext():
@@ -99,7 +112,7 @@ def main(prog, description, modes, default_mode="generate", argv=None, script=No
                   "continue", file=sys.stderr)
         return 130
     finally:
-        if ranks:
+        if ranks and not worker:
             ranks.finish()
     return 0
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import cli, config, launch
 from pipeline.errors import AlreadySaid, UserError
@@ -209,3 +210,29 @@ def test_sigterm_and_sigkill_of_the_launcher_stop_every_worker_and_a_rerun_resum
     assert f"{3 * listed} samples present" in resumed.stdout
     full_shards = [f"shard-{number:05d}.npz.zst" for number in range(6)]  # one's last shard holds 2 of 3
     assert [(folder / name).read_bytes() for name in full_shards] == [(one / name).read_bytes() for name in full_shards]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_of_two_training_workers_saves_one_step_of_both_and_a_rerun_resumes(one_process, tmp_path):
+    """The workers stop at the same step boundary (pipeline/stop_request.py), so rank 0 saves whatever the other
+    rank was doing; no periodic checkpoint is due, so the checkpoint can only come from the interrupt."""
+    teacher, data = one_process
+    run = tmp_path / "d"
+    args = ["--mode", "train_d", "--config", "tiny", f"teacher_path={teacher}", f"data_dir={data}", f"d_run_dir={run}",
+            "d_train_steps=150", "d_checkpoint_every=1000", "d_batch_size=4", _default_launch()]
+    launcher = _launch(*args)
+    deadline = time.time() + 240
+    while time.time() < deadline and launcher.poll() is None and not (run / "stats.jsonl").exists():
+        time.sleep(0.05)  # the first log line: ten steps are done and both workers are in the loop
+    workers = _workers_of(launcher)
+    assert len(workers) == 2, "the run was not stopped midway"
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=120)
+    stderr = launcher.stderr.read()
+    assert launcher.returncode == 130 and not any(map(_running, workers)), stderr
+    assert stderr.count("interrupted:") == 1 and "Traceback" not in stderr and "terminate called" not in stderr, stderr
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 10 <= saved < 150
+    resumed = run_cli("Main_Distill.py", *args[:-1], "procs=1")  # the same run, resumed in one process
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed {run / 'checkpoint.pt'} at step {saved}" in resumed.stdout
