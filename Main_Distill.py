@@ -66,12 +66,12 @@ def sample_plan(cfg):
     return sample.plan(cfg)
 
 
-def run_all(cfg):
-    """Every stage in turn; each one resumes, so rerunning after an interruption continues."""
+def check_all(cfg):
+    """--mode all runs its stages in turn (cli.main, each as its own processes where ``procs`` says so) and each
+    resumes, so rerunning after an interruption continues; binarize's key needs D's layer names, so it is refused
+    here, before generate."""
     from pipeline import student_b
-    student_b.check_before_training(cfg)  # binarize's key needs D's layer names: refused before generate
-    for stage in (generate, train_d, binarize, eval_d):
-        stage(cfg)
+    student_b.check_before_training(cfg)
 
 
 def generate_plan(cfg):
@@ -113,8 +113,7 @@ def import_plan(cfg):
 
 
 def all_plan(cfg):
-    from pipeline import student_b
-    student_b.check_before_training(cfg)
+    check_all(cfg)
     return generate_plan(cfg) + [
         f"then train D for {cfg['d_train_steps']} steps into {output_dir(cfg, 'd_run_dir')}, binarize it for "
         f"{cfg['b_train_steps']} steps into {output_dir(cfg, 'b_run_dir')} and write the D-vs-B report to "
@@ -123,7 +122,8 @@ def all_plan(cfg):
 
 MODES = {
     "all": cli.Mode("generate -> train_d -> binarize -> eval_d on the chosen preset; prints where the report is",
-                    ("generate", "train_d", "binarize", "eval_d"), run_all, all_plan, many_processes=True),
+                    ("generate", "train_d", "binarize", "eval_d"), None, all_plan, many_processes=True,
+                    before=check_all),
     "generate": cli.Mode("write offline teacher trajectories (INT8 residual chunks, zstd shards + manifest.json)",
                          ("generate",), generate, generate_plan, many_processes=True),
     "verify": cli.Mode("check a teacher-data folder against its manifest; names every bad file and index",
@@ -145,4 +145,4 @@ MODES = {
 }
 
 if __name__ == "__main__":
-    sys.exit(cli.main("Main_Distill.py", __doc__, MODES, default_mode="all"))
+    sys.exit(cli.main("Main_Distill.py", __doc__, MODES, default_mode="all", script=__file__))

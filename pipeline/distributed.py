@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import AlreadySaid, UserError
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective longer than this means a rank hangs
 
@@ -116,7 +116,7 @@ def mean_over_ranks(record: dict) -> dict:
     return {key: mean([r[key] for r in records]) for key in record}
 
 
-class RankFailed(UserError):
+class RankFailed(AlreadySaid):
     """Another rank failed; that rank's sentence is printed by rank 0, so this one stays silent."""
 
 

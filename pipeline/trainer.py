@@ -20,7 +20,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from . import atomic, checkpoint, config, distributed, runtime
+from . import atomic, checkpoint, config, distributed, runtime, stop_request
 from .errors import UserError
 
 
@@ -227,8 +227,9 @@ class Trainer:
         stream = self.batches()
         bar = tqdm(total=recipe.train_steps, initial=self.step, desc=recipe.stage, dynamic_ncols=True, disable=not main)
         window, waited, started = [], 0.0, time.time()
-        with self._lock, checkpoint.saved_on_exit(self.save, bar):
+        with self._lock, stop_request.step_boundaries(), checkpoint.saved_on_exit(self.save, bar):
             while self.step < recipe.train_steps:
+                stop_request.check()  # several ranks stop together, after the same step
                 t0 = time.time()
                 batch = next(stream)
                 waited += time.time() - t0

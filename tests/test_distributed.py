@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from pipeline import config, distributed, generate
@@ -223,3 +224,39 @@ def test_pretrain_and_rectify_on_two_ranks_train_what_one_process_trains(small_t
         trained = _weights(tmp_path / "one" / weights)
         # measured: 5e-7 (pretrain) and 2e-6 (rectify); 0.4 when both ranks train on the same half
         assert _gap_over_move(trained, _weights(tmp_path / "two" / weights), start) < 0.01, mode
+
+
+def _signal_rank_one_midway(rank, port, out):
+    """Twenty steps of one all-reduce each; rank 1 alone gets SIGTERM (as cli handles it) inside step 5."""
+    from pipeline import cli, stop_request
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    signal.signal(signal.SIGTERM, cli._sigterm_as_interrupt)
+    distributed.init()
+    step, outcome = 0, "finished"
+    try:
+        with stop_request.step_boundaries():
+            while step < 20:
+                stop_request.check()
+                if rank == 1 and step == 5:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                torch.distributed.all_reduce(torch.ones(1))  # the step's gradients
+                step += 1
+    except KeyboardInterrupt:
+        outcome = f"interrupted after step {step}"
+    except RuntimeError as err:  # the peer left in the middle of a collective
+        outcome = f"failed: {type(err).__name__}"
+    Path(out, str(rank)).write_text(outcome)
+    kept_handler = signal.getsignal(signal.SIGTERM) is cli._sigterm_as_interrupt
+    Path(out, f"{rank}.handler").write_text(str(kept_handler))
+    distributed.finish()
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_signal_rank_one_midway, args=(port, str(tmp_path)), nprocs=2)
+    assert (tmp_path / "0").read_text() == (tmp_path / "1").read_text() == "interrupted after step 6"
+    assert (tmp_path / "0.handler").read_text() == (tmp_path / "1.handler").read_text() == "True"
