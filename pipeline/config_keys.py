@@ -123,8 +123,7 @@ def _machine(table):
     table.add("procs", 0, MANY_PROCESS_STAGES,
               "worker processes a plain Main_Distill.py launch runs a stage on (torch.distributed, as under torchrun; "
               "ignored there). 0 = auto: 2 single-thread workers for generate, train_d and binarize on a CPU-only "
-              "machine of >= 2 cores without AMX (where they were measured no faster), every other stage in one "
-              "process; 1 = one process; N = N workers for every stage that reads this key", range=NON_NEGATIVE)
+              "machine of >= 2 cores, every other stage in one process; 1 = one process; N = N workers for every stage that reads this key", range=NON_NEGATIVE)
     table.add("seed", 0, EVERY, "seed of x_T, batch order and initialisation", range=NON_NEGATIVE)
 
 

@@ -1,6 +1,6 @@
 """Worker processes started by a plain ``python Main_Distill.py`` launch (key ``procs``, docs/design.md §16).
 
-On a 2-core CPU without AMX two single-thread processes run generate, train_d and binarize faster than one process with two
+On a 2-core CPU two single-thread processes run generate, train_d and binarize faster than one process with two
 threads (README, "Many processes"), so with ``procs=0`` (auto, the default) or ``procs=N`` a plain
 launch starts its stages as workers of one torch.distributed group:
 the same code paths that torchrun runs, with the environment torchrun would give them (RANK, LOCAL_RANK,
@@ -71,17 +71,9 @@ def plan(cfg, stages) -> dict:
     return {stage: count if stage in chosen else 1 for stage in stages}
 
 
-def _amx_alone_says_no(cfg) -> bool:
-    """The one reason of auto_workers_pay worth a line: a machine that would get workers but for its AMX."""
-    from .runtime import cpu_has_amx
-    return not torchrun_launched() and usable_cores() >= AUTO_WORKERS and not gpu_in_use(cfg) and cpu_has_amx()
-
-
 def auto_workers_pay(cfg) -> bool:
-    """procs=0: workers on a CPU-only machine of at least AUTO_WORKERS cores, except an AMX CPU, where they were
-    measured no faster than one process of as many threads (docs/design.md §16)."""
-    from .runtime import cpu_has_amx
-    return usable_cores() >= AUTO_WORKERS and not gpu_in_use(cfg) and not cpu_has_amx()
+    """procs=0: workers on a CPU-only machine of at least AUTO_WORKERS cores."""
+    return usable_cores() >= AUTO_WORKERS and not gpu_in_use(cfg)
 
 
 def threads_per_worker(cfg, count: int) -> int:
@@ -97,9 +89,6 @@ def describe(cfg, workers: dict):
     """The one line that says what runs how, or None when everything runs in this process as before."""
     many = [stage for stage, count in workers.items() if count > 1]
     if not many:
-        if cfg["procs"] == 0 and any(s in AUTO_STAGES for s in workers) and _amx_alone_says_no(cfg):
-            return ("[procs] one process: on this AMX CPU two single-thread workers measured no faster than one "
-                    "process of two threads (docs/design.md §16); procs=2 starts them anyway")
         return None
     count = workers[many[0]]
     threads = threads_per_worker(cfg, count)

@@ -20,15 +20,6 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def cpu_has_amx() -> bool:
-    """Intel's AMX tiles (Sapphire Rapids and later): bf16 matmuls there keep both threads of one process busy, so
-    two single-thread worker processes measured no faster (docs/design.md §16)."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def cpu_model() -> str:
     """The CPU's model name, as benchmarks name the machine they ran on."""
     try:

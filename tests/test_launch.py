@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import cli, config, launch, runtime
+from pipeline import cli, config, launch
 from pipeline.errors import AlreadySaid, UserError
 
 from conftest import ROOT, assert_one_sentence_error, run_cli, run_distill_in_process
@@ -25,27 +25,24 @@ def machine(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
-    def make(cores=2, gpu=False, amx=False):
+    def make(cores=2, gpu=False):
         monkeypatch.setattr(launch, "usable_cores", lambda: cores)
         monkeypatch.setattr(launch, "gpu_in_use", lambda cfg: gpu)
-        monkeypatch.setattr(runtime, "cpu_has_amx", lambda: amx)
     return make
 
 
-@pytest.mark.parametrize("cores, gpu, amx, procs, torchrun, expected", [
-    (2, False, False, 0, False, (2, 2, 2, 1)),  # auto on a 2-core CPU: eval_d stays one process
-    (16, False, False, 0, False, (2, 2, 2, 1)),
-    (2, False, False, 1, False, (1, 1, 1, 1)),  # procs=1: one process
-    (2, False, False, 0, True, (1, 1, 1, 1)),  # under torchrun the ranks are already there
-    (2, True, False, 0, False, (1, 1, 1, 1)),  # a GPU: nothing changes
-    (1, False, False, 0, False, (1, 1, 1, 1)),
-    (2, False, True, 0, False, (1, 1, 1, 1)),  # an AMX CPU: workers measured no faster
-    (2, False, True, 2, False, (2, 2, 2, 2)),  # ... unless asked for
-    (2, False, False, 3, False, (3, 3, 3, 3)),  # procs=N: every stage that reads the key
+@pytest.mark.parametrize("cores, gpu, procs, torchrun, expected", [
+    (2, False, 0, False, (2, 2, 2, 1)),  # auto on a 2-core CPU: eval_d stays one process
+    (16, False, 0, False, (2, 2, 2, 1)),
+    (2, False, 1, False, (1, 1, 1, 1)),  # procs=1: one process
+    (2, False, 0, True, (1, 1, 1, 1)),  # under torchrun the ranks are already there
+    (2, True, 0, False, (1, 1, 1, 1)),  # a GPU: nothing changes
+    (1, False, 0, False, (1, 1, 1, 1)),
+    (2, False, 3, False, (3, 3, 3, 3)),  # procs=N: every stage that reads the key
 ])
 def test_auto_gives_two_workers_on_a_cpu_only_machine_of_two_cores_and_one_otherwise(machine, monkeypatch, cores, gpu,
-                                                                                      amx, procs, torchrun, expected):
-    machine(cores, gpu, amx)
+                                                                                      procs, torchrun, expected):
+    machine(cores, gpu)
     if torchrun:
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", "2")
@@ -61,8 +58,6 @@ def test_the_choice_is_said_in_one_line(machine):
         "[procs] generate, train_d and binarize run as 2 worker processes of 1 thread each (torch.distributed, "
         "2 cores), eval_d in this process; procs=1 runs every stage in this one process")
     assert launch.describe(cfg, {"generate": 1}) is None
-    machine(cores=2, amx=True)
-    assert launch.describe(cfg, launch.plan(cfg, STAGES)).startswith("[procs] one process: on this AMX CPU")
     assert launch.describe(config.resolve("fashion_mnist", ["procs=1"]), dict.fromkeys(STAGES, 1)) is None
 
 
@@ -127,7 +122,7 @@ def _folder_bytes(folder: Path) -> dict:
 
 
 def _default_launch():
-    """procs=0 (auto), where it starts two workers; procs=2 on a machine where auto would not (one core, AMX)."""
+    """procs=0 (auto), where it starts two workers; procs=2 on a machine where auto would not (one core)."""
     return "procs=0" if launch.auto_workers_pay({"device": "cpu"}) else "procs=2"
 
 
