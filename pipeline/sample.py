@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import api, atomic, config, images, packed, runtime, students
 from .config import output_dir, project_path
