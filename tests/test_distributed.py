@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline import config, distributed, generate
+from pipeline import config, distributed, generate, launch
 from pipeline.errors import UserError
 
 from conftest import ROOT
@@ -130,10 +130,7 @@ def _fail_on_rank_one(rank, port, out):
 
 
 def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = launch.free_port()
     mp.spawn(_fail_on_rank_one, args=(port, str(tmp_path)), nprocs=2)
     assert (tmp_path / "0").read_text() == "says: rank 1: the teacher folder is missing here"
     assert (tmp_path / "1").read_text() == "silent: rank 1: the teacher folder is missing here"
@@ -253,10 +250,7 @@ def _signal_rank_one_midway(rank, port, out):
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = launch.free_port()
     mp.spawn(_signal_rank_one_midway, args=(port, str(tmp_path)), nprocs=2)
     assert (tmp_path / "0").read_text() == (tmp_path / "1").read_text() == "interrupted after step 6"
     assert (tmp_path / "0.handler").read_text() == (tmp_path / "1.handler").read_text() == "True"
