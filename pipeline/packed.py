@@ -14,7 +14,7 @@ bytes (one tensor per layer made it 14 % of a small model's file):
   the model's own values to that precision, so the model it was given and the reloaded one agree
   exactly.
 
-The metadata ``sha256`` is ``students.content_sha256`` of the two tensors, the byte counts and the
+The metadata ``sha256`` is ``checksums.content_sha256`` of the two tensors, the byte counts and the
 config, so one changed byte in the file or in ``student_config.json`` is refused instead of silently
 giving another B. The config rebuilds the model, which fixes every name, shape and offset;
 ``load_packed`` checks the blobs against it and rebuilds B with the same operations as training, so its
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from . import atomic, jsonfile, student_b, students
+from . import atomic, checksums, jsonfile, student_b, students
 from .config import output_dir, project_path
 from .errors import UserError
 
@@ -97,7 +97,7 @@ def _pack(bits: torch.Tensor) -> np.ndarray:
 
 def checksum(tensors: dict, counts: list, config: dict) -> str:
     """The checksum of a packed B: its tensors, its per-layer sign byte counts and its config."""
-    return students.content_sha256(tensors, {"config": config, "sign_bytes": counts})
+    return checksums.content_sha256(tensors, {"config": config, "sign_bytes": counts})
 
 
 def _sizes(file_bytes: int, signs: torch.Tensor, values: torch.Tensor) -> dict:
@@ -143,7 +143,7 @@ def _read_config(config_path) -> dict:
 def _read(packed_path, config: dict):
     """(signs as uint8 numpy, values, per-layer sign byte counts), checked against the checksum."""
     try:
-        tensors, metadata, _ = students.read_safetensors(packed_path)
+        tensors, metadata, _ = checksums.read_safetensors(packed_path)
         counts = jsonfile.loads(metadata["sign_bytes"])
         signs, values = tensors["signs"], tensors["values"]
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -151,7 +151,7 @@ def _read(packed_path, config: dict):
                         f"restore it or {REDO}") from None
     if set(tensors) != {"signs", "values"} or signs.dtype != torch.uint8 or values.dtype not in VALUE_DTYPES.values():
         raise UserError(f"{packed_path} does not hold a packed B (tensors {sorted(tensors)}); {REDO}")
-    students.verify_checksum(packed_path, metadata, checksum(tensors, counts, config), REDO)
+    checksums.verify_checksum(packed_path, metadata, checksum(tensors, counts, config), REDO)
     return signs.numpy(), values, counts
 
 
@@ -198,7 +198,7 @@ def byte_breakdown(folder, model=None) -> dict:
     when not given)."""
     folder = Path(folder)
     model = load_packed(folder) if model is None else model
-    tensors, _, file_bytes = students.read_safetensors(folder / PACKED_FILE)
+    tensors, _, file_bytes = checksums.read_safetensors(folder / PACKED_FILE)
     values = tensors["values"]
     return {**_sizes(file_bytes, tensors["signs"], values), "bytes_per_value": values.element_size(),
             "values_by_kind": value_breakdown(model)}

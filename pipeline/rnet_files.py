@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save
 
-from . import atomic, jsonfile, students
+from . import atomic, checksums, jsonfile
 from .errors import UserError
 from .rnet import RNet
 
@@ -31,7 +31,7 @@ def save_rnet(net: RNet, folder, teacher_sha256: str, steps: int, prediction: st
     state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items() if k not in frozen}
     config = {"kind": KIND, "network": net.config, "teacher_sha256": teacher_sha256, "steps": steps,
               "prediction": prediction}
-    data = save(state, metadata={"format": KIND, "sha256": students.content_sha256(state, config)})
+    data = save(state, metadata={"format": KIND, "sha256": checksums.content_sha256(state, config)})
     atomic.write_bytes(folder / WEIGHTS_FILE, data)
     atomic.write_json(folder / CONFIG_FILE, config)
     return len(data)
@@ -63,11 +63,11 @@ def load_rnet(folder, teacher, teacher_sha256: str, steps: int = 0) -> tuple:
         raise UserError(f"the RNet in {folder} runs {config['steps']} ring steps, not the {steps} asked for; set "
                         f"steps={config['steps']} or rectify again with rect_steps={steps}")
     try:
-        state, metadata, _ = students.read_safetensors(folder / WEIGHTS_FILE)
+        state, metadata, _ = checksums.read_safetensors(folder / WEIGHTS_FILE)
     except (OSError, ValueError) as err:
         raise UserError(f"{folder / WEIGHTS_FILE} cannot be read ({err}: truncated or damaged); restore it or "
                         f"{REDO}") from None
-    students.verify_checksum(folder / WEIGHTS_FILE, metadata, students.content_sha256(state, config), REDO,
+    checksums.verify_checksum(folder / WEIGHTS_FILE, metadata, checksums.content_sha256(state, config), REDO,
                              CONFIG_FILE)
     settings = {k: v for k, v in config["network"].items() if k != "teacher"}
     net = RNet(teacher, **settings)

@@ -14,22 +14,20 @@ one-step generator is D alone and its parameters, bytes and time include that he
     z_hat = rin + sum_j chunk_j            one-step sample = readout(z_hat)  (X0out(z_hat, 0) in latent space)
 
 The constructor's arguments are the model's config: ``save_student`` writes them as JSON beside the
-safetensors weights, whose metadata holds a sha256 of both (``content_sha256``), and ``load_student``
+safetensors weights, whose metadata holds a sha256 of both (``checksums.content_sha256``), and ``load_student``
 rebuilds the model from the two after checking it, so a changed byte is refused, not silently used.
 """
-import hashlib
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import UNet2DModel
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import save
 from torch import nn
 
 from . import atomic, jsonfile
+from .checksums import content_sha256, read_safetensors, verify_checksum
 from .config import output_dir, project_path
 from .errors import UserError
 from .film import Readout
@@ -216,43 +214,6 @@ def output_parameters(student: StudentD) -> list:
 
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def content_sha256(tensors: dict, config: dict) -> str:
-    """sha256 over the canonical JSON of ``config`` and every tensor's name, dtype, shape and bytes, in
-    name order: what a student file's checksum covers (D here, the packed B in ``packed``)."""
-    digest = hashlib.sha256()
-
-    def add(part: bytes):
-        digest.update(len(part).to_bytes(8, "little") + part)  # length-prefixed: no two inputs hash alike
-
-    add(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        add(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        add(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def read_safetensors(path):
-    """(tensors, metadata, file bytes) of a safetensors file; ValueError when it is truncated or damaged."""
-    data = Path(path).read_bytes()
-    try:
-        tensors = load(data)
-        metadata = jsonfile.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, AttributeError) as err:
-        raise ValueError(type(err).__name__) from None
-    return tensors, metadata, len(data)
-
-
-def verify_checksum(path, metadata: dict, expected: str, redo: str, config_name: str = CONFIG_FILE) -> None:
-    """One sentence unless the file's stored checksum is ``expected``."""
-    stored = metadata.get("sha256")
-    if stored is None:
-        raise UserError(f"{path} carries no checksum (written by an older version); {redo}")
-    if stored != expected:
-        raise UserError(f"{path} or the {config_name} beside it was changed or damaged after it was written "
-                        f"(checksum mismatch); restore the folder or {redo}")
 
 
 def save_student(model: StudentD, folder) -> int:

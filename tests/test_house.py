@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from pipeline import parts
+
 from conftest import ROOT
 
 SOURCES = sorted([*(ROOT / "pipeline").glob("*.py"), ROOT / "Main_Distill.py", ROOT / "Main_Diffusion.py",
@@ -43,16 +45,7 @@ def test_citations_point_into_the_repository(path):
 
 def _pipeline_imports():
     """{module: set of pipeline modules it imports at any level}."""
-    graph = {}
-    for path in (ROOT / "pipeline").glob("*.py"):
-        imports = set()
-        for node in ast.walk(_tree(path)):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                imports |= {node.module} if node.module else {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
-                imports |= {node.module.partition(".")[2]} if "." in node.module else {a.name for a in node.names}
-        graph[path.stem] = {m.partition(".")[0] for m in imports}
-    return graph
+    return {m: parts.imports(m) for m in parts.modules()}
 
 
 def test_no_import_circles_between_pipeline_modules():
@@ -66,3 +59,23 @@ def test_no_import_circles_between_pipeline_modules():
 
     circles = sorted(m for m in graph if reaches(m, m, {m}))
     assert not circles, f"modules on an import circle: {circles}"
+
+
+
+def test_every_pipeline_module_has_a_part_and_no_part_imports_upwards():
+    unplaced = [m for m in parts.modules() if parts.part_of(m) is None]
+    assert not unplaced, f"place these modules in pipeline/parts.py PARTS: {unplaced}"
+    wrong = parts.upward_imports({m: parts.imports(m) for m in parts.modules()})
+    assert not wrong, "imports against the direction of the layers: " + "; ".join(wrong)
+
+
+def test_the_direction_rule_catches_a_teacher_module_reaching_into_the_students():
+    graph = {m: parts.imports(m) for m in parts.modules()}
+    graph["rnet_files"] = graph["rnet_files"] | {"students"}  # the tangle this rule was written against
+    assert parts.upward_imports(graph) == ["rnet_files (teacher) imports students (students)"]
+
+
+def test_docs_modules_md_is_made_from_the_docstrings():
+    assert (ROOT / "docs" / "modules.md").read_text() == parts.markdown(), \
+        "regenerate it: python -m pipeline.parts > docs/modules.md"
+    assert all(parts.summary(m) for m in parts.modules() if m != "__init__"), "every module opens with a docstring"
