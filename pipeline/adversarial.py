@@ -122,6 +122,14 @@ def step_generator(seed: int, step: int, stream: int = 0xAD7) -> torch.Generator
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]))
 
 
+def ramp_share(ramp_steps: int, step: int) -> float:
+    """The share of the distribution-level weights at this (0-based) step: a student started from the teacher's
+    backbone makes images far from the teacher's for its first steps, and a feature loss at full weight then holds it
+    in a degenerate state the regression never leaves (docs/design.md §4); ``adv_ramp_steps`` lets the regression
+    lead first."""
+    return 1.0 if ramp_steps == 0 else min(1.0, (step + 1) / ramp_steps)
+
+
 def adaptive_weight(regression, adversarial, output_params, cap: float = 1e4) -> torch.Tensor:
     """||grad_W regression|| / ||grad_W adversarial|| over the student's output layers W, detached (Esser et al.
     2021, VQGAN, eq. 7): the adversarial gradient then keeps a fixed share of the regression's at the output,
@@ -196,11 +204,7 @@ class AdversarialTerm:
             return self.encoder(abar.sqrt() * images + (1 - abar).sqrt() * eps, t)
 
     def ramp(self, step: int) -> float:
-        """The share of the weights at this (0-based) step: a student started from the teacher's backbone makes images
-        far from the teacher's for its first steps, and a feature loss at full weight then holds it in a degenerate
-        state the regression never leaves (docs/design.md §4); ``adv_ramp_steps`` lets the regression lead first."""
-        steps = self.cfg["adv_ramp_steps"]
-        return 1.0 if steps == 0 else min(1.0, (step + 1) / steps)
+        return ramp_share(self.cfg["adv_ramp_steps"], step)
 
     def student_loss(self, images, teacher_images, step: int, regression=None, output_params=()):
         """(weighted total, {name: scalar tensor}) for the student's images (with their graph) of one batch and of

@@ -96,17 +96,14 @@ def _what_to_work_on(table):
     table.section = "what to work on"
     table.add("name", "fashion_mnist", EVERY, "run name: output folders are named after it")
     table.add("dataset", "fashion_mnist", ("pretrain", "rectify", "teacher_sample") + TRAINING + ("eval_d",),
-              "image dataset",
-              choices=("fashion_mnist", "cifar10"))
+              "image dataset", choices=("fashion_mnist", "cifar10"))
     table.add("dataset_dir", "/usr/share/datasets/fashion-mnist", ("pretrain", "rectify", "teacher_sample")
-              + TRAINING + ("eval_d",),
-              "folder of the dataset's files", folder=".")
+              + TRAINING + ("eval_d",), "folder of the dataset's files", folder=".")
     table.add("teacher_path", "Diffusion/fashion_mnist", ("pretrain", "rectify", "teacher_sample", "generate", "repair",
                                                            "train_d", "binarize", "eval_d"),
               "teacher in diffusers layout (<path>/unet, <path>/scheduler)", folder=".")
     table.add("teacher_hub_id", "", ("rectify", "teacher_sample", "generate", "repair", "train_d", "binarize",
-                                     "eval_d"),
-              "hub id tried when teacher_path holds no weights (\"\" = never)")
+                                     "eval_d"), "hub id tried when teacher_path holds no weights (\"\" = never)")
 
 
 def _machine(table):
@@ -114,8 +111,7 @@ def _machine(table):
     table.add("device", "auto", EVERY, "where to run", check=_device_name)
     table.add("precision", "auto", ("pretrain", "rectify") + TRAINING,
               "training autocast (auto: bf16 on a CPU with native bf16 or on a GPU that has it, else fp16 on "
-              "CUDA, fp32 elsewhere)",
-              choices=("auto", "fp32", "bf16", "fp16"))
+              "CUDA, fp32 elsewhere)", choices=("auto", "fp32", "bf16", "fp16"))
     table.add("channels_last", True, ("teacher_sample", "generate", "repair", "eval_d", "sample"),
               "channels-last memory for inference: teacher sampling, one-step calls, Inception (faster on "
               "every CPU kind measured)")
@@ -136,8 +132,7 @@ def _pretrain(table):
     table.add("unet_norm_groups", 16, pre, "GroupNorm groups (must divide every level's channels)", range=POSITIVE)
     # a teacher folder without scheduler/ gets its schedule from these keys, in every stage that loads it
     schedule = pre + ("rectify",) + TEACHER_LOADERS
-    table.add("num_train_timesteps", 1000, schedule, "DDPM timesteps T (of a teacher without scheduler/)",
-              range=POSITIVE)
+    table.add("num_train_timesteps", 1000, schedule, "DDPM timesteps T (of a teacher without scheduler/)", range=POSITIVE)
     table.add("beta_start", 0.0001, schedule, "first beta of the schedule", range=FRACTION_OPEN)
     table.add("beta_end", 0.02, schedule, "last beta of the schedule", range=FRACTION_OPEN)
     table.add("beta_schedule", "linear", schedule, "beta schedule",
@@ -165,8 +160,7 @@ def _teacher_samples(table):
     table.add("fid_samples", 1000, ("teacher_sample", "eval_d"), "N of every FID (eval_d: held-out records)",
               range=Range(2))
     table.add("fid_batch_size", 100, ("teacher_sample", "eval_d", "sample"),
-              "images per batch while sampling and scoring",
-              range=POSITIVE)
+              "images per batch while sampling and scoring", range=POSITIVE)
     table.add("fid_cache_dir", "data/fid_stats", ("teacher_sample", "eval_d"),
               "Inception features of dataset images, computed once", folder=".")
     table.add("samples_dir", "", ("teacher_sample",), "\"\" = SampledImgs/diffusion/<name>",
@@ -251,8 +245,8 @@ def _student_d(table):
 
 
 def _distribution_term(table):
-    table.section = ("distribution-level term of D and B (docs/design.md §4): a discriminator on the frozen teacher's "
-                     "features of noised images")
+    table.section = ("distribution-level terms of D and B (docs/design.md §4): the frozen teacher's "
+                     "features of noised images, a discriminator on them, distribution matching")
     d = TRAINING
     table.add("lambda_adv", 0.0, d, "weight of the adversarial (hinge) loss against discriminator heads on the frozen "
               "teacher's encoder features of noised images (0 = off)", range=NON_NEGATIVE)
@@ -262,16 +256,24 @@ def _distribution_term(table):
               "channel vectors scaled to unit length, per position, as LPIPS)", choices=("mse", "normalized"))
     table.add("adv_real", "teacher", d, "the discriminator's real images: teacher (the batch's teacher images) | "
               "dataset (the training split, so a student may pass its teacher)", choices=("teacher", "dataset"))
-    table.add("adv_t_max", 0.01, d, "the features are read at t ~ U{0..adv_t_max*(T-1)}",
-              range=Range(0, 1, low_open=True))
-    table.add("adv_lr", 0.002, d, "learning rate of the discriminator heads (Adam, betas 0 and 0.99)",
-              range=POSITIVE)
+    table.add("adv_t_max", 0.01, d, "the features are read at t ~ U{0..adv_t_max*(T-1)}", range=Range(0, 1, low_open=True))
+    table.add("adv_lr", 0.002, d, "learning rate of the discriminator heads (Adam, betas 0 and 0.99)", range=POSITIVE)
     table.add("adv_weighting", "fixed", d, "fixed (lambda_adv as it is) | adaptive (lambda_adv times the ratio of "
               "the regression's to the adversarial gradient norm on the student's output layers, as VQGAN)",
               choices=("fixed", "adaptive"))
-    table.add("adv_ramp_steps", 0, d, "lambda_adv and lambda_feat grow linearly from 0 over the first N steps, so the "
+    table.add("adv_ramp_steps", 0, d, "lambda_adv, lambda_feat and lambda_dm grow linearly from 0 over the first N steps, so the "
               "term reads student images the regression has brought near the teacher's (0 = full weight from step 1)",
               range=NON_NEGATIVE)
+    table.add("lambda_dm", 0.0, d, "weight of distribution matching (DMD): each student image moves along the "
+              "difference of a fake denoiser's (trained on the student's images) and the teacher's x0 estimates of "
+              "it, noised (0 = off)", range=NON_NEGATIVE)
+    table.add("dm_lr", 1e-4, d, "learning rate of the fake denoiser (AdamW, a copy of the teacher)", range=POSITIVE)
+    table.add("dm_t_min", 0.02, d, "distribution matching noises the student's images at t >= dm_t_min*(T-1)",
+              range=Range(0, 1))
+    table.add("dm_t_max", 0.98, d, "... and at t <= dm_t_max*(T-1)", range=Range(0, 1))
+    table.add("dm_fake_updates", 1, d, "denoising steps of the fake denoiser per student step", range=POSITIVE)
+    table.add("dm_batch_size", 0, d, "student images per step that distribution matching reads, the first of the "
+              "batch (0 = all): its cost scales with it", range=NON_NEGATIVE)
     table.add("adv_extra_noise", 0, d, "fresh x_T per step, beyond the batch's records, whose student images only the "
               "adversarial loss sees: the term shapes the student on noise the teacher data does not cover",
               range=NON_NEGATIVE)

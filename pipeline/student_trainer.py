@@ -10,7 +10,7 @@ checkpoint, and every ``snapshot_every`` steps into ``snapshots/``.
 
 import torch
 
-from . import adversarial, distributed, students, teacher_data
+from . import adversarial, distributed, distribution_matching, students, teacher_data
 from .config import output_dir
 from .errors import UserError
 from .trainer import Recipe, Trainer, one_cycle
@@ -33,7 +33,8 @@ class StudentTrainer(Trainer):
     ``start_adversary`` adds ``with_adversary`` to its loss."""
 
     export_name = "student"  # the EMA student is written to <run>/<export_name> at every checkpoint
-    adversary = None  # the distribution-level term (adversarial.AdversarialTerm), when the config asks for it
+    adversary = None  # the teacher-feature / adversarial term (adversarial.AdversarialTerm), when the config asks for it
+    matching = None  # the distribution-matching term (distribution_matching.DistributionMatchingTerm), likewise
 
     def __init__(self, cfg, prefix: str, stage: str):
         self.prefix = prefix
@@ -51,44 +52,61 @@ class StudentTrainer(Trainer):
 
     # --- the distribution-level term (docs/design.md §4)
     def start_adversary(self, teacher=None, alphas_cumprod=None):
-        """Build the term ``lambda_adv`` / ``lambda_feat`` ask for (before ``resume``, which loads its heads); the
-        teacher that made the data is loaded when not given."""
+        """Build the terms ``lambda_adv`` / ``lambda_feat`` and ``lambda_dm`` ask for (before ``resume``, which loads
+        their state); the teacher that made the data is loaded when not given."""
         cfg = self.cfg
-        if cfg["lambda_adv"] == 0 and cfg["lambda_feat"] == 0:
+        if cfg["lambda_adv"] == 0 and cfg["lambda_feat"] == 0 and cfg["lambda_dm"] == 0:
             return
         if teacher is None:
             teacher, ddpm, _ = teacher_data.teacher_of(cfg, self.manifest, "cpu")
             alphas_cumprod = ddpm.alphas_cumprod
         self.adversary = adversarial.AdversarialTerm.from_config(cfg, teacher, alphas_cumprod, self.device, self.amp)
+        self.matching = distribution_matching.DistributionMatchingTerm.from_config(cfg, teacher, alphas_cumprod,
+                                                                                  self.device, self.amp)
         if distributed.is_main():
-            print(f"[{self.recipe.stage}] distribution-level term: {self.adversary.describe()}")
+            for term in (self.adversary, self.matching):
+                if term is not None:
+                    print(f"[{self.recipe.stage}] distribution-level term: {term.describe()}")
 
     def student_inputs(self, batch):
         """What the student runs on this step: the batch's x_T, then the term's extra noise (none without it)."""
         return batch["x_T"] if self.adversary is None else self.adversary.extra_noise(batch["x_T"], self.step)
 
     def with_adversary(self, loss, logged: dict, images, batch, pred=None):
-        """The step's loss and log with the term's part added (unchanged without it). ``images`` are the student's
+        """The step's loss and log with the terms' parts added (unchanged without them). ``images`` are the student's
         images of the batch; ``pred``, its whole prediction, adds the images of the extra noise's rows."""
-        if self.adversary is None:
+        if self.adversary is None and self.matching is None:
             return loss, logged
         n = len(batch["x_T"])
         if pred is not None and len(pred["chunks"]) > n:
             extra = students.readout(self.model, pred["rin"][n:].float() + pred["chunks"][n:].float().sum(dim=1))
             images = torch.cat([images, extra])
-        weighted, parts = self.adversary.student_loss(images, batch["x0"], self.step, loss,
-                                                      students.output_parameters(self.model))
-        return loss + weighted, {**logged, **{f"loss_{k}": v.item() for k, v in parts.items()}}
+        parts, total = {}, loss
+        if self.adversary is not None:
+            weighted, more = self.adversary.student_loss(images, batch["x0"], self.step, loss,
+                                                         students.output_parameters(self.model))
+            total, parts = total + weighted, {**parts, **more}
+        if self.matching is not None:
+            weighted, more = self.matching.student_loss(
+                images, adversarial.ramp_share(self.cfg["adv_ramp_steps"], self.step) * self.cfg["lambda_dm"], self.step)
+            total, parts = total + weighted, {**parts, **more}
+        return total, {**logged, **{f"loss_{k}": v.item() for k, v in parts.items()}}
 
     def after_step(self) -> dict:
-        return self.adversary.update_discriminator() if self.adversary is not None else {}
+        logged = self.adversary.update_discriminator() if self.adversary is not None else {}
+        if self.matching is not None:
+            logged.update(self.matching.after_step(self.step))
+        return logged
 
     def extra_state(self) -> dict:
-        return self.adversary.state_dict() if self.adversary is not None else {}
+        return {**(self.adversary.state_dict() if self.adversary is not None else {}),
+                **(self.matching.state_dict() if self.matching is not None else {})}
 
     def load_extra_state(self, state: dict):
         if self.adversary is not None:
             self.adversary.load_state_dict(state)
+        if self.matching is not None:
+            self.matching.load_state_dict(state)
 
     # --- the loop's hooks
     def make_schedule(self):

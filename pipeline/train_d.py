@@ -8,14 +8,14 @@ start of the heads' linear rin paths. The training machinery (schedule, EMA, res
 stats, data checks) is ``student_trainer.StudentTrainer``; the EMA student is written to ``<run>/student`` at every
 checkpoint.
 """
-from . import adversarial, distributed, run_record, runtime, students, teacher_data
-from .losses import d_losses
+from . import adversarial, distribution_matching, distributed, run_record, runtime, students, teacher_data
+from .losses import LossWeights, d_losses
 from .student_trainer import StudentTrainer, batch_rows
 
 # Keys whose change makes a saved run a different experiment: resuming with other values is refused.
 RUN_KEYS = ("data_dir", "d_init", "d_head_channels", "d_train_steps", "d_batch_size", "d_lr",
             "d_lr_warmup_fraction", "d_weight_decay", "lambda_rin", "lambda_chunks", "lambda_x0",
-            "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed", *adversarial.RUN_KEYS)
+            "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed", *adversarial.RUN_KEYS, *distribution_matching.RUN_KEYS)
 
 
 class DTrainer(StudentTrainer):
@@ -29,6 +29,7 @@ class DTrainer(StudentTrainer):
                   f"chunk groups by decoder depth {self.model.groups}; autocast={self.amp or 'off (fp32)'}; "
                   f"held-out records {self.holdout[0]}..{self.holdout[1] - 1}, training records "
                   f"{self.train_range[0]}..{self.train_range[1] - 1}{self.processes_note()}")
+        self.loss_weights = LossWeights.from_config(cfg)
         self.start_adversary(self.teacher_unet, self.alphas_cumprod)
         self.resume()
 
@@ -51,7 +52,8 @@ class DTrainer(StudentTrainer):
     def loss(self, batch):
         with runtime.autocast(self.amp, self.device):
             pred = self.network(self.student_inputs(batch))
-        loss, parts, per_chunk, images = d_losses(self.model, batch_rows(pred, len(batch["x_T"])), batch, self.cfg)
+        loss, parts, per_chunk, images = d_losses(self.model, batch_rows(pred, len(batch["x_T"])), batch,
+                                                    self.loss_weights)
         logged = {**{f"loss_{k}": v.item() for k, v in parts.items()}, "chunk_losses": per_chunk.tolist()}
         return self.with_adversary(loss, logged, images, batch, pred)
 
