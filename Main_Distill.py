@@ -70,8 +70,8 @@ def check_all(cfg):
     """--mode all runs its stages in turn (cli.main, each as its own processes where ``procs`` says so) and each
     resumes, so rerunning after an interruption continues; binarize's key needs D's layer names, so it is refused
     here, before generate."""
-    from pipeline import student_b
-    student_b.check_before_training(cfg)
+    from pipeline import binarize
+    binarize.check_before_training(cfg)
 
 
 def generate_plan(cfg):

@@ -8,7 +8,6 @@
 Usage: .venv/bin/python benchmarks/generate_benchmark.py [--samples 64] [--config fashion_mnist] [key=value ...]
 """
 import argparse
-import io
 import json
 import os
 import platform
@@ -18,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import zstandard
 
 from pipeline import runtime, store

@@ -17,17 +17,18 @@ exported bit-packed to ``<b_run_dir>/packed`` at every checkpoint, beside the la
 """
 import torch
 
-from . import adversarial, binary, distributed, packed, run_record, runtime, student_b, students, teacher_data
+from . import (adversarial, binary, distributed, distribution_matching, packed, run_record, runtime, student_b, students,
+               teacher_data)
 from .d_outputs import DOutputs
 from .errors import UserError
 from .feature_losses import FeatureTaps, LowRankBases, spd_loss
-from .losses import d_losses
+from .losses import LossWeights, d_losses
 from .student_trainer import StudentTrainer, batch_rows, data_fingerprint
 
 RUN_KEYS = ("data_dir", "b_train_steps", "b_batch_size", "b_lr", "b_lr_warmup_fraction", "b_weight_decay",
             "lambda_rin", "lambda_chunks", "lambda_x0", "lambda_d_outputs", "lambda_spd", "lambda_lrm",
             "b_progressive_every", "holdout_samples", "train_samples", "ema_decay", "grad_clip", "seed",
-            *adversarial.RUN_KEYS, *packed.BINARIZATION_KEYS)
+            *adversarial.RUN_KEYS, *distribution_matching.RUN_KEYS, *packed.BINARIZATION_KEYS)
 EVERYTHING = 10 ** 9  # a step after every progressive ring
 
 
@@ -51,6 +52,22 @@ def load_d(cfg, manifest):
     return d, folder
 
 
+def check_before_training(cfg) -> None:
+    """The b_full_precision check of a command that trains D first (--mode all), where the teacher is local: refused
+    before generate and train_d are spent on a D that B could not binarize."""
+    from .teachers import local_config
+    teacher_config = local_config(cfg)
+    if teacher_config is None:
+        return
+    channels, latent = teacher_config["in_channels"], cfg["space"] == "latent"
+    backbone = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        d = students.StudentD(backbone, chunks=cfg["chunks"], image_channels=channels,
+                              latent_channels=backbone["block_out_channels"][0] if latent else channels,
+                              space=cfg["space"], timestep=0, head_channels=cfg["d_head_channels"])
+        student_b.check_patterns_leave_binary_layers(student_b.Binarization.from_config(cfg), d)
+
+
 class BTrainer(StudentTrainer):
     run_keys = RUN_KEYS
     export_name = "packed"
@@ -71,6 +88,7 @@ class BTrainer(StudentTrainer):
                   + (f"progressive rings every {cfg['b_progressive_every']} steps; " if cfg["b_progressive_every"]
                      else "all layers binary from step 0; ")
                   + f"autocast={self.amp or 'off (fp32)'}")
+        self.loss_weights = LossWeights.from_config(cfg)
         self.start_adversary()  # the teacher that made the data is loaded only for it
         self.resume()
 
@@ -81,7 +99,7 @@ class BTrainer(StudentTrainer):
         self.b_config = packed.b_config(self.d.config, self.cfg)
         model = students.StudentD.from_config(self.d.config)
         model.load_state_dict(self.d.state_dict())
-        self.table = student_b.to_binary(model, self.cfg)
+        self.table = student_b.to_binary(model, student_b.Binarization.from_config(self.cfg))
         student_b.start_scales(model)
         self.binary_layers = [layer for _, layer in student_b.binary_layers(model)]
         return model
@@ -148,13 +166,13 @@ class BTrainer(StudentTrainer):
             pred_all = self.network(self.student_inputs(batch))
         feats_b = {name: f[:n] for name, f in self.taps_b.take().items()}  # D's features exist for the batch only
         pred_b = batch_rows(pred_all, n)
-        total, parts, per_chunk, images = d_losses(self.model, pred_b, batch, cfg)
+        total, parts, per_chunk, images = d_losses(self.model, pred_b, batch, self.loss_weights)
         logged = {f"loss_{k}": v.item() for k, v in parts.items()}
         if cfg["lambda_d_outputs"]:
             z_d = pred_d["rin"].float() + pred_d["chunks"].float().sum(dim=1)
             from_d = {"chunks": pred_d["chunks"].float(), "x0": students.readout(self.d, z_d),
                       "rin0": pred_d["rin"].float()}
-            vs_d, parts_d, _, _ = d_losses(self.model, pred_b, from_d, cfg)
+            vs_d, parts_d, _, _ = d_losses(self.model, pred_b, from_d, self.loss_weights)
             total = total + cfg["lambda_d_outputs"] * vs_d
             logged.update({f"loss_{k}_vs_d": v.item() for k, v in parts_d.items()})
         if cfg["lambda_spd"]:

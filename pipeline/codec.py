@@ -80,6 +80,18 @@ class ReferenceCodec:
         self.percentile, self.zstd_level = percentile, zstd_level
         self.name = f"{REFERENCE_PREFIX}{percentile:g}+zstd"
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg["percentile"], zstd_level(cfg, cls))
+
+    @staticmethod
+    def reads(name: str, version) -> bool:
+        return name.startswith(REFERENCE_PREFIX) and name.endswith("+zstd") and version <= ReferenceCodec.version
+
+    @classmethod
+    def from_manifest(cls, described: dict, where):
+        return cls(described.get("percentile", 99.5), described.get("zstd_level", 10))
+
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version,
                 "quantizer": "per-channel symmetric int8, zero point 0, clip at the percentile of |x|, float16 scales",
@@ -114,6 +126,22 @@ class FeedbackCodec:
     def __init__(self, step: float, x_T: str, percentile: float, zstd_level: int, version: int = None):
         self.step, self.x_T, self.percentile, self.zstd_level = step, x_T, percentile, zstd_level
         self.version = self.VERSION if version is None else version
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg["codec_step"], cfg["codec_x_T"], cfg["percentile"], zstd_level(cfg, cls))
+
+    @staticmethod
+    def reads(name: str, version) -> bool:
+        return name == FEEDBACK and version <= FeedbackCodec.VERSION
+
+    @classmethod
+    def from_manifest(cls, described: dict, where):
+        step, x_T, percentile = described.get("step"), described.get("x_T"), described.get("percentile")
+        if not (isinstance(step, (int, float)) and step > 0 and x_T in X_T_MODES and isinstance(percentile, (int, float))):
+            raise UserError(f"{where} describes codec {FEEDBACK} without a positive step, an x_T mode "
+                            f"({' or '.join(X_T_MODES)}) and a percentile; restore the manifest or regenerate the data")
+        return cls(step, x_T, percentile, described.get("zstd_level", 10), described.get("version", 1))
 
     @property
     def stores_image_levels(self) -> bool:
@@ -256,29 +284,26 @@ def zstd_level(cfg, codec_class) -> int:
     return cfg["zstd_level"] or codec_class.DEFAULT_LEVEL
 
 
+# The codec key's values (config_keys' choices for `codec`; a test keeps the two equal) and the class each one
+# writes with; a manifest's codec is the first class that ``reads`` its name and version. A new codec is a class
+# with ``from_config``, ``reads``, ``from_manifest``, ``encode``, ``pack`` and ``unpack``, and a line here.
+CODECS = {"ef-int8": FeedbackCodec, "int8-p99.5": ReferenceCodec, "int8+zstd": ReferenceCodec}
+
+
 def from_config(cfg):
     """The codec that ``generate`` writes with."""
-    if cfg["codec"] == "ef-int8":
-        return FeedbackCodec(cfg["codec_step"], cfg["codec_x_T"], cfg["percentile"], zstd_level(cfg, FeedbackCodec))
-    return ReferenceCodec(cfg["percentile"], zstd_level(cfg, ReferenceCodec))
+    return CODECS[cfg["codec"]].from_config(cfg)
 
 
 def from_manifest(described: dict, where) -> object:
     """The codec a manifest names; one sentence where this tool does not know it."""
     name, version = described.get("name"), described.get("version", 1)
-    known = {FEEDBACK: FeedbackCodec.VERSION}.get(name, ReferenceCodec.version)
-    if not isinstance(version, int) or version > known or not isinstance(name, str) or not (
-            name == FEEDBACK or (name.startswith(REFERENCE_PREFIX) and name.endswith("+zstd"))):
+    reader = next((c for c in dict.fromkeys(CODECS.values())
+                   if isinstance(name, str) and isinstance(version, int) and c.reads(name, version)), None)
+    if reader is None:
         raise UserError(f"{where} names codec {name!r} version {version}, which this tool does not read; update the "
                         f"tool or regenerate the data")
-    level = described.get("zstd_level", 10)
-    if name != FEEDBACK:
-        return ReferenceCodec(described.get("percentile", 99.5), level)
-    step, x_T, percentile = described.get("step"), described.get("x_T"), described.get("percentile")
-    if not (isinstance(step, (int, float)) and step > 0 and x_T in X_T_MODES and isinstance(percentile, (int, float))):
-        raise UserError(f"{where} describes codec {FEEDBACK} without a positive step, an x_T mode "
-                        f"({' or '.join(X_T_MODES)}) and a percentile; restore the manifest or regenerate the data")
-    return FeedbackCodec(step, x_T, percentile, level, version)
+    return reader.from_manifest(described, where)
 
 
 class ErrorTally:

@@ -12,6 +12,8 @@ It weighs large errors linearly instead of quadratically, so a few hard records 
 space rin is x_T itself, so its term is absent. The x0 term compares the unclamped readout, so that it
 keeps a gradient where the prediction leaves [-1, 1]. The logged per-chunk losses are MSE whatever the metric.
 """
+import dataclasses
+
 import torch
 
 from .students import readout
@@ -27,18 +29,31 @@ def distance(pred, target, metric: str, item_dims: tuple) -> torch.Tensor:
     return (torch.sqrt(mean_square + PSEUDO_HUBER_C ** 2) - PSEUDO_HUBER_C).mean()
 
 
-def d_losses(student, pred: dict, batch: dict, cfg):
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """The output losses' distance (``loss_metric``) and weights (``lambda_chunks``, ``lambda_x0``, ``lambda_rin``)."""
+    metric: str
+    chunks: float
+    x0: float
+    rin: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossWeights":
+        return cls(cfg["loss_metric"], cfg["lambda_chunks"], cfg["lambda_x0"], cfg["lambda_rin"])
+
+
+def d_losses(student, pred: dict, batch: dict, weights: LossWeights):
     """(total loss, {name: scalar tensor}, per-chunk MSE [chunks], the unclamped one-step images) for one batch."""
-    metric = cfg["loss_metric"]
+    metric = weights.metric
     chunks = pred["chunks"].float()
     per_chunk = (chunks - batch["chunks"]).pow(2).mean(dim=(0, 2, 3, 4))
     images = readout(student, pred["rin"].float() + chunks.sum(dim=1))
     parts = {"chunks": distance(chunks, batch["chunks"], metric, (2, 3, 4)),
              "x0": distance(images, batch["x0"], metric, (1, 2, 3))}
-    total = cfg["lambda_chunks"] * parts["chunks"] + cfg["lambda_x0"] * parts["x0"]
+    total = weights.chunks * parts["chunks"] + weights.x0 * parts["x0"]
     if student.predicts_rin:
         if pred["rin"].shape != batch["rin0"].shape:  # a wrong target would broadcast silently
             raise ValueError(f"rin {list(pred['rin'].shape)} and its target {list(batch['rin0'].shape)} differ")
         parts["rin"] = distance(pred["rin"].float(), batch["rin0"], metric, (1, 2, 3))
-        total = total + cfg["lambda_rin"] * parts["rin"]
+        total = total + weights.rin * parts["rin"]
     return total, parts, per_chunk.detach(), images

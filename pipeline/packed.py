@@ -56,7 +56,7 @@ def packed_folder(cfg) -> Path:
 def build_b(config: dict):
     """An untrained B of this config (D's architecture, folded and binarized)."""
     model = students.StudentD.from_config(config["student"])
-    student_b.to_binary(model, config["binarization"])
+    student_b.to_binary(model, student_b.Binarization.from_config(config["binarization"]))
     return model
 
 

@@ -15,6 +15,7 @@ mid block, ring i the i-th down block from the bottom together with the i-th up 
 bottom, and the last ring everything else (the readout heads). Ring r becomes binary at step
 r * ``b_progressive_every`` (0 = all at once).
 """
+import dataclasses
 import fnmatch
 import re
 
@@ -24,8 +25,21 @@ from . import binary
 from .errors import UserError
 
 
-def full_precision_patterns(cfg):
-    return [p.strip() for p in cfg["b_full_precision"].split(",") if p.strip()]
+@dataclasses.dataclass(frozen=True)
+class Binarization:
+    """What makes B from D: the layers kept in full precision (fnmatch patterns), LMB's two bases and where, centred
+    signs, binary activations. Made from the ``b_*`` keys of a config or of a packed B's stored config."""
+    full_precision: tuple
+    lmb: bool
+    lmb_min_size: float
+    centre: bool
+    binary_activations: bool
+
+    @classmethod
+    def from_config(cls, cfg) -> "Binarization":
+        patterns = tuple(p.strip() for p in cfg["b_full_precision"].split(",") if p.strip())
+        return cls(patterns, bool(cfg["b_lmb"]), float(cfg["b_lmb_min_size"]), bool(cfg["b_centre"]),
+                   cfg["b_activations"] == "binary")
 
 
 def _input_sizes(model, image_shape):
@@ -105,20 +119,20 @@ def _replace(model, name, new):
     setattr(parent, child, new)
 
 
-def weight_binarizer(cfg, input_size: int, image_size: int) -> str:
+def weight_binarizer(settings: Binarization, input_size: int, image_size: int) -> str:
     """The binarizer of a layer whose input is ``input_size`` pixels wide: LMB's two bases where the
     feature maps are large (``b_lmb``, ``b_lmb_min_size``), one basis elsewhere."""
-    return "lmb2" if cfg["b_lmb"] and input_size >= cfg["b_lmb_min_size"] * image_size else "scaled_sign"
+    return "lmb2" if settings.lmb and input_size >= settings.lmb_min_size * image_size else "scaled_sign"
 
 
-def to_binary(model, cfg):
+def to_binary(model, settings: Binarization):
     """Turn D (in place) into B; returns the layer table [{name, kind, parameters, bits, ring}]."""
     fold_time_embedding(model)
-    patterns = full_precision_patterns(cfg)
+    patterns = settings.full_precision
     image_shape = [model.config["image_channels"], model.unet.config.sample_size, model.unet.config.sample_size]
     sizes = _input_sizes(model, image_shape)
     levels = len(model.unet.up_blocks)
-    w1a1 = cfg["b_activations"] == "binary"
+    w1a1 = settings.binary_activations
     table = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
@@ -132,11 +146,11 @@ def to_binary(model, cfg):
         if _kept_by(name, patterns):
             table.append({"name": name, "kind": "full precision", "parameters": params, "bits": 32, "ring": None})
             continue
-        binarizer = weight_binarizer(cfg, sizes[name], image_shape[-1])
+        binarizer = weight_binarizer(settings, sizes[name], image_shape[-1])
         if isinstance(module, torch.nn.Conv2d):
-            new = binary.BinaryConv2d.from_conv(module, binarizer, cfg["b_centre"], w1a1)
+            new = binary.BinaryConv2d.from_conv(module, binarizer, settings.centre, w1a1)
         else:
-            new = binary.BinaryLinear.from_linear(module, binarizer, cfg["b_centre"], w1a1)
+            new = binary.BinaryLinear.from_linear(module, binarizer, settings.centre, w1a1)
         _replace(model, name, new)
         table.append({"name": name, "kind": f"binary, {new.binarizer.label}", "parameters": params,
                       "bits": new.basis, "ring": ring_of(name, levels)})
@@ -153,30 +167,13 @@ def _nothing_to_binarize() -> UserError:
     return UserError("b_full_precision keeps every layer in full precision; name fewer layers")
 
 
-def check_before_training(cfg) -> None:
-    """The b_full_precision check of a command that trains D first (--mode all), where the teacher is local."""
-    from .teachers import local_config
-    teacher_config = local_config(cfg)
-    if teacher_config is not None:
-        check_patterns_leave_binary_layers(cfg, teacher_config)
-
-
-def check_patterns_leave_binary_layers(cfg, teacher_config: dict) -> None:
-    """Refuse a ``b_full_precision`` that would keep every layer of the D made from this teacher in full
-    precision, before --mode all spends generate and train_d on it. D is built on the meta device (layer
-    names, no memory); its frozen latent x0 head is left out, as B keeps it in full precision anyway."""
-    from .students import StudentD
-    channels = teacher_config["in_channels"]
-    latent = cfg["space"] == "latent"
-    backbone = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = StudentD(backbone, chunks=cfg["chunks"], image_channels=channels,
-                         latent_channels=backbone["block_out_channels"][0] if latent else channels,
-                         space=cfg["space"], timestep=0, head_channels=cfg["d_head_channels"])
-        fold_time_embedding(model)
-    patterns = full_precision_patterns(cfg)
-    names = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))]
-    if all(_kept_by(name, patterns) for name in names):
+def check_patterns_leave_binary_layers(settings: Binarization, d) -> None:
+    """Refuse ``b_full_precision`` patterns that would keep every layer of this D (built on the meta device: layer
+    names, no memory) in full precision; its frozen latent x0 head is left out, as B keeps it in full precision
+    anyway."""
+    fold_time_embedding(d)
+    names = [name for name, module in d.named_modules() if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))]
+    if all(_kept_by(name, settings.full_precision) for name in names):
         raise _nothing_to_binarize()
 
 

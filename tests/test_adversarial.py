@@ -66,7 +66,7 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_output_layer():
 
 @pytest.mark.parametrize("metric", ["mse", "pseudo_huber"])
 def test_output_losses_match_their_numpy_formulas(metric):
-    from pipeline.losses import PSEUDO_HUBER_C, d_losses
+    from pipeline.losses import LossWeights, PSEUDO_HUBER_C, d_losses
     rng = np.random.default_rng(1)
     pred = {"rin": torch.from_numpy(rng.standard_normal((3, 1, 8, 8)).astype(np.float32)),
             "chunks": torch.from_numpy(0.1 * rng.standard_normal((3, 4, 1, 8, 8)).astype(np.float32))}
@@ -76,8 +76,8 @@ def test_output_losses_match_their_numpy_formulas(metric):
                                      down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2,
                                      layers_per_block=1, norm_num_groups=4), chunks=4, image_channels=1,
                                 latent_channels=1, space="pixel", timestep=9, head_channels=4)
-    cfg = {"loss_metric": metric, "lambda_chunks": 1.0, "lambda_x0": 0.1, "lambda_rin": 1.0}
-    total, parts, _, images = d_losses(student, pred, batch, cfg)
+    weights = LossWeights(metric, chunks=1.0, x0=0.1, rin=1.0)
+    total, parts, _, images = d_losses(student, pred, batch, weights)
 
     def dist(a, b, axes):
         ms = ((a - b) ** 2).mean(axis=axes)

@@ -125,7 +125,7 @@ def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its
     from pipeline import config, student_b
     cfg = config.resolve("tiny")
     model = small_student()
-    table = student_b.to_binary(model, cfg)
+    table = student_b.to_binary(model, student_b.Binarization.from_config(cfg))
     kept = {row["name"] for row in table if row["ring"] is None}
     assert "unet.conv_in" in kept and "heads.0.out" in kept
     assert isinstance(model.unet.mid_block.resnets[0].time_emb_proj, student_b.ConstantVector)
@@ -139,7 +139,7 @@ def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its
     out = model(x)["chunks"]
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     again = small_student()
-    student_b.to_binary(again, cfg)
+    student_b.to_binary(again, student_b.Binarization.from_config(cfg))
     again.load_state_dict(trained)
     assert torch.equal(again(x)["chunks"], out)  # the learned scales are not re-initialised on reload
 
@@ -147,7 +147,7 @@ def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its
 def test_progressive_binarization_goes_from_the_middle_outwards():
     from pipeline import config, student_b
     model = small_student()
-    student_b.to_binary(model, config.resolve("tiny"))
+    student_b.to_binary(model, student_b.Binarization.from_config(config.resolve("tiny")))
     order = []
     for step in range(0, 500, 100):
         student_b.set_progress(model, step, every=100)

@@ -281,3 +281,9 @@ def test_a_manifest_whose_record_lacks_the_chunks_is_refused(ef_data, tmp_path):
     _rewrite_manifest(folder, lambda m: m["record"].pop("r_chunks_q"))
     with pytest.raises(UserError, match="is not a readable teacher-data manifest"):
         store.Manifest.load(folder)
+
+
+def test_the_codec_key_offers_exactly_the_registered_codecs():
+    from pipeline.config_keys import KEYS
+    assert KEYS["codec"].choices == tuple(codecs.CODECS)
+    assert all(f"{name} " in KEYS["codec"].help for name in codecs.CODECS)  # and its help names each of them

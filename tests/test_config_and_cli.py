@@ -160,8 +160,8 @@ def test_late_keys_of_all_are_refused_before_generate_starts(tmp_path, small_tea
 
 
 def test_patterns_that_leave_a_binary_layer_pass_the_early_check(tiny_cfg):
-    from pipeline import student_b
-    student_b.check_before_training(tiny_cfg(b_full_precision="unet.*"))  # the heads stay binary
+    from pipeline import binarize
+    binarize.check_before_training(tiny_cfg(b_full_precision="unet.*"))  # the heads stay binary
 
 
 def test_overrides_may_follow_dry_run(tmp_path, small_teacher, capsys):

@@ -14,7 +14,7 @@ from conftest import small_student
 def trained_b(request):
     cfg = config.resolve("tiny", [f"b_activations={request.param}", "b_centre=true"])
     model = small_student()
-    table = student_b.to_binary(model, cfg)
+    table = student_b.to_binary(model, student_b.Binarization.from_config(cfg))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(4, 1, 16, 16)
     for _ in range(3):  # move real-valued weights and scales away from their start

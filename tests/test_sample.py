@@ -39,7 +39,7 @@ def made(tmp_path_factory, small_teacher):
     students.save_student(d, root / "d")
     b = students.StudentD.from_config(d.config)
     b.load_state_dict(d.state_dict())
-    student_b.to_binary(b, cfg)
+    student_b.to_binary(b, student_b.Binarization.from_config(cfg))
     student_b.start_scales(b)
     packed.export_packed(b.eval(), packed.b_config(d.config, cfg), root / "b")
     return root, _records_x_T(root / "data")
