@@ -98,12 +98,12 @@ def test_latent_generate_refuses_what_does_not_fit(small_teacher, rnet_folder, t
     assert not (data / store.MANIFEST).exists()
 
 
-def test_d_and_b_train_and_evaluate_on_latent_data(small_teacher, rnet_folder, tmp_path):
-    from conftest import cli_args, tiny_items
+def test_d_and_b_train_and_evaluate_on_latent_data(small_teacher, rnet_folder, tmp_path, capsys):
+    from conftest import cli_args, run_distill_in_process, tiny_items
     items = tiny_items(small_teacher, tmp_path, rnet_path=rnet_folder, space="latent", steps=RING_STEPS,
                        chunks=CHUNKS)
-    for mode in ("generate", "train_d", "binarize", "eval_d"):
-        result = run_cli("Main_Distill.py", "--mode", mode, *cli_args(items))
+    for mode in ("generate", "train_d", "binarize", "eval_d"):  # the command line's front end, in this process
+        result = run_distill_in_process(capsys, "--mode", mode, *cli_args(items))
         assert result.returncode == 0, (mode, result.stderr[-2000:])
     d = students.load_student(tmp_path / "d" / "student")
     assert d.config["space"] == "latent" and d.config["x0out"]["width"] == LATENT
@@ -116,8 +116,8 @@ def test_d_and_b_train_and_evaluate_on_latent_data(small_teacher, rnet_folder, t
     assert report["scores"]["d"]["fid"] > 0 and report["scores"]["b"]["fid"] > 0
     assert report["throughput"]["d"]["speedup"] > 0 and report["teacher_sampler"].startswith("ring")
     for student in ("d", "b"):  # one-step samples read out through X0out, from D and from the packed B
-        result = run_cli("Main_Distill.py", "--mode", "sample", *cli_args(items), f"sample_student={student}",
-                         "sample_count=2", f"student_samples_dir={tmp_path / student}")
+        result = run_distill_in_process(capsys, "--mode", "sample", *cli_args(items), f"sample_student={student}",
+                                        "sample_count=2", f"student_samples_dir={tmp_path / student}")
         assert result.returncode == 0, result.stderr[-2000:]
         assert (tmp_path / student / "grid.png").is_file()
     x0out_parameters = sum(p.numel() for p in net.x0out.parameters())

@@ -12,7 +12,8 @@ import zstandard
 from pipeline import atomic, config, generate, reference_layout, store, verify
 from pipeline.errors import UserError
 
-from conftest import assert_one_sentence_error, npz_with_absurd_header, read_folder, read_records, run_cli
+from conftest import (assert_one_sentence_error, npz_with_absurd_header, read_folder, read_records, run_cli,
+                      run_distill_in_process)
 
 KEYS = ("x_T_f16", "x0_teacher_f16", "rin0_q", "rin0_scale_f16", "r_chunks_q", "r_chunks_scale_f16", "T", "chunk_size")
 
@@ -127,30 +128,37 @@ def test_interrupted_export_is_not_a_dataset_and_rerunning_finishes_it(exported,
     assert len(list(ref.glob("sample_*.zst"))) == 12 and not partial.exists()
 
 
-def test_imported_data_trains_once_its_teacher_is_named(exported, small_teacher, tmp_path):
+def test_imported_data_trains_once_its_teacher_is_named(exported, small_teacher, tmp_path, capsys):
     _, folder, ref = exported
+
+    def cli(*args):  # the command line's front end, in this process: five stages without five interpreters
+        return run_distill_in_process(capsys, *args)
+
+    def import_into(data, *extra):
+        return cli("--mode", "import", "--config", "tiny", f"reference_dir={ref}", f"data_dir={data}", "shard_size=2",
+                   *extra)
     train = ["--mode", "train_d", "--config", "tiny", f"teacher_path={small_teacher}", "d_train_steps=2",
              "d_checkpoint_every=2", "data_workers=0"]
     unnamed = tmp_path / "unnamed"
-    assert _import(ref, unnamed).returncode == 0
-    refused = run_cli("Main_Distill.py", *train, f"data_dir={unnamed}", f"d_run_dir={tmp_path / 'run0'}")
+    assert import_into(unnamed).returncode == 0
+    refused = cli(*train, f"data_dir={unnamed}", f"d_run_dir={tmp_path / 'run0'}")
     assert_one_sentence_error(refused, str(unnamed), "without naming the teacher", "import_teacher=")
     named = tmp_path / "named"
-    result = _import(ref, named, f"import_teacher={small_teacher}")
+    result = import_into(named, f"import_teacher={small_teacher}")
     assert result.returncode == 0, result.stderr
     made, imported = (json.loads((f / "manifest.json").read_text())["generator"] for f in (folder, named))
     for key in ("teacher_sha256", "space", "chunks", "T", "chunk_size", "image_shape", "latent_channels", "scheduler"):
         assert imported[key] == made[key], key
     assert imported["teacher"] == str(small_teacher) and imported["steps"] is None
-    trained = run_cli("Main_Distill.py", *train, f"data_dir={named}", f"d_run_dir={tmp_path / 'run'}")
+    trained = cli(*train, f"data_dir={named}", f"d_run_dir={tmp_path / 'run'}")
     assert trained.returncode == 0, trained.stderr
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
     # the later stages too: binarize from that D, and eval_d, which times the teacher with the config's steps
     later = [f"data_dir={named}", f"d_run_dir={tmp_path / 'run'}", f"b_run_dir={tmp_path / 'b'}", "b_train_steps=2",
              "b_checkpoint_every=2", f"eval_dir={tmp_path / 'eval'}", f"fid_cache_dir={tmp_path / 'fid'}"]
-    binarized = run_cli("Main_Distill.py", "--mode", "binarize", *train[2:], *later)
+    binarized = cli("--mode", "binarize", *train[2:], *later)
     assert binarized.returncode == 0, binarized.stderr
-    evaluated = run_cli("Main_Distill.py", "--mode", "eval_d", *train[2:], *later)
+    evaluated = cli("--mode", "eval_d", *train[2:], *later)
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["teacher_sampler"].startswith("DDIM eta=0, 10 steps (the config's")
