@@ -13,11 +13,12 @@ and the difference points from the one towards the other.
     x0_real, x0_fake = the teacher's and the fake denoiser's x0 estimates of x_t    (no gradient)
     g = (x0_fake - x0_real) / mean |x - x0_real|                                    (per image, DMD's normalisation)
     L_dm = 0.5 MSE(x, sg(x - g))                          so that dL_dm/dx = g / numel: the student follows -g
-    L_fake = MSE(fake(x_t', t'), eps')  on sg(x), t' drawn as t                     (the fake denoiser's, after each step)
+    L_fake = MSE(fake(x_t', t'), eps')  on sg(x), t' drawn as t       (the fake denoiser's loss, after each step)
 
-The fake denoiser starts as a copy of the teacher and learns only at the noise levels where it is asked; it and its optimizer live in the run's checkpoint,
-never in the exported student. Both run in eval mode (no dropout), so a step is a function of its draws,
-which come from a generator seeded by (seed, rank, step): a resumed run sees what an uninterrupted one would.
+The fake denoiser starts as a copy of the teacher and learns only at the noise levels where it is asked; it and its
+optimizer live in the run's checkpoint, never in the exported student. Both run in eval mode (no dropout), so a step
+is a function of its draws, which come from a generator seeded by (seed, rank, step): a resumed run sees what an
+uninterrupted one would.
 """
 import copy
 
