@@ -172,22 +172,28 @@ def _fixed_batches(trainer):
     return stream()
 
 
-def test_resume_after_an_interrupt_is_bit_identical(small_teacher, tiny_data, tmp_path, monkeypatch):
+def straight_and_resumed(make_cfg, tmp_path, monkeypatch, **cfg):
+    """The last checkpoints of a run made straight through and of the same run interrupted after step 3 and resumed
+    (batch k a function of k alone)."""
     monkeypatch.setattr(DTrainer, "batches", _fixed_batches)
-    cfg = dict(d_train_steps=6, d_checkpoint_every=2)
-    DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "straight", **cfg)).run()
+    DTrainer(make_cfg(tmp_path / "straight", **cfg)).run()
 
     def stop_at_3(trainer):
         if trainer.step == 3:
             raise KeyboardInterrupt  # what cli.main turns SIGTERM into
     monkeypatch.setattr(DTrainer, "periodic", stop_at_3)
     with pytest.raises(KeyboardInterrupt):
-        DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "resumed", **cfg)).run()
+        DTrainer(make_cfg(tmp_path / "resumed", **cfg)).run()
     monkeypatch.undo()
     monkeypatch.setattr(DTrainer, "batches", _fixed_batches)
     assert torch.load(tmp_path / "resumed" / checkpoint.LATEST, weights_only=True)["step"] == 3
-    DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "resumed", **cfg)).run()
-    a, b = (torch.load(tmp_path / r / checkpoint.LATEST, weights_only=True) for r in ("straight", "resumed"))
+    DTrainer(make_cfg(tmp_path / "resumed", **cfg)).run()
+    return tuple(torch.load(tmp_path / r / checkpoint.LATEST, weights_only=True) for r in ("straight", "resumed"))
+
+
+def test_resume_after_an_interrupt_is_bit_identical(small_teacher, tiny_data, tmp_path, monkeypatch):
+    a, b = straight_and_resumed(lambda run, **cfg: _cfg(small_teacher, tiny_data, run, **cfg), tmp_path, monkeypatch,
+                                d_train_steps=6, d_checkpoint_every=2)
     for part in ("model", "adversary_heads"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
@@ -203,6 +209,12 @@ def test_resume_after_an_interrupt_is_bit_identical(small_teacher, tiny_data, tm
     ("adv_ramp_steps", "-1", "'adv_ramp_steps' must be zero or positive"),
     ("loss_metric", "l1", "'loss_metric'"),
     ("feat_metric", "lpips", "'feat_metric'"),
+    ("lambda_dm", "-1", "'lambda_dm' must be zero or positive"),
+    ("dm_lr", "0", "'dm_lr' must be positive"),
+    ("dm_t_min", "1.5", "'dm_t_min' must be within [0, 1]"),
+    ("dm_t_max", "nan", "'dm_t_max' must be within [0, 1]"),
+    ("dm_fake_updates", "0", "'dm_fake_updates' must be positive"),
+    ("dm_batch_size", "-4", "'dm_batch_size' must be zero or positive"),
 ])
 def test_each_new_key_is_refused_with_one_sentence(capsys, small_teacher, tiny_data, tmp_path, key, value, fragment):
     args = cli_args({"teacher_path": small_teacher, "data_dir": tiny_data, "d_run_dir": tmp_path / "run"})

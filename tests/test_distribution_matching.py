@@ -1,5 +1,6 @@
 """Distribution matching (DMD): its direction and loss against NumPy, its gradient, the fake denoiser's training,
-its state in the checkpoint only, an exact resume and refused keys."""
+its state in the checkpoint only, an exact resume and a refused noise range (each key's own refusal is in
+test_adversarial's table of the distribution-level keys)."""
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from pipeline import checkpoint, distribution_matching as dm, generate, students
 from pipeline.train_d import DTrainer
 
 from conftest import assert_one_sentence_error, cli_args, run_distill_in_process, tiny_config
-from test_adversarial import _fixed_batches
+from test_adversarial import straight_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -85,37 +86,10 @@ def test_a_share_of_the_batch_is_all_the_term_reads(small_teacher, tiny_data, tm
 
 
 def test_resume_after_an_interrupt_is_bit_identical(small_teacher, tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(DTrainer, "batches", _fixed_batches)
-    cfg = dict(d_train_steps=4, d_checkpoint_every=2, lambda_feat=0.5)
-    DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "straight", **cfg)).run()
-
-    def stop_at_3(trainer):
-        if trainer.step == 3:
-            raise KeyboardInterrupt  # what cli.main turns SIGTERM into
-    monkeypatch.setattr(DTrainer, "periodic", stop_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "resumed", **cfg)).run()
-    monkeypatch.undo()
-    monkeypatch.setattr(DTrainer, "batches", _fixed_batches)
-    DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "resumed", **cfg)).run()
-    a, b = (torch.load(tmp_path / r / checkpoint.LATEST, weights_only=True) for r in ("straight", "resumed"))
+    a, b = straight_and_resumed(lambda run, **cfg: _cfg(small_teacher, tiny_data, run, **cfg), tmp_path, monkeypatch,
+                                d_train_steps=4, d_checkpoint_every=2, lambda_feat=0.5)
     for part in ("model", "fake_denoiser"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-
-
-@pytest.mark.parametrize("key, value, fragment", [
-    ("lambda_dm", "-1", "'lambda_dm' must be zero or positive"),
-    ("dm_lr", "0", "'dm_lr' must be positive"),
-    ("dm_t_min", "1.5", "'dm_t_min' must be within [0, 1]"),
-    ("dm_t_max", "nan", "'dm_t_max' must be within [0, 1]"),
-    ("dm_fake_updates", "0", "'dm_fake_updates' must be positive"),
-    ("dm_batch_size", "-4", "'dm_batch_size' must be zero or positive"),
-])
-def test_each_new_key_is_refused_with_one_sentence(capsys, small_teacher, tiny_data, tmp_path, key, value, fragment):
-    args = cli_args({"teacher_path": small_teacher, "data_dir": tiny_data, "d_run_dir": tmp_path / "run"})
-    result = run_distill_in_process(capsys, "--mode", "train_d", *args, f"{key}={value}")
-    assert_one_sentence_error(result, fragment)
-    assert not (tmp_path / "run").exists()
 
 
 def test_a_reversed_noise_range_is_refused_with_one_sentence(capsys, small_teacher, tiny_data, tmp_path):
