@@ -80,6 +80,9 @@ class DistributionMatchingTerm:
     def _generator(self, step: int, stream: int) -> torch.Generator:
         return step_generator(self.cfg["seed"] + 7919 * distributed.rank(), step, stream)
 
+    def _noise_levels(self, count: int, g) -> torch.Tensor:
+        return torch.randint(self.t_range[0], self.t_range[1] + 1, (count,), generator=g).to(self.device)
+
     def _noised(self, x, t, g):
         eps = torch.randn(x.shape, generator=g).to(self.device)
         abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -96,7 +99,7 @@ class DistributionMatchingTerm:
         ``lambda_dm`` times the shared ramp."""
         g = self._generator(step, 0xD3D)
         x = images[:self._rows(len(images))].float()
-        t = torch.randint(self.t_range[0], self.t_range[1] + 1, (len(x),), generator=g).to(self.device)
+        t = self._noise_levels(len(x), g)
         x_t, _, abar = self._noised(x.detach(), t, g)
         with torch.no_grad():
             x0_real = x0_estimate(self.real, x_t, t, abar, self.amp, self.device)
@@ -114,7 +117,7 @@ class DistributionMatchingTerm:
         g = self._generator(step, 0xFA4E)
         losses = []
         for _ in range(self.cfg["dm_fake_updates"]):
-            t = torch.randint(self.t_range[0], self.t_range[1] + 1, (len(x),), generator=g).to(self.device)
+            t = self._noise_levels(len(x), g)
             x_t, eps, _ = self._noised(x, t, g)
             with runtime.autocast(self.amp, self.device):
                 pred = self.fake(x_t, t).sample
