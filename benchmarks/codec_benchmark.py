@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import codec as codecs, config, runtime, store
+from pipeline import codec as codecs, config, cpu, runtime, store
 from pipeline.errors import UserError
 from pipeline.generate import CONTENT_KEYS, Generator
 
@@ -155,7 +155,7 @@ def main():
     generator = {"seed": cfg["seed"], "image_shape": list(traj.x_T.shape[1:]), "space": cfg["space"]}
     rows = [measure(*v, traj, cfg, generator) for v in tqdm(variants(cfg, [float(s) for s in args.steps.split(",")]),
                                                                desc="codecs", unit="codec")]
-    machine = f"{platform.machine()}, {runtime.cpu_model()}, {os.cpu_count()} cores"
+    machine = f"{platform.machine()}, {cpu.model_name()}, {os.cpu_count()} cores"
     with open(out / "rows.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(dict(r, machine=machine, date=time.strftime("%Y-%m-%d"),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import zstandard
 
-from pipeline import runtime, store
+from pipeline import cpu, runtime, store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ def main():
         seconds = runs[4]["seconds"]
         codec_s = seconds["encode"] + seconds["compress"] + seconds["write"]
         figures = {
-            "machine": f"{platform.machine()}, {runtime.cpu_model()}, {os.cpu_count()} cores",
+            "machine": f"{platform.machine()}, {cpu.model_name()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d"),
             "command": "benchmarks/generate_benchmark.py " + " ".join(sys.argv[1:]),
             "teacher_seconds": seconds["teacher"], "encode_seconds": seconds["encode"],

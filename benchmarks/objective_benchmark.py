@@ -15,7 +15,7 @@ import json
 import platform
 import statistics
 
-from pipeline import config, evaluate, runtime, train_d
+from pipeline import config, cpu, evaluate, runtime, train_d
 from pipeline.config import output_dir, project_path
 
 
@@ -63,7 +63,7 @@ def main():
     results = {tag: run_variant(args.config, tag, overrides) for tag, overrides in variants}
     first = next(iter(results.values()))["report"]
     s = first["scores"]
-    print(f"\nCPU: {runtime.cpu_model()} ({platform.machine()}); preset {args.config}; N = {first['fid_samples']} "
+    print(f"\nCPU: {cpu.model_name()} ({platform.machine()}); preset {args.config}; N = {first['fid_samples']} "
           f"against {first['fid_reference']}; floor {s['real']['fid']:.2f} (KID x1e3 {s['real']['kid'] * 1e3:.2f}); "
           f"teacher FID {s['teacher']['fid']:.2f}, KID x1e3 {s['teacher']['kid'] * 1e3:.2f}, precision "
           f"{s['teacher']['precision']:.3f}, recall {s['teacher']['recall']:.3f}, memorization "

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import config, runtime, teachers
+from pipeline import config, cpu, runtime, teachers
 from pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def main():
     args = parser.parse_args()
     try:
         cfg = config.resolve(args.config, args.overrides)
-        cfg["device_name"] = f"{runtime.select_device(cfg)} ({runtime.cpu_model()})"
+        cfg["device_name"] = f"{runtime.select_device(cfg)} ({cpu.model_name()})"
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
             # a few held-out records, so that D trains on most of the small sample; the projection keeps the preset's

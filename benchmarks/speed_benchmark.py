@@ -10,7 +10,8 @@ Inception), D run in every binarize step instead of once per record, and the old
 stage is timed alternately old, new, old, new, ... so that a machine that speeds up or slows down
 meanwhile affects both alike, and the median of each side is printed with the ratio. The stage totals
 of the main command are then projected from the per-unit times and the preset's counts (samples,
-steps); ``eval_d`` is timed whole (fresh feature caches, so as on a fresh clone).
+steps); ``eval_d`` is timed whole (fresh feature caches, so as on a fresh clone). One process against two
+workers, stage by stage, is benchmarks/workers_benchmark.py.
 """
 import argparse
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import config, datasets, evaluate, fid, runtime, students, teacher_data
+from pipeline import config, cpu, datasets, evaluate, fid, runtime, students, teacher_data
 from pipeline.binarize import BTrainer
 from pipeline.config import output_dir
 from pipeline.errors import UserError
@@ -154,7 +155,8 @@ def main():
     try:
         check_inputs(new)
         runtime.configure(new)
-        print(f"[speed] torch threads {torch.get_num_threads()}, training autocast "
+        print(f"[speed] CPU {cpu.model_name()} (kind {cpu.kind()}), kernel ISA {torch.backends.cpu.get_cpu_capability()}, "
+              f"torch threads {torch.get_num_threads()}, training autocast "
               f"{runtime.autocast_dtype(new['precision'], torch.device('cpu')) or 'off (fp32)'}", flush=True)
         manifest = teacher_data.open_data(new)
         held_out = teacher_data.read_range(manifest, 0, 64)

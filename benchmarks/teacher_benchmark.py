@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import config, fid, metrics, runtime, teacher_eval, teachers
+from pipeline import config, cpu, fid, metrics, runtime, teacher_eval, teachers
 from pipeline.errors import UserError
 
 TIMING_REPEATS = 7
@@ -122,7 +122,7 @@ def main():
                     f.write(json.dumps(rows[-1]) + "\n")
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"\nCPU: {runtime.cpu_model()}; N = {cfg['fid_samples']} against the whole test split\n")
+    print(f"\nCPU: {cpu.model_name()}; N = {cfg['fid_samples']} against the whole test split\n")
     print("| teacher | training step | DDIM steps | FID | floor | precision | recall | ms / call (batch "
           f"{cfg['gen_batch_size']}) |\n|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -116,10 +116,10 @@ def _machine(table):
               "channels-last memory for inference: teacher sampling, one-step calls, Inception (faster on "
               "every CPU kind measured)")
     table.add("num_threads", 0, EVERY, "CPU threads for torch (0 = torch's default)", range=NON_NEGATIVE)
-    table.add("procs", 0, MANY_PROCESS_STAGES,
-              "worker processes a plain Main_Distill.py launch runs a stage on (torch.distributed, as under torchrun; "
-              "ignored there). 0 = auto: 2 single-thread workers for generate, train_d and binarize on a CPU-only "
-              "machine of >= 2 cores, every other stage in one process; 1 = one process; N = N workers for every stage that reads this key", range=NON_NEGATIVE)
+    table.add("procs", 0, MANY_PROCESS_STAGES, "worker processes a plain Main_Distill.py launch runs a stage on "
+              "(torch.distributed, as under torchrun; ignored there). 0 = auto: 2 single-thread workers for generate, "
+              "train_d and binarize on a CPU-only machine of >= 2 cores whose kind measured them faster (not AVX-512 "
+              "bf16 without AMX), else 1; 1 = one process; N = N workers for each stage reading it", range=NON_NEGATIVE)
     table.add("seed", 0, EVERY, "seed of x_T, batch order and initialisation", range=NON_NEGATIVE)
 
 

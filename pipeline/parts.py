@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent
 # part -> (what it is, its modules), lowest first: a part imports only the parts before it in MAY_IMPORT.
 PARTS = {
     "core": ("configuration, errors, files, processes: what every part uses",
-             ("errors", "config_keys", "config", "atomic", "jsonfile", "checksums", "runtime", "distributed",
+             ("errors", "config_keys", "config", "atomic", "jsonfile", "checksums", "cpu", "runtime", "distributed",
               "launch", "stop_request", "checkpoint", "run_record", "images", "parts", "__init__")),
     "teacher": ("the pretrained teacher, its DDIM chain and its rectified form (the RNet and its ring)",
                 ("teachers", "trajectory", "film", "lora", "rnet", "ring", "rnet_files")),

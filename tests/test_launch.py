@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import cli, config, launch
+from pipeline import cli, config, cpu, launch
 from pipeline.errors import AlreadySaid, UserError
 
 from conftest import ROOT, assert_one_sentence_error, run_cli, run_distill_in_process
@@ -21,28 +21,33 @@ STAGES = ("generate", "train_d", "binarize", "eval_d")
 
 @pytest.fixture
 def machine(monkeypatch):
-    """The probes of launch.plan set by hand: ``machine(cores, gpu)``; not under torchrun."""
+    """The probes of launch.plan set by hand: ``machine(cores, gpu, kind)``; not under torchrun."""
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
-    def make(cores=2, gpu=False):
+    def make(cores=2, gpu=False, kind=cpu.AVX2):
         monkeypatch.setattr(launch, "usable_cores", lambda: cores)
         monkeypatch.setattr(launch, "gpu_in_use", lambda cfg: gpu)
+        monkeypatch.setattr(cpu, "kind", lambda cpu_flags=None: kind)
     return make
 
 
-@pytest.mark.parametrize("cores, gpu, procs, torchrun, expected", [
-    (2, False, 0, False, (2, 2, 2, 1)),  # auto on a 2-core CPU: eval_d stays one process
-    (16, False, 0, False, (2, 2, 2, 1)),
-    (2, False, 1, False, (1, 1, 1, 1)),  # procs=1: one process
-    (2, False, 0, True, (1, 1, 1, 1)),  # under torchrun the ranks are already there
-    (2, True, 0, False, (1, 1, 1, 1)),  # a GPU: nothing changes
-    (1, False, 0, False, (1, 1, 1, 1)),
-    (2, False, 3, False, (3, 3, 3, 3)),  # procs=N: every stage that reads the key
+@pytest.mark.parametrize("cores, gpu, kind, procs, torchrun, expected", [
+    (2, False, cpu.AVX2, 0, False, (2, 2, 2, 1)),  # auto on a 2-core CPU: eval_d stays one process
+    (2, False, cpu.AMX, 0, False, (2, 2, 2, 1)),
+    (2, False, cpu.OTHER, 0, False, (2, 2, 2, 1)),  # an unmeasured kind gets what paid on the measured ones
+    (2, False, cpu.AVX512_BF16, 0, False, (1, 1, 1, 1)),  # the kind where two workers measured no faster
+    (2, False, cpu.AVX512_BF16, 2, False, (2, 2, 2, 2)),  # ... unless asked for
+    (16, False, cpu.AVX2, 0, False, (2, 2, 2, 1)),
+    (2, False, cpu.AVX2, 1, False, (1, 1, 1, 1)),  # procs=1: one process
+    (2, False, cpu.AVX2, 0, True, (1, 1, 1, 1)),  # under torchrun the ranks are already there
+    (2, True, cpu.AVX2, 0, False, (1, 1, 1, 1)),  # a GPU: nothing changes
+    (1, False, cpu.AVX2, 0, False, (1, 1, 1, 1)),
+    (2, False, cpu.AVX2, 3, False, (3, 3, 3, 3)),  # procs=N: every stage that reads the key
 ])
-def test_auto_gives_two_workers_on_a_cpu_only_machine_of_two_cores_and_one_otherwise(machine, monkeypatch, cores, gpu,
-                                                                                      procs, torchrun, expected):
-    machine(cores, gpu)
+def test_auto_gives_two_workers_on_a_cpu_only_machine_of_two_cores_where_they_paid(machine, monkeypatch, cores, gpu,
+                                                                                    kind, procs, torchrun, expected):
+    machine(cores, gpu, kind)
     if torchrun:
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", "2")
@@ -59,6 +64,29 @@ def test_the_choice_is_said_in_one_line(machine):
         "2 cores), eval_d in this process; procs=1 runs every stage in this one process")
     assert launch.describe(cfg, {"generate": 1}) is None
     assert launch.describe(config.resolve("fashion_mnist", ["procs=1"]), dict.fromkeys(STAGES, 1)) is None
+
+
+def test_a_cpu_kind_kept_in_one_process_is_said_in_one_line_with_its_measurement(machine):
+    machine(cores=2, kind=cpu.AVX512_BF16)
+    cfg = config.resolve("fashion_mnist", ["procs=0"])
+    said = launch.describe(cfg, launch.plan(cfg, STAGES))
+    assert said.startswith("[procs] every stage runs in this one process: on this CPU kind (AVX-512 bf16 without AMX)")
+    assert "0.86-0.88x" in said and said.endswith("procs=2 starts them anyway") and "\n" not in said
+    assert launch.describe(cfg, {"sample": 1}) is None  # a stage that never runs as workers says nothing
+    machine(cores=2, gpu=True, kind=cpu.AVX512_BF16)
+    assert launch.describe(cfg, launch.plan(cfg, STAGES)) is None  # a GPU: nothing to say
+
+
+@pytest.mark.parametrize("flags, kind, fast_bf16", [
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, cpu.AMX, True),
+    ({"avx2", "avx512f", "avx512_bf16"}, cpu.AVX512_BF16, True),
+    ({"avx2", "fma"}, cpu.AVX2, False),
+    ({"asimd"}, cpu.OTHER, False),
+    (set(), cpu.OTHER, False),
+])
+def test_the_cpu_kind_is_the_strongest_instruction_set_its_flags_name(flags, kind, fast_bf16):
+    assert cpu.kind(flags) == kind
+    assert cpu.has_fast_bf16(flags) == fast_bf16
 
 
 def test_mode_all_runs_each_stage_as_its_own_group_and_eval_d_in_the_launcher(machine, monkeypatch, small_teacher,
@@ -122,7 +150,7 @@ def _folder_bytes(folder: Path) -> dict:
 
 
 def _default_launch():
-    """procs=0 (auto), where it starts two workers; procs=2 on a machine where auto would not (one core)."""
+    """procs=0 (auto) where it starts two workers; procs=2 where auto would not (one core, or a kind kept in one)."""
     return "procs=0" if launch.auto_workers_pay({"device": "cpu"}) else "procs=2"
 
 
