@@ -14,6 +14,10 @@ import zstandard
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a network
 torch.set_num_threads(1)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core (pyproject's addopts): the commands a test starts get one thread too,
+    # or two workers' subprocesses would each take every core
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 
