@@ -42,8 +42,8 @@ def ddim_chain(predict, kind: str, x_T, grid, alphas_cumprod) -> list:
     xs, x = [x_T], x_T
     for i in range(len(grid) - 1):
         t = grid[i].expand(len(x))
-        eps, x0 = ring.eps_and_x0(kind, predict(x, t).float(), x, *ring.coefficients(alphas_cumprod, t))
-        x = ring.ddim_step(x0.clamp(-1, 1), eps, alphas_cumprod, grid[i + 1].expand(len(x)))
+        eps, x0 = ring.chain_estimates(kind, predict(x, t).float(), x, alphas_cumprod, t, clip_x0=True)
+        x = ring.ddim_step(x0, eps, alphas_cumprod, grid[i + 1].expand(len(x)))
         xs.append(x)
     return xs
 

@@ -148,7 +148,7 @@ class RectifyTrainer(trainer.Trainer):
             out["pred"].append(pred)
             out["x0"].append(net.x0out(z, t).float() if self.cfg["rect_lambda_x0"] else None)
             if k + 1 < len(times):
-                eps, x0 = ring.eps_and_x0(prediction, pred, x, *ring.coefficients(self.alphas_cumprod, t))
+                eps, x0 = ring.chain_estimates(prediction, pred, x, self.alphas_cumprod, t, clip_x0=False)
                 x = ring.ddim_step(x0, eps, self.alphas_cumprod, times[k + 1])
         return out
 
@@ -159,12 +159,11 @@ class RectifyTrainer(trainer.Trainer):
         prediction, out = self.cfg["rect_prediction"], {"z": [], "pred": [], "x0": []}
         x = x_t
         for k, t in enumerate(times):
-            c0, c1 = ring.coefficients(self.alphas_cumprod, t)
-            eps = self.teacher(x, t).sample.float()
             # x0 clipped as the DDIM teacher clips it: unclipped, x0 = (x − c1·ε)/c0 (and v with it) multiplies the
             # teacher's ε error by 1/c0 ≈ 160 at t = T−1, targets the heads cannot and should not learn
-            x0 = ((x - c1 * eps) / c0).clamp(-1, 1)
-            out["pred"].append(ring.target(prediction, x0, eps, c0, c1))
+            eps, x0 = ring.chain_estimates("eps", self.teacher(x, t).sample.float(), x, self.alphas_cumprod, t,
+                                           clip_x0=True)
+            out["pred"].append(ring.target(prediction, x0, eps, *ring.coefficients(self.alphas_cumprod, t)))
             out["x0"].append(x0)
             out["z"].append(self.model.rin(x, t).float() if k else None)
             if k + 1 < len(times):

@@ -38,6 +38,15 @@ def coefficients(alphas_cumprod, t):
     return a.sqrt(), (1 - a).sqrt()
 
 
+def chain_estimates(prediction: str, output, x_t, alphas_cumprod, t, clip_x0: bool):
+    """(ε̂, x̂0) of a DDIM chain on the grid at x_t, timesteps t, from a head's ``output`` of type ``prediction``:
+    the one place the chains of rectify (its self-teacher and the frozen teacher) and of the ring benchmark get
+    them. ``clip_x0`` clamps x̂0 to [−1, 1] as the DDIM teacher samples; the self-teacher's chain, as the
+    reference's, leaves it unclamped."""
+    eps, x0 = eps_and_x0(prediction, output, x_t, *coefficients(alphas_cumprod, t))
+    return eps, (x0.clamp(-1, 1) if clip_x0 else x0)
+
+
 def ddim_step(x0, eps, alphas_cumprod, t_next):
     """The DDIM step (η = 0) from a (x0, ε) estimate to timesteps ``t_next``: c0·x0 + c1·ε there."""
     c0, c1 = coefficients(alphas_cumprod, t_next)

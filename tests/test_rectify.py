@@ -43,6 +43,20 @@ def test_each_prediction_type_gives_back_eps_and_x0(prediction):
     torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("prediction", ring.PREDICTIONS)
+def test_the_chain_estimates_clamp_x0_only_where_asked_and_leave_eps_alone(prediction):
+    alphas_cumprod = torch.linspace(0.9999, 0.0001, 1000)
+    t = torch.tensor([999, 500, 0])
+    c0, c1 = ring.coefficients(alphas_cumprod, t)
+    x0, eps = 3 * torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)  # x0 well outside [-1, 1]
+    output, x_t = ring.target(prediction, x0, eps, c0, c1), c0 * x0 + c1 * eps
+    raw_eps, raw_x0 = ring.eps_and_x0(prediction, output, x_t, c0, c1)
+    eps_free, x0_free = ring.chain_estimates(prediction, output, x_t, alphas_cumprod, t, clip_x0=False)
+    eps_clip, x0_clip = ring.chain_estimates(prediction, output, x_t, alphas_cumprod, t, clip_x0=True)
+    assert torch.equal(eps_free, raw_eps) and torch.equal(x0_free, raw_x0) and torch.equal(eps_clip, raw_eps)
+    assert torch.equal(x0_clip, raw_x0.clamp(-1, 1)) and x0_free.abs().max() > 1
+
+
 class _InterruptedAfterStep2(RectifyTrainer):
     def periodic(self):
         if self.step == 2:
