@@ -98,13 +98,9 @@ def export_command(cfg):
     print(f"[export] {_sum_note(manifest, rin0_miss)}")
 
 
-def _latent(manifest) -> bool:
-    return manifest.data["generator"].get("space") == "latent"
-
-
 def _rin0_miss(arrays: dict, manifest) -> float:
     """Pixel space: the largest |dequantised rin0 - x_T| of a shard's records (0 in latent space)."""
-    if _latent(manifest):
+    if manifest.latent:
         return 0.0
     rin0 = quant.dequantize(arrays["rin0_q"], arrays["rin0_scale_f16"])
     return float(np.abs(rin0 - arrays["x_T_f16"].astype(np.float32)).max(initial=0.0))
@@ -116,7 +112,7 @@ def _sum_note(manifest, rin0_miss: float) -> str:
     error = codecs.combined([s.get("codec_error") for s in manifest.shards])
     within = (f"to within {error['z_final_max_abs']:.3g} (the codec error '--mode verify' reports)" if error else
               "to within the codec's error (not recorded for this folder)")
-    if _latent(manifest):
+    if manifest.latent:
         return f"each file's rin0 + sum(r_chunks) is the final latent state {within}"
     return (f"pixel space: each file's x_T_f16 + sum(r_chunks) is the final state (the teacher's image before "
             f"clamping to [-1, 1]) {within}; rin0 is the reference quantizer's percentile-clipped copy of x_T, so "
@@ -228,7 +224,7 @@ def import_command(cfg):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    named = ("" if teacher and (rnet or not _latent(manifest)) else
+    named = ("" if teacher and (rnet or not manifest.latent) else
              " (no import_rnet named: name the RNet that made this latent data to train on it)" if teacher else
              " (no import_teacher named: name it to train on this data)")
     print(f"[import] {len(files)} samples from {source} written as {len(manifest.shards)} shard(s) to "

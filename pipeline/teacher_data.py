@@ -96,10 +96,6 @@ def to_tensors(arrays: dict, rows=slice(None), latent: bool = False) -> dict:
             "index": torch.from_numpy(arrays["index"][rows].astype(np.int64))}
 
 
-def is_latent(manifest) -> bool:
-    return manifest.data["generator"].get("space") == "latent"
-
-
 def shards_overlapping(manifest, lo, hi):
     return [s for s in manifest.shards if s["first_index"] < hi and s["first_index"] + s["count"] > lo]
 
@@ -132,7 +128,7 @@ def read_range(manifest, lo, hi) -> dict:
     for entry in shards_overlapping(manifest, lo, hi):
         arrays = manifest.read_shard(entry)
         rows = (arrays["index"] >= lo) & (arrays["index"] < hi)
-        parts.append(to_tensors(arrays, rows, is_latent(manifest)))
+        parts.append(to_tensors(arrays, rows, manifest.latent))
     if not parts or sum(len(p["index"]) for p in parts) != hi - lo:
         raise UserError(f"{manifest.folder} does not hold every record of {lo}..{hi - 1}; run '--mode verify'")
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -156,7 +152,7 @@ class ShardStream(IterableDataset):
             for k in order[part::parts]:
                 arrays = self.manifest.read_shard(self.entries[k])
                 keep = np.flatnonzero((arrays["index"] >= self.lo) & (arrays["index"] < self.hi))
-                tensors = to_tensors(arrays, keep, is_latent(self.manifest))
+                tensors = to_tensors(arrays, keep, self.manifest.latent)
                 for i in range(len(keep)):
                     yield {key: value[i] for key, value in tensors.items()}
 
