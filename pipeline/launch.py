@@ -77,15 +77,20 @@ def plan(cfg, stages) -> dict:
     return {stage: count if stage in chosen else 1 for stage in stages}
 
 
+def _room_for_workers(cfg) -> bool:
+    """A CPU-only machine of at least AUTO_WORKERS cores."""
+    return usable_cores() >= AUTO_WORKERS and not gpu_in_use(cfg)
+
+
 def auto_workers_pay(cfg) -> bool:
-    """procs=0: workers on a CPU-only machine of at least AUTO_WORKERS cores whose kind measured a gain."""
-    return usable_cores() >= AUTO_WORKERS and not gpu_in_use(cfg) and cpu.kind() not in ONE_PROCESS_KINDS
+    """procs=0: workers where there is room for them and the CPU's kind measured a gain."""
+    return _room_for_workers(cfg) and cpu.kind() not in ONE_PROCESS_KINDS
 
 
 def kept_in_one_process(cfg) -> bool:
-    """procs=0 on a CPU-only machine with the cores for workers, whose kind measured them no faster."""
-    return (cfg["procs"] == 0 and not torchrun_launched() and usable_cores() >= AUTO_WORKERS
-            and not gpu_in_use(cfg) and cpu.kind() in ONE_PROCESS_KINDS)
+    """procs=0 where there is room for workers but the CPU's kind measured them no faster."""
+    return (cfg["procs"] == 0 and not torchrun_launched() and _room_for_workers(cfg)
+            and cpu.kind() in ONE_PROCESS_KINDS)
 
 
 def threads_per_worker(cfg, count: int) -> int:
