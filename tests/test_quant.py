@@ -99,8 +99,9 @@ def on_rounding_boundaries(rng, channels=3, size=32):
     k = rng.integers(-126, 126, (channels, size * size - 12))
     edge = ((k + 0.5) * scale[:, None]).astype(np.float32)
     nudge = rng.integers(-2, 3, edge.shape)
+    toward = np.where(nudge > 0, np.inf, -np.inf)  # (sign(nudge) * inf is nan where nudge is 0)
     for step in (1, 2):
-        edge = np.where(np.abs(nudge) >= step, np.nextafter(edge, np.sign(nudge) * np.inf).astype(np.float32), edge)
+        edge = np.where(np.abs(nudge) >= step, np.nextafter(edge, toward).astype(np.float32), edge)
     x[:, 12:] = edge
     return rng.permutation(x, axis=1).reshape(channels, size, size)
 
