@@ -15,6 +15,7 @@ Run it alone on the machine: anything else running is measured with it.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def main():
         raise SystemExit(f"error: {err}") from None
     finally:
         if not args.keep:
-            subprocess.run(["rm", "-rf", str(scratch)])
+            shutil.rmtree(scratch, ignore_errors=True)
     units = {"generate": f"wall s, {args.samples} records", "train_d": "s / step", "binarize": "s / step",
              "eval_d": "wall s, D alone"}
     print("\n| stage | unit | procs=1, each round | procs=2, each round | speed-up of two workers |\n|---|---|---|---|---|")

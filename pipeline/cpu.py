@@ -5,6 +5,7 @@ and how many worker processes ``procs=0`` starts (launch.py), because two single
 faster than one two-thread process on some 2-core kinds and slower on another (BENCHMARKS "Two workers by
 default"). The kinds are named as the benchmarks name the machines they ran on.
 """
+import functools
 import platform
 from pathlib import Path
 
@@ -17,6 +18,7 @@ DESCRIPTIONS = {AMX: "AMX (bf16 tiles)", AVX512_BF16: "AVX-512 bf16 without AMX"
                 OTHER: "no AVX2 or flags unreadable"}
 
 
+@functools.lru_cache(maxsize=1)  # read once: launch.plan, launch.describe and autocast all ask
 def _cpuinfo() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()
