@@ -100,8 +100,8 @@ def training_plan(prefix, what):
 
 
 def eval_plan(cfg):
-    from pipeline import students
-    folder = students.d_folder(cfg)
+    from pipeline import student_folders, students
+    folder = student_folders.d_folder(cfg)
     students.load_student(folder)  # refuses a missing or damaged D, as the run would
     return data_plan(cfg) + [f"would evaluate the student D in {folder} (and B where one is packed) into "
                              f"{output_dir(cfg, 'eval_dir')}"]

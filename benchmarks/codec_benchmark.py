@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import codec as codecs, config, cpu, runtime, store
+from pipeline import codec as codecs, config, cpu, runtime, spaces, store
 from pipeline.errors import UserError
 from pipeline.generate import CONTENT_KEYS, Generator
 
@@ -43,7 +43,7 @@ def load_trajectories(cfg, samples: int, out: Path) -> codecs.Trajectories:
         with np.load(cache) as saved:
             fields = {k: saved[k] for k in ("x_T", "start", "chunks", "z_final", "x0")}
             meta = saved["meta"].tolist()
-        return codecs.Trajectories(**fields, T=meta[0], chunk_size=meta[1], latent=space == "latent")
+        return codecs.Trajectories(**fields, T=meta[0], chunk_size=meta[1], space=spaces.SPACES[space])
     parts = []
     for lo in tqdm(range(0, samples, cfg["gen_batch_size"]), desc=f"trajectories ({space})", unit="batch"):
         parts.append(gen.trajectories(np.arange(lo, min(samples, lo + cfg["gen_batch_size"]))))
@@ -51,12 +51,12 @@ def load_trajectories(cfg, samples: int, out: Path) -> codecs.Trajectories:
     out.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **fields, meta=np.array([parts[0].T, parts[0].chunk_size]))
     print(f"[codec] teacher {gen.seconds['teacher'] / samples * 1000:.1f} ms/sample for the trajectories")
-    return codecs.Trajectories(**fields, T=parts[0].T, chunk_size=parts[0].chunk_size, latent=space == "latent")
+    return codecs.Trajectories(**fields, T=parts[0].T, chunk_size=parts[0].chunk_size, space=spaces.SPACES[space])
 
 
 def rows_of(traj: codecs.Trajectories, lo: int, hi: int) -> codecs.Trajectories:
     return codecs.Trajectories(*(getattr(traj, k)[lo:hi] for k in ("x_T", "start", "chunks", "z_final", "x0")),
-                               T=traj.T, chunk_size=traj.chunk_size, latent=traj.latent)
+                               T=traj.T, chunk_size=traj.chunk_size, space=traj.space)
 
 
 def variants(cfg, steps):
@@ -72,7 +72,7 @@ def variants(cfg, steps):
               for s in steps]
     found += [(f"ef-int8 step {default:g}, x_T stored", default, codecs.FeedbackCodec(default, "store", p, level)),
               (f"ef-int8 step {default:g}, zstd level 10", default, codecs.FeedbackCodec(default, "regenerate", p, 10))]
-    if cfg["space"] == "pixel":  # version 1 derived the image from the decoded final state
+    if spaces.of_config(cfg).image_is_end:  # version 1 derived the image from the decoded end state
         found.append((f"ef-int8 step {default:g}, image derived (version 1)", default,
                       codecs.FeedbackCodec(default, "regenerate", p, 10, version=1)))
     return found
@@ -86,7 +86,7 @@ def measure(name, step, codec, traj, cfg, generator):
         part = rows_of(traj, lo, min(n, lo + shard))
         start = time.perf_counter()
         records = dict(codec.encode(part), index=np.arange(lo, lo + len(part.x_T)))
-        stored, extra = codec.pack(records, traj.latent)
+        stored, extra = codec.pack(records, traj.space)
         payload = store.encode_npz(stored, codec.zstd_level)
         encode_s += time.perf_counter() - start
         tally.add(part, records)

@@ -19,7 +19,8 @@ import argparse
 
 import torch
 
-from pipeline import binarize, config, evaluate, generate, metrics, rnet_files, students, teacher_data, train_d
+from pipeline import (binarize, config, evaluate, generate, metrics, rnet_files, student_folders, students, teacher_data,
+                      train_d)
 from pipeline.config import project_path
 from pipeline.errors import UserError
 
@@ -38,7 +39,7 @@ def held_out_figures(cfg, ddim_x0) -> dict:
     manifest = teacher_data.open_data(cfg)
     (lo, hi), _ = teacher_data.split(cfg, manifest)
     records = teacher_data.read_range(manifest, lo, hi)
-    d = students.load_student(students.d_folder(cfg)).eval()
+    d = students.load_student(student_folders.d_folder(cfg)).eval()
     preds = [d(records["x_T"][i:i + 64]) for i in range(0, hi - lo, 64)]
     chunks = torch.cat([p["chunks"] for p in preds]).float()
     z_hat = torch.cat([p["rin"] for p in preds]).float() + chunks.sum(1)

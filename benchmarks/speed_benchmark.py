@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import config, cpu, datasets, evaluate, fid, runtime, students, teacher_data
+from pipeline import config, cpu, datasets, evaluate, fid, runtime, student_folders, students, teacher_data
 from pipeline.binarize import BTrainer
 from pipeline.config import output_dir
 from pipeline.errors import UserError
@@ -61,7 +61,7 @@ def teacher_sampling(cfgs, repeats):
 
 
 def one_step(cfgs, x_T, repeats):
-    models = {side: runtime.for_inference(students.load_student(students.d_folder(cfg)), cfg)
+    models = {side: runtime.for_inference(students.load_student(student_folders.d_folder(cfg)), cfg)
               for side, cfg in cfgs.items()}
 
     def call(side):
@@ -137,7 +137,7 @@ def projected(rows, cfgs):
 
 
 def check_inputs(cfg):
-    d = students.d_folder(cfg)
+    d = student_folders.d_folder(cfg)
     if not (d / students.WEIGHTS_FILE).is_file():
         raise UserError(f"no student D in {d}; run the main command (Main_Distill.py) with the same config first")
 
@@ -163,7 +163,7 @@ def main():
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
             train = {side: dict(cfg, d_run_dir=str(scratch / f"d-{side}"), b_run_dir=str(scratch / f"b-{side}"),
-                                d_weights=str(students.d_folder(new)))
+                                d_weights=str(student_folders.d_folder(new)))
                      for side, cfg in cfgs.items()}
             rows = [teacher_sampling(cfgs, args.repeats),
                     training_steps(DTrainer, train, args.steps, args.repeats, "D training step"),

@@ -17,8 +17,8 @@ exported bit-packed to ``<b_run_dir>/packed`` at every checkpoint, beside the la
 """
 import torch
 
-from . import (adversarial, binary, distributed, distribution_matching, packed, run_record, runtime, student_b, students,
-               teacher_data)
+from . import (adversarial, binary, distributed, distribution_matching, packed, run_record, runtime, spaces, student_b,
+               student_folders, students, teacher_data)
 from .d_outputs import DOutputs
 from .errors import UserError
 from .feature_losses import FeatureTaps, LowRankBases, spd_loss
@@ -34,7 +34,7 @@ EVERYTHING = 10 ** 9  # a step after every progressive ring
 
 def load_d(cfg, manifest):
     """The D that B starts from and learns from, checked against the teacher data and the config."""
-    folder = students.d_folder(cfg)
+    folder = student_folders.d_folder(cfg)
     d = students.load_student(folder)
     students.check_fits(d, manifest)
     run = run_record.read(folder, students.REWRITE)
@@ -59,11 +59,10 @@ def check_before_training(cfg) -> None:
     teacher_config = local_config(cfg)
     if teacher_config is None:
         return
-    channels, latent = teacher_config["in_channels"], cfg["space"] == "latent"
     backbone = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        d = students.StudentD(backbone, chunks=cfg["chunks"], image_channels=channels,
-                              latent_channels=backbone["block_out_channels"][0] if latent else channels,
+        d = students.StudentD(backbone, chunks=cfg["chunks"], image_channels=teacher_config["in_channels"],
+                              latent_channels=spaces.of_config(cfg).chain_channels(backbone),
                               space=cfg["space"], timestep=0, head_channels=cfg["d_head_channels"])
         student_b.check_patterns_leave_binary_layers(student_b.Binarization.from_config(cfg), d)
 
@@ -96,7 +95,7 @@ class BTrainer(StudentTrainer):
     def build_model(self):
         self.d, self.d_folder = load_d(self.cfg, self.manifest)
         self.d.requires_grad_(False)
-        self.b_config = packed.b_config(self.d.config, self.cfg)
+        self.b_config = packed.b_config(self.d.config, student_folders.binarization_settings(self.cfg))
         model = students.StudentD.from_config(self.d.config)
         model.load_state_dict(self.d.state_dict())
         self.table = student_b.to_binary(model, student_b.Binarization.from_config(self.cfg))

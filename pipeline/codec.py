@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from . import code_layout, quant
+from . import code_layout, quant, spaces
 from .errors import UserError
 
 REFERENCE_PREFIX = "int8-p"
@@ -37,8 +37,8 @@ X_T_MODES = ("regenerate", "store")
 
 @dataclass
 class Trajectories:
-    """One batch of float32 trajectories [n, ...]: the chain starts at ``start`` (x_T in pixel space,
-    Rin(x_T) in latent space) and ``start + sum(chunks) = z_final``; ``x0`` is the teacher's image."""
+    """One batch of float32 trajectories [n, ...] in ``space`` (a spaces object): the chain starts at ``start`` (x_T
+    in pixel space, Rin(x_T) in latent space) and ``start + sum(chunks) = z_final``; ``x0`` is the teacher's image."""
     x_T: np.ndarray
     start: np.ndarray
     chunks: np.ndarray
@@ -46,21 +46,21 @@ class Trajectories:
     x0: np.ndarray
     T: int
     chunk_size: int
-    latent: bool
+    space: object
 
 
-def decoded_start(records: dict, latent: bool) -> np.ndarray:
-    """The chain's start as the students read it (a new float32 array): x_T itself in pixel space, the dequantised
-    codes in latent."""
-    if latent:
-        return quant.dequantize(records["rin0_q"], records["rin0_scale_f16"])
-    return records["x_T_f16"].astype(np.float32)
+def decoded_start(records: dict, space) -> np.ndarray:
+    """The chain's start as the students read it (a new float32 array): x_T itself where the chain starts there
+    (pixel space), else the dequantised start codes (Rin(x_T) in latent space)."""
+    if space.start_is_x_T:
+        return records["x_T_f16"].astype(np.float32)
+    return quant.dequantize(records["rin0_q"], records["rin0_scale_f16"])
 
 
-def decoded_final(records: dict, latent: bool) -> np.ndarray:
-    """start + every dequantised chunk: the final state the records encode."""
+def decoded_final(records: dict, space) -> np.ndarray:
+    """start + every dequantised chunk: the end state the records encode."""
     chunks = quant.dequantize(records["r_chunks_q"], records["r_chunks_scale_f16"])
-    return decoded_start(records, latent) + chunks.sum(axis=1)
+    return decoded_start(records, space) + chunks.sum(axis=1)
 
 
 def common_records(traj: Trajectories) -> dict:
@@ -104,10 +104,10 @@ class ReferenceCodec:
         return dict(common_records(traj), rin0_q=rin0_q, rin0_scale_f16=rin0_scale, r_chunks_q=chunks_q,
                     r_chunks_scale_f16=chunks_scale)
 
-    def stored_spec(self, spec: dict, latent: bool) -> dict:
+    def stored_spec(self, spec: dict, space) -> dict:
         return spec
 
-    def pack(self, records: dict, latent: bool):
+    def pack(self, records: dict, space):
         """(arrays to store, fields for the shard's manifest entry)."""
         return records, {}
 
@@ -171,84 +171,90 @@ class FeedbackCodec:
         rms = np.sqrt(np.mean(np.square(traj.z_final.reshape(*traj.z_final.shape[:2], -1)), axis=-1))
         step = (np.float32(self.step) * rms).astype(np.float32)
         records = common_records(traj)
-        if traj.latent:
+        if traj.space.start_is_x_T:  # rin0 is the reference's copy of x_T; the chain's own start is x_T exactly
+            rin0_q, rin0_scale = self.x_T_start_codes(records["x_T_f16"])
+            start_error = traj.start - records["x_T_f16"].astype(np.float32)
+        else:
             rin0_scale = quant.fitting_scales(traj.start, step)
             rin0_q = quant.quantize_step(traj.start, rin0_scale)
             start_error = traj.start - quant.dequantize(rin0_q, rin0_scale)
-        else:  # the chain starts at x_T exactly; rin0 is the reference's copy of it
-            rin0_q, rin0_scale = self.pixel_start_codes(records["x_T_f16"])
-            start_error = traj.start - records["x_T_f16"].astype(np.float32)
         codes, scales, _ = quant.feedback_quantize(start_error, traj.chunks, step)
         records.update(rin0_q=rin0_q, rin0_scale_f16=rin0_scale, r_chunks_q=codes, r_chunks_scale_f16=scales)
-        if not traj.latent:  # version 2 keeps the image the evaluation sees (pack stores what the chunks miss of it)
+        if traj.space.image_is_end:  # version 2 keeps the image the evaluation sees (pack stores what the chunks miss)
             records["x0_teacher_f16"] = (levels_image(image_levels(records["x0_teacher_f16"]))
-                                         if self.stores_image_levels else self.pixel_image(records))
+                                         if self.stores_image_levels else self.end_image(records, traj.space))
         return records
 
-    def pixel_start_codes(self, x_T_f16):
+    def x_T_start_codes(self, x_T_f16):
+        """The reference quantizer's rin0 codes of a chain that starts at x_T (derived, never stored)."""
         return quant.quantize(x_T_f16.astype(np.float32), self.percentile)
 
     @staticmethod
-    def pixel_image(records: dict) -> np.ndarray:
-        return np.clip(decoded_final(records, latent=False), -1, 1).astype(np.float16)
+    def end_image(records: dict, space) -> np.ndarray:
+        """The image of a space whose image is the chain's end: the clamped decoded end state."""
+        return np.clip(decoded_final(records, space), -1, 1).astype(np.float16)
 
-    def image_correction(self, records: dict) -> np.ndarray:
+    def image_correction(self, records: dict, space) -> np.ndarray:
         """int8 [n, C, H, W]: the image's grey levels minus those of the clamped decoded final state (a few
         levels: the final state is off by half a codec step)."""
-        difference = image_levels(records["x0_teacher_f16"]) - image_levels(self.pixel_image(records))
+        difference = image_levels(records["x0_teacher_f16"]) - image_levels(self.end_image(records, space))
         return np.clip(difference, -127, 127).astype(np.int8)
 
-    def kept_keys(self, latent: bool) -> tuple:
-        """Record keys stored as they are, beside the chunk codes, their scales, T and chunk_size."""
-        return (("rin0_q", "rin0_scale_f16", "x0_teacher_f16") if latent else ()) + (("x_T_f16",) if self.x_T == "store" else ())
+    def kept_keys(self, space) -> tuple:
+        """Record keys stored as they are, beside the chunk codes, their scales, T and chunk_size: what does not
+        follow from x_T and the chunks in ``space``."""
+        return ((() if space.start_is_x_T else ("rin0_q", "rin0_scale_f16"))
+                + (() if space.image_is_end else ("x0_teacher_f16",))
+                + (("x_T_f16",) if self.x_T == "store" else ()))
 
-    def stored_spec(self, spec: dict, latent: bool) -> dict:
+    def stored_spec(self, spec: dict, space) -> dict:
         chunk_dtype, (k, c, h, w) = spec["r_chunks_q"]
-        kept = ("r_chunks_scale_f16", "T", "chunk_size") + self.kept_keys(latent)
+        kept = ("r_chunks_scale_f16", "T", "chunk_size") + self.kept_keys(space)
         stored = {key: spec[key] for key in kept}
         if self.stores_differences:
             stored.update(code_layout.chunk_spec(chunk_dtype, k, [c, h, w]))
-            if latent:
+            if not space.start_is_x_T:
                 stored[code_layout.RIN0_ROW_STEPS] = stored.pop("rin0_q")
         else:
             stored[CHUNKS_BY_POSITION] = (chunk_dtype, [c, h, w, k])
-        if not latent and self.stores_image_levels:
+        if space.image_is_end and self.stores_image_levels:
             stored[IMAGE_CORRECTION] = ("int8", spec["x0_teacher_f16"][1])
         return stored
 
-    def pack(self, records: dict, latent: bool):
-        kept = ("r_chunks_scale_f16", "T", "chunk_size", "index") + self.kept_keys(latent)
+    def pack(self, records: dict, space):
+        kept = ("r_chunks_scale_f16", "T", "chunk_size", "index") + self.kept_keys(space)
         stored = {key: records[key] for key in kept if key in records}
         if self.stores_differences:  # neighbours' differences often take fewer bits (docs/design.md §15)
             stored.update(code_layout.pack_chunks(records["r_chunks_q"]))
-            if latent:
+            if not space.start_is_x_T:
                 stored[code_layout.RIN0_ROW_STEPS] = code_layout.wrapped_steps(stored.pop("rin0_q"), axis=2)
         else:
             stored[CHUNKS_BY_POSITION] = np.ascontiguousarray(records["r_chunks_q"].transpose(0, 2, 3, 4, 1))
         extra = {}
         if self.x_T == "regenerate":
             extra["x_T_sha256"] = hashlib.sha256(records["x_T_f16"].tobytes()).hexdigest()
-        if not latent and self.stores_image_levels:
-            stored[IMAGE_CORRECTION] = self.image_correction(records)
+        if space.image_is_end and self.stores_image_levels:
+            stored[IMAGE_CORRECTION] = self.image_correction(records, space)
         return stored, extra
 
     def unpack(self, stored: dict, generator: dict, entry: dict) -> dict:
         """Records of a shard's stored arrays; ValueError (completing "<shard> ...") where x_T does not regenerate."""
-        latent = generator.get("space") == "latent"
+        space = spaces.of_generator(generator)
         layout_keys = (CHUNKS_BY_POSITION, code_layout.DIFFERENCED, code_layout.RIN0_ROW_STEPS, IMAGE_CORRECTION)
         records = {key: value for key, value in stored.items()
                    if key not in layout_keys and not code_layout.is_chunk_key(key)}
         if self.stores_differences:
             records["r_chunks_q"] = code_layout.unpack_chunks(stored)
-            if latent:
+            if not space.start_is_x_T:
                 records["rin0_q"] = code_layout.wrapped_sum(stored[code_layout.RIN0_ROW_STEPS], axis=2)
         else:
             records["r_chunks_q"] = np.ascontiguousarray(stored[CHUNKS_BY_POSITION].transpose(0, 4, 1, 2, 3))
         if self.x_T == "regenerate":
             records["x_T_f16"] = regenerated_x_T(stored["index"], generator, entry)
-        if not latent:
-            records["rin0_q"], records["rin0_scale_f16"] = self.pixel_start_codes(records["x_T_f16"])
-            records["x0_teacher_f16"] = self.pixel_image(records)
+        if space.start_is_x_T:
+            records["rin0_q"], records["rin0_scale_f16"] = self.x_T_start_codes(records["x_T_f16"])
+        if space.image_is_end:
+            records["x0_teacher_f16"] = self.end_image(records, space)
             if self.stores_image_levels:
                 levels = image_levels(records["x0_teacher_f16"]) + stored[IMAGE_CORRECTION].astype(np.int16)
                 records["x0_teacher_f16"] = levels_image(levels)
@@ -316,7 +322,7 @@ class ErrorTally:
     def add(self, traj: Trajectories, records: dict) -> None:
         # chunk by chunk: a latent batch's dequantised chunks at once would be a fresh 84 MB array per batch,
         # whose page faults cost more than the arithmetic (docs/design.md §15)
-        final = decoded_start(records, traj.latent)
+        final = decoded_start(records, traj.space)
         for k in range(records["r_chunks_q"].shape[1]):
             chunk = quant.dequantize(records["r_chunks_q"][:, k], records["r_chunks_scale_f16"][:, k])
             final += chunk

@@ -20,12 +20,11 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from . import (api, atomic, config, datasets, distributed, fid, images, jsonfile, latent_walk, metrics, packed, ring,
-               run_record, runtime, student_b, students, teacher_data, teachers)
+from . import (api, atomic, config, datasets, distributed, fid, images, jsonfile, latent_walk, metrics, packed,
+               run_record, runtime, student_b, student_folders, students, teacher_data, teachers)
 from . import report as report_text
 from .config import output_dir
 from .errors import UserError
-from .trajectory import ddim_sample
 
 THROUGHPUT_REPEATS = 7  # single calls; the teacher's chain (a few seconds) is timed once
 NAMES = report_text.NAMES
@@ -51,7 +50,7 @@ def b_folder(cfg):
     one), else ``<b_run_dir>/packed`` when binarize has written it; None for D alone."""
     if cfg["b_weights"] == "none":
         return None
-    folder = packed.packed_folder(cfg)
+    folder = student_folders.packed_folder(cfg)
     return folder if cfg["b_weights"] or (folder / packed.PACKED_FILE).is_file() else None
 
 
@@ -140,7 +139,7 @@ class Evaluation:
         self.cfg = cfg
         self.device = runtime.configure(cfg)
         self.manifest = teacher_data.open_data(cfg)
-        self.folders = {"d": students.d_folder(cfg)}
+        self.folders = {"d": student_folders.d_folder(cfg)}
         self.models = {"d": students.load_student(self.folders["d"])}
         b = b_folder(cfg)
         if b is not None:
@@ -211,13 +210,9 @@ class Evaluation:
 
     def chain(self):
         """The teacher chain that made the data, as x_T -> images: DDIM, or the RNet's ring."""
-        steps = self.teacher_steps()
-        if self.rnet is None:
-            scheduler = teachers.ddim_scheduler(self.ddpm)
-            return lambda x: ddim_sample(self.teacher, scheduler, x, steps)
-        rnet = runtime.for_inference(self.rnet.to(self.device), self.cfg)
-        grid = ring.ring_timesteps(rnet.T, steps)
-        return lambda x: ring.ring_sample(rnet, x, grid)
+        rnet = None if self.rnet is None else runtime.for_inference(self.rnet.to(self.device), self.cfg)
+        return self.manifest.space.image_sampler(self.teacher, teachers.ddim_scheduler(self.ddpm), rnet,
+                                                 self.teacher_steps())
 
     def speed(self, records):
         batch_x = records["x_T"][:self.cfg["throughput_batch"]]
@@ -259,10 +254,7 @@ class Evaluation:
         return size
 
     def sampler_text(self, gen) -> str:
-        if self.rnet is not None:
-            return f"ring of the RNet ({gen.get('rnet')}), {self.teacher_steps()} R steps"
-        return f"DDIM eta=0, {self.teacher_steps()} steps" + (
-            "" if gen["steps"] else " (the config's: the imported data does not record the teacher's steps)")
+        return self.manifest.space.sampler_text(gen, self.teacher_steps())
 
     def report(self, rows, fidelity, speed):
         gen = self.manifest.data["generator"]

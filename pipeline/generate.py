@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import atomic, codec as codecs, config, distributed, ring, rnet_files, runtime, store, teachers
+from . import atomic, codec as codecs, config, distributed, rnet_files, runtime, spaces, store, teachers
 from .config import output_dir, project_path
 from .errors import UserError
-from .trajectory import draw_x_T, pixel_residual_record
+from .trajectory import draw_x_T
 
 # Keys of the generator config that decide the content of a record: a folder made with other
 # values cannot be extended or resumed.
@@ -36,7 +36,7 @@ def generator_info(cfg, unet, scheduler, source, rnet=None) -> dict:
     c, size = unet.config.in_channels, unet.config.sample_size
     T = scheduler.config.num_train_timesteps
     info = {"teacher": source, "teacher_sha256": teachers.weights_sha256(unet), "space": cfg["space"],
-            "sampler": "DDIM, eta=0 (diffusers DDIMScheduler)", "steps": cfg["steps"], "chunks": cfg["chunks"],
+            "sampler": None, "steps": cfg["steps"], "chunks": cfg["chunks"],
             "T": T, "chunk_size": T // cfg["chunks"], "percentile": cfg["percentile"], "seed": cfg["seed"],
             "image_shape": [c, size, size], "latent_channels": c, "gen_precision": cfg["gen_precision"],
             "scheduler": {k: scheduler.config[k] for k in ("beta_start", "beta_end", "beta_schedule",
@@ -44,8 +44,8 @@ def generator_info(cfg, unet, scheduler, source, rnet=None) -> dict:
             "x_T": "torch.randn(image_shape) from torch.Generator seeded by sample_seed(seed, index), rounded to float16",
             "rnet_sha256": None}
     if rnet is not None:
-        info.update(sampler=f"ring of the RNet: Rin(x_T, {T - 1}), {cfg['steps']} R steps, X0out(z, 0)",
-                    latent_channels=rnet.latent_channels, rnet=cfg["rnet_path"], rnet_sha256=teachers.weights_sha256(rnet))
+        info.update(latent_channels=rnet.latent_channels, rnet=cfg["rnet_path"], rnet_sha256=teachers.weights_sha256(rnet))
+    info["sampler"] = spaces.of_config(cfg).manifest_sampler(info)
     return info
 
 
@@ -100,12 +100,12 @@ class Generator:
         if cfg["steps"] > ddpm.config.num_train_timesteps:
             raise UserError(f"steps={cfg['steps']} is more than the teacher's {ddpm.config.num_train_timesteps} "
                             f"timesteps; use at most that many")
-        self.rnet = None
-        if cfg["space"] == "latent":  # refused here, before any work, when it does not fit teacher or steps
+        self.space, self.rnet = spaces.of_config(cfg), None
+        if self.space.needs_rnet:  # refused here, before any work, when it does not fit teacher or steps
             net, _ = rnet_files.load_rnet(project_path(cfg["rnet_path"]), unet, teachers.weights_sha256(unet),
                                           steps=cfg["steps"])
             self.rnet = runtime.for_inference(net.to(self.device), cfg)
-            self.ring_timesteps = ring.ring_timesteps(net.T, cfg["steps"])
+        self.sample = self.space.residual_sampler(self.unet, self.scheduler, self.rnet, cfg["steps"])
         self.generator = generator_info(cfg, unet, ddpm, self.source, self.rnet)
         c, size, _ = self.generator["image_shape"]
         self.spec = store.record_spec(c, size, self.generator["latent_channels"], cfg["chunks"])
@@ -124,19 +124,14 @@ class Generator:
         x_T = draw_x_T(self.cfg["seed"], indices, g["image_shape"]).to(self.device)
         start = time.perf_counter()
         with runtime.autocast(self.amp, self.device):
-            if self.rnet is None:
-                rin0, r_chunks, z_final = pixel_residual_record(self.unet, self.scheduler, x_T, g["steps"], g["chunks"])
-                x0 = z_final
-            else:
-                rin0, r_chunks, z_final, x0 = ring.latent_residual_record(self.rnet, x_T, self.ring_timesteps,
-                                                                          g["chunks"])
+            rin0, r_chunks, z_final, x0 = self.sample(x_T, g["chunks"])
         finite = bool(torch.isfinite(z_final).all() and torch.isfinite(r_chunks).all())
         self.seconds["teacher"] += time.perf_counter() - start
         if not finite:
             raise UserError(f"the teacher produced NaN or inf for samples {indices[0]}..{indices[-1]} with "
                             f"gen_precision={self.cfg['gen_precision']}; {self.non_finite_advice()}")
         return codecs.Trajectories(*(t.float().cpu().numpy() for t in (x_T, rin0, r_chunks, z_final, x0)),
-                                   T=g["T"], chunk_size=g["chunk_size"], latent=self.rnet is not None)
+                                   T=g["T"], chunk_size=g["chunk_size"], space=self.space)
 
     def non_finite_advice(self) -> str:
         """What to do about a non-finite trajectory: fp32 helps only where the weights are finite and autocast ran."""
@@ -166,7 +161,7 @@ class Generator:
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         arrays["index"] = np.arange(first, first + count, dtype=np.int64)
         start = time.perf_counter()
-        stored, extra = self.codec.pack(arrays, latent=self.rnet is not None)
+        stored, extra = self.codec.pack(arrays, self.space)
         # the teacher waits meanwhile, so zstd may use every thread this process has (docs/design.md §15)
         payload = store.encode_npz(stored, self.codec.zstd_level, workers=torch.get_num_threads())
         self.seconds["compress"] += time.perf_counter() - start
@@ -249,7 +244,7 @@ def prepare(cfg, folder, gen):
     todo = plan(manifest, cfg)
     done = manifest.next_index()
     print(f"[generate] {folder}: {done} samples present, {sum(c for _, _, c in todo)} to generate "
-          f"in {len(todo)} shard(s) ({cfg['steps']} {'ring' if cfg['space'] == 'latent' else 'DDIM'} steps, "
+          f"in {len(todo)} shard(s) ({cfg['steps']} {spaces.of_config(cfg).step_name} steps, "
           f"{cfg['chunks']} chunks)"
           + (f" on {distributed.world()} processes" if distributed.world() > 1 else ""))
     return manifest, todo, done

@@ -28,7 +28,6 @@ import torch
 from safetensors.torch import save
 
 from . import atomic, checksums, jsonfile, student_b, students
-from .config import output_dir, project_path
 from .errors import UserError
 
 KIND = "one-step-student-b-packed"
@@ -40,17 +39,10 @@ SKIPPED_BUFFERS = ("started", "active")
 REDO = "rerun '--mode binarize' on its run folder to re-export it"
 
 
-def b_config(d_config: dict, cfg: dict) -> dict:
+def b_config(d_config: dict, binarization: dict) -> dict:
+    """A packed B's config: D's constructor arguments and the values of BINARIZATION_KEYS it was made with."""
     return {"kind": KIND, "student": {k: v for k, v in d_config.items() if k != "kind"},
-            "binarization": {k: cfg[k] for k in BINARIZATION_KEYS}}
-
-
-def packed_folder(cfg) -> Path:
-    """``b_weights`` (a packed folder, or a binarize run holding one), else ``<b_run_dir>/packed``."""
-    if not cfg["b_weights"]:
-        return output_dir(cfg, "b_run_dir") / "packed"
-    path = project_path(cfg["b_weights"])
-    return path / "packed" if (path / "packed" / PACKED_FILE).is_file() else path
+            "binarization": {k: binarization[k] for k in BINARIZATION_KEYS}}
 
 
 def build_b(config: dict):

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from . import atomic, codec as codecs, config, quant, store
+from . import atomic, codec as codecs, config, quant, spaces, store
 from .config import output_dir, project_path
 from .errors import UserError
 
@@ -99,8 +99,8 @@ def export_command(cfg):
 
 
 def _rin0_miss(arrays: dict, manifest) -> float:
-    """Pixel space: the largest |dequantised rin0 - x_T| of a shard's records (0 in latent space)."""
-    if manifest.latent:
+    """Where the chain starts at x_T (pixel space): the largest |dequantised rin0 - x_T| of a shard's records, else 0."""
+    if not manifest.space.start_is_x_T:
         return 0.0
     rin0 = quant.dequantize(arrays["rin0_q"], arrays["rin0_scale_f16"])
     return float(np.abs(rin0 - arrays["x_T_f16"].astype(np.float32)).max(initial=0.0))
@@ -112,8 +112,8 @@ def _sum_note(manifest, rin0_miss: float) -> str:
     error = codecs.combined([s.get("codec_error") for s in manifest.shards])
     within = (f"to within {error['z_final_max_abs']:.3g} (the codec error '--mode verify' reports)" if error else
               "to within the codec's error (not recorded for this folder)")
-    if manifest.latent:
-        return f"each file's rin0 + sum(r_chunks) is the final latent state {within}"
+    if not manifest.space.start_is_x_T:
+        return f"each file's rin0 + sum(r_chunks) is the final {manifest.space.name} state {within}"
     return (f"pixel space: each file's x_T_f16 + sum(r_chunks) is the final state (the teacher's image before "
             f"clamping to [-1, 1]) {within}; rin0 is the reference quantizer's percentile-clipped copy of x_T, so "
             f"rin0 + sum(r_chunks) misses it by up to {rin0_miss:.3g} in these files")
@@ -224,7 +224,7 @@ def import_command(cfg):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    named = ("" if teacher and (rnet or not manifest.latent) else
+    named = ("" if teacher and (rnet or not manifest.space.needs_rnet) else
              " (no import_rnet named: name the RNet that made this latent data to train on it)" if teacher else
              " (no import_teacher named: name it to train on this data)")
     print(f"[import] {len(files)} samples from {source} written as {len(manifest.shards)} shard(s) to "
@@ -318,24 +318,24 @@ def imported_generator(source, layout: Layout, teacher, rnet=None) -> dict:
     teacher, training refuses the data (``teacher_sha256`` null) and says how to name it."""
     generator = {
         "source": store.IMPORTED, "reference_dir": str(source), "teacher": None, "teacher_sha256": None,
-        "space": "pixel" if layout.latent_channels == layout.image_channels else "latent",
+        "space": spaces.of_reference_files(layout.image_channels, layout.latent_channels).name,
         "sampler": None, "steps": None, "chunks": layout.chunks, "T": layout.T, "chunk_size": layout.chunk_size,
         "percentile": None, "seed": None, "image_shape": [layout.image_channels, layout.size, layout.size],
         "latent_channels": layout.latent_channels, "gen_precision": None, "scheduler": None,
         "x_T": "as stored in the imported files"}
     if teacher is not None:
-        _check_teacher_fits(teacher, layout, generator["space"])
+        _check_teacher_fits(teacher, layout, spaces.of_generator(generator))
         generator.update(teacher=teacher.where, teacher_sha256=teacher.sha256, scheduler={
             k: teacher.ddpm.config[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps",
                                                 "timestep_spacing")})
     if rnet is not None:
-        _check_rnet_fits(rnet, layout, generator["space"])
+        _check_rnet_fits(rnet, layout, spaces.of_generator(generator))
         generator.update(rnet=rnet.where, rnet_sha256=rnet.sha256)
     return generator
 
 
-def _check_rnet_fits(rnet: ImportedRNet, layout: Layout, space: str):
-    if space != "latent":
+def _check_rnet_fits(rnet: ImportedRNet, layout: Layout, space):
+    if not space.needs_rnet:
         raise UserError(f"import_rnet={rnet.where} names an RNet, but the imported files hold pixel-space data "
                         f"({layout.text()}); import them without import_rnet")
     found = {"latent channels": (rnet.net.latent_channels, layout.latent_channels), "T": (rnet.net.T, layout.T)}
@@ -345,11 +345,11 @@ def _check_rnet_fits(rnet: ImportedRNet, layout: Layout, space: str):
                             f"{data_value}, so it did not make them; set import_rnet= to the RNet that did")
 
 
-def _check_teacher_fits(teacher: Teacher, layout: Layout, space: str):
+def _check_teacher_fits(teacher: Teacher, layout: Layout, space):
     unet, ddpm = teacher.unet, teacher.ddpm
     size = unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
-    latent = unet.config.in_channels if space == "pixel" else unet.config.block_out_channels[0]
+    latent = space.chain_channels(unet.config)
     found = {"image channels": (unet.config.in_channels, layout.image_channels), "image size": (size, layout.size),
              "T": (ddpm.config.num_train_timesteps, layout.T), "latent channels": (latent, layout.latent_channels)}
     for what, (teacher_value, data_value) in found.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import api, atomic, config, images, packed, runtime, students
+from . import api, atomic, config, images, packed, runtime, student_folders, students
 from .config import output_dir, project_path
 from .errors import UserError
 
@@ -29,11 +29,11 @@ LOADERS = {"d": students.load_student, "b": packed.load_packed}  # each checks t
 def student_folder(cfg) -> Path:
     """The folder of the student that ``sample_student`` names."""
     if cfg["sample_student"] == "d":
-        return students.d_folder(cfg)
+        return student_folders.d_folder(cfg)
     if cfg["b_weights"] == "none":
         raise UserError("sample_student=b but b_weights=none; set b_weights= to a packed B folder or sample "
                         "D with sample_student=d")
-    return packed.packed_folder(cfg)
+    return student_folders.packed_folder(cfg)
 
 
 def out_folder(cfg) -> Path:

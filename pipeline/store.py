@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, codec as codecs, jsonfile
+from . import atomic, codec as codecs, jsonfile, spaces
 from .npz_zstd import decode_npz, encode_npz, npz_bound  # noqa: F401 (the format's container, read as store.*)
 from .config import output_dir
 from .errors import UserError
@@ -137,8 +137,9 @@ class Manifest:
         return codecs.from_manifest(self.data["codec"], self.folder / MANIFEST)
 
     @property
-    def latent(self) -> bool:
-        return self.data["generator"].get("space") == "latent"
+    def space(self):
+        """The trajectory space of the records (a spaces object)."""
+        return spaces.of_generator(self.data["generator"])
 
     @property
     def spec(self):
@@ -223,7 +224,7 @@ def _inspect_shard(manifest: Manifest, entry: dict, deep: bool):
     if not deep:
         return None, None
     codec = manifest.codec
-    stored_spec = codec.stored_spec(manifest.spec, manifest.latent)
+    stored_spec = codec.stored_spec(manifest.spec, manifest.space)
     try:
         stored = decode_npz(data, npz_bound(stored_spec, entry["count"]))
     except ValueError as err:

@@ -26,9 +26,8 @@ from diffusers import UNet2DModel
 from safetensors.torch import save
 from torch import nn
 
-from . import atomic, jsonfile
+from . import atomic, jsonfile, spaces
 from .checksums import content_sha256, read_safetensors, verify_checksum
-from .config import output_dir, project_path
 from .errors import UserError
 from .film import Readout
 
@@ -96,13 +95,14 @@ class StudentD(nn.Module):
                        "head_channels": head_channels}
         if x0out is not None:
             self.config["x0out"] = dict(x0out)
-        if space == "pixel" and latent_channels != image_channels:
-            raise UserError(f"in pixel space latent_channels ({latent_channels}) must equal image_channels "
+        chain = spaces.SPACES[space]
+        if chain.image_is_end and latent_channels != image_channels:  # the image is the chain's end state
+            raise UserError(f"in {space} space latent_channels ({latent_channels}) must equal image_channels "
                             f"({image_channels})")
         self.unet = UNet2DModel(**backbone)
         self.unet.conv_out = nn.Identity()  # the decoder's last features are read out by the heads
         self.register_buffer("timestep", torch.tensor(timestep, dtype=torch.long), persistent=False)
-        self.predicts_rin = space != "pixel"
+        self.predicts_rin = not chain.start_is_x_T  # the chain's start, unless it is x_T itself
 
         ups = self.unet.up_blocks
         depth_channels = [blk.resnets[-1].out_channels for blk in ups[:-1]] + [self.unet.config.block_out_channels[0]]
@@ -154,7 +154,7 @@ def new_student(backbone_config: dict, manifest_generator: dict, head_channels: 
     backbone = {k: v for k, v in dict(backbone_config).items() if not k.startswith("_")}
     image_channels = manifest_generator["image_shape"][0]
     x0out = None
-    if manifest_generator["space"] == "latent":
+    if spaces.of_generator(manifest_generator).needs_rnet:
         if rnet is None:
             raise ValueError("a latent-space D needs the RNet whose x0 head reads its images out")
         net = rnet.config
@@ -195,9 +195,7 @@ def fit_rin_skips(student: StudentD, rin, chunks) -> None:
 
 def readout(student: StudentD, z_hat):
     """The image of a predicted end state: the state itself in pixel space, X0out(z_hat, 0) in latent space."""
-    if student.config["space"] == "pixel":
-        return z_hat
-    return student.x0out(z_hat, torch.zeros(len(z_hat), dtype=torch.long, device=z_hat.device))
+    return spaces.SPACES[student.config["space"]].readout(student, z_hat)
 
 
 def one_step(student: StudentD, x_T):
@@ -257,16 +255,6 @@ def load_student(folder) -> StudentD:
         raise UserError(f"{weights_path} does not fit the architecture in {config_path} (a checkpoint of another "
                         f"model?); use the folder train_d wrote") from None
     return model.eval()
-
-
-def d_folder(cfg) -> Path:
-    """``d_weights`` (a student folder, or a training run holding one), else the run's EMA student."""
-    if not cfg["d_weights"]:
-        return output_dir(cfg, "d_run_dir") / "student"
-    path = project_path(cfg["d_weights"])
-    if not (path / CONFIG_FILE).is_file() and (path / "student" / CONFIG_FILE).is_file():
-        return path / "student"
-    return path
 
 
 def check_fits(model, manifest):

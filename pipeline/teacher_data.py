@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import quant, store, teachers
+from . import codec as codecs, quant, spaces, store, teachers
 from .config import project_path
 from .errors import UserError
 from .rnet_files import load_rnet
@@ -33,7 +33,7 @@ def open_data(cfg) -> store.Manifest:
                             f"(into a new or emptied data_dir) with import_teacher=<folder of that teacher>")
         raise UserError(f"{folder / store.MANIFEST} names no teacher (teacher_sha256); regenerate the folder")
     gen = manifest.data["generator"]
-    if gen.get("space") == "latent" and not gen.get("rnet_sha256"):
+    if manifest.space.needs_rnet and not gen.get("rnet_sha256"):
         if store.is_imported(manifest):
             raise UserError(f"{folder} holds latent-space data imported without naming the RNet that made it; D "
                             f"reads its images through the RNet's x0 head, so import it again (into a new or emptied "
@@ -57,7 +57,7 @@ def rnet_of(cfg, manifest, teacher):
     """The RNet that made latent data (None in pixel space): ``rnet_path``, else the folder the manifest
     names, refused unless its weights are the ones that made the data."""
     gen = manifest.data["generator"]
-    if gen.get("space") != "latent":
+    if not manifest.space.needs_rnet:
         return None
     folder = project_path(cfg["rnet_path"] or gen["rnet"])
     net, _ = load_rnet(folder, teacher, gen["teacher_sha256"], steps=gen["steps"])
@@ -84,13 +84,14 @@ def split(cfg, manifest):
     return (0, holdout), (holdout, hi)
 
 
-def to_tensors(arrays: dict, rows=slice(None), latent: bool = False) -> dict:
-    """Model inputs and targets of decoded records (float32): x_T, rin0, chunks, x0, index. In pixel space
-    rin0 is x_T exactly (its stored int8 copy is the reference's format only); in latent space it is the
-    dequantised Rin(x_T)."""
+def to_tensors(arrays: dict, rows=slice(None), space=spaces.SPACES["pixel"]) -> dict:
+    """Model inputs and targets of decoded records (float32): x_T, rin0, chunks, x0, index. rin0 is the chain's
+    start as ``space`` decodes it: in pixel space x_T exactly (its stored int8 copy is the reference's format
+    only), in latent space the dequantised Rin(x_T)."""
     x_T = torch.from_numpy(arrays["x_T_f16"][rows].astype(np.float32))
     chunks = quant.dequantize(arrays["r_chunks_q"][rows], arrays["r_chunks_scale_f16"][rows])
-    rin0 = torch.from_numpy(quant.dequantize(arrays["rin0_q"][rows], arrays["rin0_scale_f16"][rows])) if latent else x_T
+    rin0 = torch.from_numpy(codecs.decoded_start({k: arrays[k][rows] for k in ("x_T_f16", "rin0_q", "rin0_scale_f16")},
+                                                 space))
     return {"x_T": x_T, "rin0": rin0, "chunks": torch.from_numpy(chunks),
             "x0": torch.from_numpy(arrays["x0_teacher_f16"][rows].astype(np.float32)),
             "index": torch.from_numpy(arrays["index"][rows].astype(np.int64))}
@@ -128,7 +129,7 @@ def read_range(manifest, lo, hi) -> dict:
     for entry in shards_overlapping(manifest, lo, hi):
         arrays = manifest.read_shard(entry)
         rows = (arrays["index"] >= lo) & (arrays["index"] < hi)
-        parts.append(to_tensors(arrays, rows, manifest.latent))
+        parts.append(to_tensors(arrays, rows, manifest.space))
     if not parts or sum(len(p["index"]) for p in parts) != hi - lo:
         raise UserError(f"{manifest.folder} does not hold every record of {lo}..{hi - 1}; run '--mode verify'")
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -152,7 +153,7 @@ class ShardStream(IterableDataset):
             for k in order[part::parts]:
                 arrays = self.manifest.read_shard(self.entries[k])
                 keep = np.flatnonzero((arrays["index"] >= self.lo) & (arrays["index"] < self.hi))
-                tensors = to_tensors(arrays, keep, self.manifest.latent)
+                tensors = to_tensors(arrays, keep, self.manifest.space)
                 for i in range(len(keep)):
                     yield {key: value[i] for key, value in tensors.items()}
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import code_layout, codec as codecs, generate, quant, store
+from pipeline import code_layout, codec as codecs, generate, quant, spaces, store
 from pipeline.errors import UserError
 from pipeline.trajectory import draw_x_T
 
@@ -23,7 +23,8 @@ def trajectories(n=6, chunks=5, latent=False, seed=0, channels=1) -> codecs.Traj
     residuals = (rng.standard_normal((n, chunks) + start.shape[1:]) * scale).astype(np.float32)
     z_final = start + residuals.sum(1)
     x0 = np.tanh(z_final[:, :channels]) if latent else z_final
-    return codecs.Trajectories(x_T, start, residuals, z_final, x0, T=1000, chunk_size=1000 // chunks, latent=latent)
+    return codecs.Trajectories(x_T, start, residuals, z_final, x0, T=1000, chunk_size=1000 // chunks,
+                                space=spaces.SPACES["latent" if latent else "pixel"])
 
 
 def feedback(step=0.05, x_T="regenerate", version=None):
@@ -40,12 +41,12 @@ def test_feedback_records_survive_pack_and_unpack_bit_exactly(latent, x_T, versi
     traj = trajectories(latent=latent)
     codec = feedback(x_T=x_T, version=version)
     records = dict(codec.encode(traj), index=np.arange(len(traj.x_T)))
-    stored, extra = codec.pack(records, latent)
+    stored, extra = codec.pack(records, traj.space)
     assert "x_T_f16" not in stored if x_T == "regenerate" else "x_T_f16" in stored
     assert ({"rin0_q", code_layout.RIN0_ROW_STEPS} & set(stored) != set()) == latent
     assert ("x0_teacher_f16" in stored) == latent
     spec = store.record_spec(1, 8, 3 if latent else 1, 5)
-    assert sorted(stored) == sorted([*codec.stored_spec(spec, latent), "index"])
+    assert sorted(stored) == sorted([*codec.stored_spec(spec, traj.space), "index"])
     back = codec.unpack({k: v.copy() for k, v in stored.items()}, {"seed": 0, "image_shape": list(traj.x_T.shape[1:]),
                         "space": "latent" if latent else "pixel"}, entry_for(extra))
     assert sorted(back) == sorted(records)
@@ -94,7 +95,7 @@ def test_version_2_keeps_the_image_grey_levels_that_version_1_loses():
     for version in (1, 2):
         codec = feedback(step=0.2, version=version)
         records = dict(codec.encode(traj), index=np.arange(len(traj.x_T)))
-        stored, extra = codec.pack(records, latent=False)
+        stored, extra = codec.pack(records, traj.space)
         back = codec.unpack(stored, {"seed": 0, "image_shape": list(SHAPE), "space": "pixel"}, entry_for(extra))
         levels[version] = codecs.image_levels(back["x0_teacher_f16"])
     np.testing.assert_array_equal(levels[2], truth)
@@ -108,7 +109,7 @@ def test_reference_codec_stores_its_records_as_they_are():
     q, s = quant.quantize(traj.chunks, 99.5)
     np.testing.assert_array_equal(records["r_chunks_q"], q)
     np.testing.assert_array_equal(records["r_chunks_scale_f16"], s)
-    stored, extra = codec.pack(records, False)
+    stored, extra = codec.pack(records, traj.space)
     assert stored is records and extra == {} and codec.unpack(stored, {}, {}) is records
 
 
@@ -117,7 +118,7 @@ def test_every_partial_sum_is_within_half_a_step(latent):
     traj = trajectories(latent=latent)
     records = feedback(step=0.05).encode(traj)
     step = 0.05 * np.sqrt(np.mean(np.square(traj.z_final), axis=(2, 3)))[..., None, None]
-    decoded = codecs.decoded_start(records, latent)[:, None] + np.cumsum(
+    decoded = codecs.decoded_start(records, traj.space)[:, None] + np.cumsum(
         quant.dequantize(records["r_chunks_q"], records["r_chunks_scale_f16"]), axis=1)
     true = traj.start[:, None] + np.cumsum(traj.chunks, axis=1)
     rounded_up = step[:, None, :, 0, 0] * (1 + 2 ** -10)  # float16 rounds the stored scale up by < 1 ulp
@@ -134,7 +135,7 @@ def test_the_final_error_does_not_grow_with_the_number_of_chunks():
         traj.chunks /= np.sqrt(chunks)  # the same final spread for every chain length
         traj.z_final = traj.start + traj.chunks.sum(1)
         records = feedback().encode(traj)
-        with_feedback[chunks] = np.sqrt(np.mean(np.square(codecs.decoded_final(records, False) - traj.z_final)))
+        with_feedback[chunks] = np.sqrt(np.mean(np.square(codecs.decoded_final(records, traj.space) - traj.z_final)))
         scales = records["r_chunks_scale_f16"]
         alone = [quant.dequantize(quant.quantize_step(traj.chunks[:, k], scales[:, k]), scales[:, k]) for k in range(chunks)]
         without[chunks] = np.sqrt(np.mean(np.square(traj.start + sum(alone) - traj.z_final)))
@@ -148,7 +149,7 @@ def test_the_tally_reports_the_errors_it_measures():
     tally = codecs.ErrorTally()
     tally.add(traj, records)
     summary = tally.summary()
-    error = codecs.decoded_final(records, False) - traj.z_final
+    error = codecs.decoded_final(records, traj.space) - traj.z_final
     assert summary["samples"] == 6 and len(summary["chunk_rmse"]) == 5
     assert summary["z_final_rmse"] == pytest.approx(np.sqrt(np.mean(error ** 2)), rel=1e-3)
     assert summary["z_final_max_abs"] == pytest.approx(np.abs(error).max(), rel=1e-3)

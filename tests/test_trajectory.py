@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import codec as codecs, teachers
+from pipeline import codec as codecs, spaces, teachers
 from pipeline.trajectory import ddim_sample, draw_x_T, pixel_residual_record
 
 
@@ -38,7 +38,7 @@ def test_record_keys_and_dtypes(small_teacher, codec):
     x_T = draw_x_T(0, range(2), [1, 32, 32])
     rin0, r_chunks, z_final = pixel_residual_record(unet, scheduler, x_T, 4, 2)
     rec = codec.encode(codecs.Trajectories(*(t.numpy() for t in (x_T, rin0, r_chunks, z_final, z_final)), T=1000,
-                                           chunk_size=500, latent=False))
+                                           chunk_size=500, space=spaces.SPACES["pixel"]))
     dtypes = {k: str(v.dtype) for k, v in rec.items()}
     assert dtypes == {"x_T_f16": "float16", "x0_teacher_f16": "float16", "rin0_q": "int8", "rin0_scale_f16": "float16",
                       "r_chunks_q": "int8", "r_chunks_scale_f16": "float16", "T": "int16", "chunk_size": "int16"}
