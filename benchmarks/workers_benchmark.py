@@ -9,8 +9,9 @@ on the same teacher, data and D. Rounds alternate which side goes first, so a ma
 affects both alike. What is timed per stage: generate's wall time (start-up included, as a user waits for it);
 train_d's and binarize's median ``seconds_per_step`` of their ``stats.jsonl`` windows after the first (which holds
 the warm-up); eval_d's wall time of D alone with the reference features already cached. The first lines name the
-CPU, the kind ``procs=0`` reads (pipeline/cpu.py) and torch's kernel ISA, which is what BENCHMARKS.md records.
-Run it alone on the machine: anything else running is measured with it.
+CPU, its kind (pipeline/cpu.py) and torch's kernel ISA, which is what BENCHMARKS.md records.
+Run it alone on the machine: anything else running is measured with it. Short runs can mislead (start-up weighs
+more, long runs page differently): before changing what ``procs=0`` does, time the whole main command both ways.
 """
 import argparse
 import json
@@ -28,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import config, cpu, launch  # noqa: E402
+from pipeline import config, cpu  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
 SIDES = (1, 2)
@@ -133,8 +134,8 @@ def main():
         ratios = " / ".join(f"{a / b:.2f}x" for a, b in zip(one, two))
         print(f"| {stage} | {unit} | {' / '.join(f'{v:.3g}' for v in one)} | {' / '.join(f'{v:.3g}' for v in two)} "
               f"| {ratios} |")
-    chosen = "one process" if kind in launch.ONE_PROCESS_KINDS else "two workers for generate, train_d and binarize"
-    print(f"\nprocs=0 chooses on this CPU kind: {chosen} (launch.ONE_PROCESS_KINDS)")
+    print("\nprocs=0 starts two workers for generate, train_d and binarize on every CPU kind; these short runs are a "
+          "first look: on the Zen 4 EPYC they said 0.86-1.00x where the whole main command ran 1.1x faster with workers")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """Worker processes started by a plain ``python Main_Distill.py`` launch (key ``procs``, docs/design.md §16).
 
-On some 2-core CPUs two single-thread processes run generate, train_d and binarize faster than one process with two
-threads, on another they are slower (README, "Many processes"), so ``procs=0`` (auto, the default) decides by the
-CPU's kind (cpu.py), and ``procs=N`` always starts N. A plain launch then runs those stages as workers of one
-torch.distributed group:
-the same code paths that torchrun runs, with the environment torchrun would give them (RANK, LOCAL_RANK,
+On a 2-core CPU two single-thread processes run generate, train_d and binarize faster than one process with two
+threads (on every CPU kind measured at full size: README, "Many processes"), so ``procs=0`` (auto, the default)
+starts two on a CPU-only machine of two or more cores, and ``procs=N`` always starts N. A plain launch runs those
+stages as workers of one torch.distributed group: the same code paths that torchrun runs, with the environment torchrun would give them (RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS). This module decides how many workers a stage gets,
 starts and watches them, and turns their exit statuses into what the user reads: the sentence of a worker's
 ``UserError`` is printed by rank 0 alone (``distributed.together``), any other failure becomes one sentence here.
@@ -23,17 +22,12 @@ import sys
 import threading
 import time
 
-from . import cpu
 from .config_keys import KEYS
 from .errors import AlreadySaid, UserError
 
 LAUNCHER_PID = "PIPELINE_LAUNCHER_PID"  # set in a worker's environment: the pid of the launcher it must die with
 AUTO_STAGES = ("generate", "train_d", "binarize")  # eval_d measured almost no gain from two (issue 28)
 AUTO_WORKERS = 2
-# CPU kinds on which procs=0 keeps one process: two single-thread workers measured no faster there, stage by stage
-# (BENCHMARKS "The main command on the Zen 4 EPYC": generate 0.86-0.88x, train_d 0.97-0.98x, binarize 0.97-1.00x).
-# Elsewhere they paid: AVX2-only EPYC 1.10-1.24x a stage, AMX Xeon 1.06-1.07x a D step; unmeasured kinds get them.
-ONE_PROCESS_KINDS = {cpu.AVX512_BF16: "generate 0.86-0.88x, train_d 0.97-0.98x, binarize 0.97-1.00x"}
 JOIN_FAILED = 3  # a worker's exit status when it could not join the group (the launcher says why)
 INTERRUPTED = 130
 FAILURE_GRACE_S = 10  # after one worker fails, the time the others get to end on their own (they fail together)
@@ -73,24 +67,13 @@ def plan(cfg, stages) -> dict:
     chosen = [s for s in stages if s in KEYS["procs"].stages and (cfg["procs"] > 1 or s in AUTO_STAGES)]
     if not chosen:
         return single
-    count = cfg["procs"] or (AUTO_WORKERS if auto_workers_pay(cfg) else 1)
+    count = cfg["procs"] or (AUTO_WORKERS if _room_for_workers(cfg) else 1)
     return {stage: count if stage in chosen else 1 for stage in stages}
 
 
 def _room_for_workers(cfg) -> bool:
     """A CPU-only machine of at least AUTO_WORKERS cores."""
     return usable_cores() >= AUTO_WORKERS and not gpu_in_use(cfg)
-
-
-def auto_workers_pay(cfg) -> bool:
-    """procs=0: workers where there is room for them and the CPU's kind measured a gain."""
-    return _room_for_workers(cfg) and cpu.kind() not in ONE_PROCESS_KINDS
-
-
-def kept_in_one_process(cfg) -> bool:
-    """procs=0 where there is room for workers but the CPU's kind measured them no faster."""
-    return (cfg["procs"] == 0 and not torchrun_launched() and _room_for_workers(cfg)
-            and cpu.kind() in ONE_PROCESS_KINDS)
 
 
 def threads_per_worker(cfg, count: int) -> int:
@@ -106,11 +89,7 @@ def describe(cfg, workers: dict):
     """The one line that says what runs how, or None when everything runs in this process as the user asked."""
     many = [stage for stage, count in workers.items() if count > 1]
     if not many:
-        if not kept_in_one_process(cfg) or not any(stage in AUTO_STAGES for stage in workers):
-            return None
-        kind = cpu.kind()
-        return (f"[procs] every stage runs in this one process: on this CPU kind ({cpu.DESCRIPTIONS[kind]}) two "
-                f"single-thread workers measured no faster ({ONE_PROCESS_KINDS[kind]}); procs=2 starts them anyway")
+        return None
     count = workers[many[0]]
     threads = threads_per_worker(cfg, count)
     alone = [stage for stage, n in workers.items() if n == 1]
