@@ -67,12 +67,14 @@ def main(prog, description, modes, default_mode="generate", argv=None, script=No
     parser = build_parser(prog, description, modes, default_mode)
     args = parser.parse_intermixed_args(argv)  # key=value may follow --dry-run or --mode
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    if not launch.become_worker():
-        return _run_mode(args, modes, script, worker=False)
-    # A worker of our launcher ends here without tearing its process group down: the launcher owns the workers'
-    # lives, and a gloo group torn down while its peer is already gone can abort the process (SIGABRT) after
-    # the work and its one sentence are done.
-    code = _run_mode(args, modes, script, worker=True)
+    worker = launch.become_worker()
+    code = _run_mode(args, modes, script, worker=worker)
+    if not launch.torchrun_launched():
+        return code
+    # A rank (of torchrun or of our launcher) ends here without tearing its process group down: every rank has
+    # passed the closing barrier (or failed together with the others), and gloo's C++ teardown, in
+    # destroy_process_group or at interpreter exit, now and then aborts a process (SIGABRT, "terminate called
+    # without an active exception") after the work and its one sentence are done; the kernel closes the sockets.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -111,9 +113,6 @@ def _run_mode(args, modes, script, worker: bool) -> int:
             print("\ninterrupted: what was complete is kept (training saved a checkpoint); rerun the same command to "
                   "continue", file=sys.stderr)
         return 130
-    finally:
-        if ranks and not worker:
-            ranks.finish()
     return 0
 
 

@@ -144,12 +144,14 @@ def together():
 
 def wait_for_all() -> None:
     """Block until every rank gets here: after a stage ends well, so that no rank leaves the group while rank 0
-    still writes the stage's results (a rank destroying the group early can abort the process at exit)."""
+    still writes the stage's results (a rank leaving early can abort the others' collectives)."""
     if active():
         dist.barrier()
 
 
 def finish() -> None:
+    """Leave the group (for code that runs its own ranks, as the tests do; the entry points end with os._exit
+    instead, docs/design.md §16)."""
     if active():
         dist.destroy_process_group()
 
