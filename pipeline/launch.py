@@ -3,10 +3,11 @@
 On a 2-core CPU two single-thread processes run generate, train_d and binarize faster than one process with two
 threads (on every CPU kind measured at full size: README, "Many processes"), so ``procs=0`` (auto, the default)
 starts two on a CPU-only machine of two or more cores, and ``procs=N`` always starts N. A plain launch runs those
-stages as workers of one torch.distributed group: the same code paths that torchrun runs, with the environment torchrun would give them (RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS). This module decides how many workers a stage gets,
-starts and watches them, and turns their exit statuses into what the user reads: the sentence of a worker's
-``UserError`` is printed by rank 0 alone (``distributed.together``), any other failure becomes one sentence here.
+stages as workers of one torch.distributed group: the same code paths that torchrun runs, with the environment
+torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS). This module
+decides how many workers a stage gets, starts and watches them, and turns their exit statuses into what the user
+reads: the sentence of a worker's ``UserError`` is printed by rank 0 alone (``distributed.together``), any other
+failure becomes one sentence here.
 
 The workers die with the launcher: each asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG), so
 even a SIGKILLed launcher leaves none behind; Ctrl-C and SIGTERM reach the launcher only, which passes SIGTERM on,
