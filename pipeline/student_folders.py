@@ -3,7 +3,7 @@ B's, from ``d_weights`` / ``b_weights`` or the run folders. The model modules ta
 from pathlib import Path
 
 from .config import output_dir, project_path
-from .packed import PACKED_FILE
+from .packed import BINARIZATION_KEYS, PACKED_FILE
 from .students import CONFIG_FILE
 
 
@@ -27,5 +27,4 @@ def packed_folder(cfg) -> Path:
 
 def binarization_settings(cfg) -> dict:
     """The binarization keys a packed B's config records (``packed.b_config``)."""
-    from .packed import BINARIZATION_KEYS
     return {key: cfg[key] for key in BINARIZATION_KEYS}

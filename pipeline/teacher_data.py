@@ -90,8 +90,8 @@ def to_tensors(arrays: dict, rows=slice(None), space=spaces.SPACES["pixel"]) -> 
     only), in latent space the dequantised Rin(x_T)."""
     x_T = torch.from_numpy(arrays["x_T_f16"][rows].astype(np.float32))
     chunks = quant.dequantize(arrays["r_chunks_q"][rows], arrays["r_chunks_scale_f16"][rows])
-    rin0 = torch.from_numpy(codecs.decoded_start({k: arrays[k][rows] for k in ("x_T_f16", "rin0_q", "rin0_scale_f16")},
-                                                 space))
+    rin0 = x_T if space.start_is_x_T else torch.from_numpy(codecs.decoded_start(  # x_T decoded once, shared
+        {k: arrays[k][rows] for k in ("rin0_q", "rin0_scale_f16")}, space))
     return {"x_T": x_T, "rin0": rin0, "chunks": torch.from_numpy(chunks),
             "x0": torch.from_numpy(arrays["x0_teacher_f16"][rows].astype(np.float32)),
             "index": torch.from_numpy(arrays["index"][rows].astype(np.int64))}
