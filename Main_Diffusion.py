@@ -4,26 +4,26 @@ its FID."""
 import sys
 
 from pipeline import cli
-from pipeline.config import output_dir
+from pipeline.core.config import output_dir
 
 
 def pretrain(cfg):
-    from pipeline import pretrain  # torch and diffusers load only when a stage runs
+    from pipeline.train import pretrain  # torch and diffusers load only when a stage runs
     pretrain.pretrain(cfg)
 
 
 def rectify(cfg):
-    from pipeline import rectify
+    from pipeline.train import rectify
     rectify.rectify(cfg)
 
 
 def _rectify_plan(cfg):
-    from pipeline import rectify
+    from pipeline.train import rectify
     return rectify.plan(cfg)
 
 
 def sample(cfg):
-    from pipeline import teacher_eval
+    from pipeline.evaluation import teacher_eval
     teacher_eval.sample_and_score(cfg)
 
 

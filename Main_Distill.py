@@ -9,7 +9,7 @@ the teacher; sample draws a trained student's one-step images.
 import sys
 
 from pipeline import cli
-from pipeline.config import output_dir
+from pipeline.core.config import output_dir
 
 # Each stage imports its module when it runs: torch and diffusers take seconds to import, and --help
 # and a refused config should answer at once. A plan (--dry-run) checks what it can without working:
@@ -17,52 +17,52 @@ from pipeline.config import output_dir
 
 
 def generate(cfg):
-    from pipeline import generate
+    from pipeline.data import generate
     generate.generate(cfg)
 
 
 def verify(cfg):
-    from pipeline import verify
+    from pipeline.data import verify
     verify.verify_command(cfg)
 
 
 def repair(cfg):
-    from pipeline import verify
+    from pipeline.data import verify
     verify.repair(cfg)
 
 
 def export(cfg):
-    from pipeline import reference_layout
+    from pipeline.data import reference_layout
     reference_layout.export_command(cfg)
 
 
 def import_(cfg):
-    from pipeline import reference_layout
+    from pipeline.data import reference_layout
     reference_layout.import_command(cfg)
 
 
 def train_d(cfg):
-    from pipeline import train_d
+    from pipeline.train import train_d
     train_d.train_d(cfg)
 
 
 def binarize(cfg):
-    from pipeline import binarize
+    from pipeline.train import binarize
     binarize.binarize(cfg)
 
 
 def eval_d(cfg):
-    from pipeline import evaluate
+    from pipeline.evaluation import evaluate
     evaluate.eval_d(cfg)
 
 
 def sample(cfg):
-    from pipeline import sample
+    from pipeline.evaluation import sample
     sample.sample_command(cfg)
 
 
 def sample_plan(cfg):
-    from pipeline import sample
+    from pipeline.evaluation import sample
     return sample.plan(cfg)
 
 
@@ -70,12 +70,13 @@ def check_all(cfg):
     """--mode all runs its stages in turn (cli.main, each as its own processes where ``procs`` says so) and each
     resumes, so rerunning after an interruption continues; binarize's key needs D's layer names, so it is refused
     here, before generate."""
-    from pipeline import binarize
+    from pipeline.train import binarize
     binarize.check_before_training(cfg)
 
 
 def generate_plan(cfg):
-    from pipeline import generate, teachers
+    from pipeline.data import generate
+    from pipeline.teacher import teachers
     teachers.check_available(cfg)
     generate.check_existing_folder(cfg)  # a resume or extension: the teacher that made the folder, and its keys
     return [f"would write {cfg['samples_total']} samples of {cfg['steps']}-step DDIM trajectories ({cfg['chunks']} "
@@ -83,7 +84,7 @@ def generate_plan(cfg):
 
 
 def data_plan(cfg):
-    from pipeline import store
+    from pipeline.data import store
     manifest = store.load_manifest(cfg)
     return [f"would read {manifest.data['totals']['samples']} records in {len(manifest.shards)} shard(s) of "
             f"{manifest.folder}"]
@@ -91,7 +92,7 @@ def data_plan(cfg):
 
 def training_plan(prefix, what):
     def plan(cfg):
-        from pipeline import teacher_data
+        from pipeline.data import teacher_data
         manifest = teacher_data.open_data(cfg)
         (lo, hi), (train_lo, train_hi) = teacher_data.split(cfg, manifest)
         return [f"would train {what} for {cfg[prefix + '_train_steps']} steps on records {train_lo}..{train_hi - 1} "
@@ -100,15 +101,15 @@ def training_plan(prefix, what):
 
 
 def eval_plan(cfg):
-    from pipeline import student_folders, students
+    from pipeline.students import student_d, student_folders
     folder = student_folders.d_folder(cfg)
-    students.load_student(folder)  # refuses a missing or damaged D, as the run would
+    student_d.load_student(folder)  # refuses a missing or damaged D, as the run would
     return data_plan(cfg) + [f"would evaluate the student D in {folder} (and B where one is packed) into "
                              f"{output_dir(cfg, 'eval_dir')}"]
 
 
 def import_plan(cfg):
-    from pipeline import reference_layout
+    from pipeline.data import reference_layout
     return [f"would import {reference_layout.reference_dir(cfg, must_exist=True)} into {output_dir(cfg, 'data_dir')}"]
 
 

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import codec as codecs, config, cpu, runtime, spaces, store
-from pipeline.errors import UserError
-from pipeline.generate import CONTENT_KEYS, Generator
+from pipeline.core import config, cpu, runtime
+from pipeline.core.errors import UserError
+from pipeline.data import codec as codecs, store
+from pipeline.data.generate import CONTENT_KEYS, Generator
+from pipeline.teacher import spaces
 
 DEFAULT_STEPS = "0.005,0.01,0.02,0.035,0.05,0.1,0.2,0.4"
 

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import zstandard
 
-from pipeline import cpu, runtime, store
+from pipeline.core import cpu, runtime
+from pipeline.data import store
 
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
 import json, resource, sys
-from pipeline import config, generate
+from pipeline.core import config
+from pipeline.data import generate
 cfg = config.resolve(sys.argv[1], sys.argv[2:])
 folder, seconds = generate.generate(cfg)
 print("RESULT " + json.dumps({"seconds": seconds, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -19,10 +19,14 @@ import argparse
 
 import torch
 
-from pipeline import (binarize, config, evaluate, generate, metrics, rnet_files, student_folders, students, teacher_data,
-                      train_d)
-from pipeline.config import project_path
-from pipeline.errors import UserError
+from pipeline.core import config
+from pipeline.core.config import project_path
+from pipeline.core.errors import UserError
+from pipeline.data import generate, teacher_data
+from pipeline.evaluation import evaluate, metrics
+from pipeline.students import student_d, student_folders
+from pipeline.teacher import rnet_files
+from pipeline.train import binarize, train_d
 
 
 def side_configs(base: dict, rnet: str) -> dict:
@@ -39,11 +43,11 @@ def held_out_figures(cfg, ddim_x0) -> dict:
     manifest = teacher_data.open_data(cfg)
     (lo, hi), _ = teacher_data.split(cfg, manifest)
     records = teacher_data.read_range(manifest, lo, hi)
-    d = students.load_student(student_folders.d_folder(cfg)).eval()
+    d = student_d.load_student(student_folders.d_folder(cfg)).eval()
     preds = [d(records["x_T"][i:i + 64]) for i in range(0, hi - lo, 64)]
     chunks = torch.cat([p["chunks"] for p in preds]).float()
     z_hat = torch.cat([p["rin"] for p in preds]).float() + chunks.sum(1)
-    images = students.readout(d, z_hat).clamp(-1, 1)
+    images = student_d.readout(d, z_hat).clamp(-1, 1)
     target = records["chunks"]
     mse = (chunks - target).pow(2).mean(dim=(0, 2, 3, 4))
     variance = target.transpose(0, 1).reshape(target.shape[1], -1).var(dim=1)

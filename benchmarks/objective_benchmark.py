@@ -15,8 +15,10 @@ import json
 import platform
 import statistics
 
-from pipeline import config, cpu, evaluate, runtime, train_d
-from pipeline.config import output_dir, project_path
+from pipeline.core import config, cpu, runtime
+from pipeline.core.config import output_dir, project_path
+from pipeline.evaluation import evaluate
+from pipeline.train import train_d
 
 
 def parse_variant(text: str):

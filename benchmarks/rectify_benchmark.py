@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import config, rnet, runtime, teachers
-from pipeline.errors import UserError
-from pipeline.rectify import RectifyTrainer, rnet_settings
+from pipeline.core import config, runtime
+from pipeline.core.errors import UserError
+from pipeline.teacher import rnet, teachers
+from pipeline.train.rectify import RectifyTrainer, rnet_settings
 
 
 def flops(fn) -> int:

@@ -20,10 +20,12 @@ import argparse
 
 import torch
 
-from pipeline import config, metrics, ring, rnet_files, runtime, teachers
-from pipeline.config import project_path
-from pipeline.errors import UserError
-from pipeline.trajectory import draw_x_T
+from pipeline.core import config, runtime
+from pipeline.core.config import project_path
+from pipeline.core.errors import UserError
+from pipeline.evaluation import metrics
+from pipeline.teacher import ring, rnet_files, teachers
+from pipeline.teacher.trajectory import draw_x_T
 
 
 def squared_norm(x) -> torch.Tensor:

@@ -31,8 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import config, cpu, runtime, teachers
-from pipeline.errors import UserError
+from pipeline.core import config, cpu, runtime
+from pipeline.core.errors import UserError
+from pipeline.teacher import teachers
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,12 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import config, cpu, datasets, evaluate, fid, runtime, student_folders, students, teacher_data
-from pipeline.binarize import BTrainer
-from pipeline.config import output_dir
-from pipeline.errors import UserError
-from pipeline.generate import Generator
-from pipeline.train_d import DTrainer
+from pipeline.core import config, cpu, runtime
+from pipeline.core.config import output_dir
+from pipeline.core.errors import UserError
+from pipeline.data import datasets, teacher_data
+from pipeline.data.generate import Generator
+from pipeline.evaluation import evaluate, fid
+from pipeline.students import student_d, student_folders
+from pipeline.train.binarize import BTrainer
+from pipeline.train.train_d import DTrainer
 
 # What the main command ran before the speed work (issue 12), as config keys of this version.
 OLD = {"channels_last": False, "b_cache_d_mb": 0, "d_train_steps": 700, "b_train_steps": 600}
@@ -61,13 +64,13 @@ def teacher_sampling(cfgs, repeats):
 
 
 def one_step(cfgs, x_T, repeats):
-    models = {side: runtime.for_inference(students.load_student(student_folders.d_folder(cfg)), cfg)
+    models = {side: runtime.for_inference(student_d.load_student(student_folders.d_folder(cfg)), cfg)
               for side, cfg in cfgs.items()}
 
     def call(side):
         def go():
             with torch.inference_mode():
-                students.one_step(models[side], x_T)
+                student_d.one_step(models[side], x_T)
         return go
 
     for side in models:
@@ -138,7 +141,7 @@ def projected(rows, cfgs):
 
 def check_inputs(cfg):
     d = student_folders.d_folder(cfg)
-    if not (d / students.WEIGHTS_FILE).is_file():
+    if not (d / student_d.WEIGHTS_FILE).is_file():
         raise UserError(f"no student D in {d}; run the main command (Main_Distill.py) with the same config first")
 
 

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, binarize, config, evaluate, fid, train_d
-from pipeline.config import output_dir
+from pipeline.core import atomic, config
+from pipeline.core.config import output_dir
+from pipeline.evaluation import evaluate, fid
+from pipeline.train import binarize, train_d
 
 VARIANTS = {
     "w1a32": ("W1A32: the preset's recipe", {}),

@@ -13,8 +13,10 @@ records, same N, same reference set), so the teacher's figures are shared.
 import argparse
 import json
 
-from pipeline import config, evaluate, train_d
-from pipeline.config import output_dir
+from pipeline.core import config
+from pipeline.core.config import output_dir
+from pipeline.evaluation import evaluate
+from pipeline.train import train_d
 
 
 def evaluate_point(cfg, weights, eval_dir):

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import config, cpu, fid, metrics, runtime, teacher_eval, teachers
-from pipeline.errors import UserError
+from pipeline.core import config, cpu, runtime
+from pipeline.core.errors import UserError
+from pipeline.evaluation import fid, metrics, teacher_eval
+from pipeline.teacher import teachers
 
 TIMING_REPEATS = 7
 

@@ -9,7 +9,7 @@ on the same teacher, data and D. Rounds alternate which side goes first, so a ma
 affects both alike. What is timed per stage: generate's wall time (start-up included, as a user waits for it);
 train_d's and binarize's median ``seconds_per_step`` of their ``stats.jsonl`` windows after the first (which holds
 the warm-up); eval_d's wall time of D alone with the reference features already cached. The first lines name the
-CPU, its kind (pipeline/cpu.py) and torch's kernel ISA, which is what BENCHMARKS.md records.
+CPU, its kind (pipeline/core/cpu.py) and torch's kernel ISA, which is what BENCHMARKS.md records.
 Run it alone on the machine: anything else running is measured with it. Short runs can mislead (start-up weighs
 more, long runs page differently): before changing what ``procs=0`` does, time the whole main command both ways.
 """
@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import config, cpu  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
+from pipeline.core import config, cpu  # noqa: E402
+from pipeline.core.errors import UserError  # noqa: E402
 
 SIDES = (1, 2)
 

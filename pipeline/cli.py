@@ -4,7 +4,7 @@ A mode names the stages it runs; every key those stages read is validated before
 (docs/design.md §9), so a bad value of a late stage never costs the early stages' time. Bad input
 reaches the user as one sentence and exit status 2, never as a traceback; Ctrl-C and SIGTERM stop
 after saving what can be saved, with exit status 130. A plain launch may run its stages as worker processes of
-one torch.distributed group (key ``procs``, pipeline/launch.py); under torchrun the ranks are already there.
+one torch.distributed group (key ``procs``, pipeline/core/launch.py); under torchrun the ranks are already there.
 """
 import argparse
 import contextlib
@@ -14,9 +14,9 @@ import signal
 import sys
 from typing import Callable, Optional
 
-from . import config, launch
-from .config_keys import KEYS, accepted_text
-from .errors import AlreadySaid, UserError
+from .core import config, launch
+from .core.config_keys import KEYS, accepted_text
+from .core.errors import AlreadySaid, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,8 @@ def build_parser(prog, description, modes, default_mode):
 
 def main(prog, description, modes, default_mode="generate", argv=None, script=None):
     """Parse, resolve and validate the config, print it, and run (or, with --dry-run, plan) the mode. ``script``
-    (the entry point's file) lets a plain launch run stages as worker processes (key ``procs``, launch.py)."""
+    (the entry point's file) lets a plain launch run stages as worker processes (key ``procs``,
+    pipeline/core/launch.py)."""
     parser = build_parser(prog, description, modes, default_mode)
     args = parser.parse_intermixed_args(argv)  # key=value may follow --dry-run or --mode
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -139,7 +140,7 @@ def _process_group(worker: bool):
     it, else None; torch is only imported then (a plain launch answers --help and a refused config without it)."""
     if not launch.torchrun_launched():
         return None
-    from . import distributed
+    from .core import distributed
     try:
         distributed.init()
     except Exception as err:  # gloo and the store raise RuntimeError, ValueError, TimeoutError...

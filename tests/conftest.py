@@ -32,7 +32,8 @@ def pytest_xdist_auto_num_workers(config):
 @pytest.fixture(scope="session")
 def small_teacher(tmp_path_factory):
     """A randomly initialised 1-channel UNet2DModel in diffusers layout (fast, deterministic)."""
-    from pipeline import config, teachers
+    from pipeline.core import config
+    from pipeline.teacher import teachers
     cfg = config.resolve("tiny")
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("teacher")
@@ -43,7 +44,7 @@ def small_teacher(tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(small_teacher, tmp_path):
     """The tiny preset pointed at the small random teacher and a fresh data folder."""
-    from pipeline import config
+    from pipeline.core import config
 
     def make(**overrides):
         items = {"teacher_path": str(small_teacher), "data_dir": str(tmp_path / "data"), **overrides}
@@ -91,7 +92,7 @@ def tiny_items(teacher, root, **overrides):
 
 def tiny_config(items: dict):
     """The tiny preset with ``items`` as overrides, resolved as the command line would."""
-    from pipeline import config
+    from pipeline.core import config
     return config.resolve("tiny", [f"{k}={v}" for k, v in items.items()])
 
 
@@ -114,7 +115,7 @@ def read_folder(folder):
 
 def read_records(folder):
     """Every record of a data folder through the tool's reader (any codec), in index order."""
-    from pipeline import store
+    from pipeline.data import store
     manifest = store.Manifest.load(folder)
     parts = [manifest.read_shard(entry) for entry in manifest.shards]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -157,9 +158,9 @@ def student_generator(chunks, channels, space="pixel", latent=None, size=16):
 
 def small_student():
     """A 3-chunk, 1-channel student D on a 16x16 backbone, seeded."""
-    from pipeline import students
+    from pipeline.students import student_d
     torch.manual_seed(0)
-    return students.new_student(SMALL_BACKBONE, student_generator(3, 1), head_channels=8)
+    return student_d.new_student(SMALL_BACKBONE, student_generator(3, 1), head_channels=8)
 
 
 def reader_snippet(marker="reader"):

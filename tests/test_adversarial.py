@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import adversarial, checkpoint, generate, packed, students, teacher_data, teachers
-from pipeline.binarize import BTrainer
-from pipeline.train_d import DTrainer
+from pipeline.core import checkpoint, parts
+from pipeline.data import generate, teacher_data
+from pipeline.students import packed, student_d
+from pipeline.teacher import teachers
+from pipeline.train import adversarial
+from pipeline.train.binarize import BTrainer
+from pipeline.train.train_d import DTrainer
 
 from conftest import ROOT, assert_one_sentence_error, cli_args, run_distill_in_process, tiny_config
 
@@ -66,13 +70,13 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_output_layer():
 
 @pytest.mark.parametrize("metric", ["mse", "pseudo_huber"])
 def test_output_losses_match_their_numpy_formulas(metric):
-    from pipeline.losses import LossWeights, PSEUDO_HUBER_C, d_losses
+    from pipeline.train.losses import LossWeights, PSEUDO_HUBER_C, d_losses
     rng = np.random.default_rng(1)
     pred = {"rin": torch.from_numpy(rng.standard_normal((3, 1, 8, 8)).astype(np.float32)),
             "chunks": torch.from_numpy(0.1 * rng.standard_normal((3, 4, 1, 8, 8)).astype(np.float32))}
     batch = {"chunks": torch.from_numpy(0.1 * rng.standard_normal((3, 4, 1, 8, 8)).astype(np.float32)),
              "x0": torch.from_numpy(rng.uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32))}
-    student = students.StudentD(dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 8],
+    student = student_d.StudentD(dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 8],
                                      down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2,
                                      layers_per_block=1, norm_num_groups=4), chunks=4, image_channels=1,
                                 latent_channels=1, space="pixel", timestep=9, head_channels=4)
@@ -113,8 +117,8 @@ def test_training_with_the_term_keeps_the_heads_in_the_checkpoint_only(small_tea
     assert {"loss_adv", "loss_feat", "loss_disc", "disc_real_logit", "disc_fake_logit"} <= set(stats[-1])
     state = torch.load(tmp_path / "run" / checkpoint.LATEST, weights_only=True)
     assert state["adversary_heads"] and state["adversary_optimizer"]["state"]
-    exported = students.read_safetensors(tmp_path / "run" / "student" / students.WEIGHTS_FILE)[0]
-    plain = students.StudentD.from_config(students.load_student(tmp_path / "run" / "student").config)
+    exported = student_d.read_safetensors(tmp_path / "run" / "student" / student_d.WEIGHTS_FILE)[0]
+    plain = student_d.StudentD.from_config(student_d.load_student(tmp_path / "run" / "student").config)
     assert set(exported) == set(plain.state_dict())  # the exported D holds D's own tensors, nothing of the term
 
 
@@ -239,13 +243,13 @@ def test_no_training_loss_reaches_the_inception_network(small_teacher, tiny_data
     # statically: no module a training stage imports for its loss reads the FID network
     training = ["train_d", "binarize", "losses", "adversarial", "feature_losses", "student_trainer", "trainer"]
     for name in training:
-        assert not {"fid", "InceptionFeatures", "torchmetrics"} & _imported_modules(ROOT / "pipeline" / f"{name}.py")
+        assert not {"fid", "InceptionFeatures", "torchmetrics"} & _imported_modules(parts.files()[name])
     # and at run time: a D step with every loss term on never builds or calls it
 
     def refuse(*args, **kwargs):
         raise AssertionError("the Inception network was loaded during training")
     monkeypatch.setattr(torch.jit, "load", refuse)
-    from pipeline import fid
+    from pipeline.evaluation import fid
     monkeypatch.setattr(fid.InceptionFeatures, "__init__", refuse)
     DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "run", d_train_steps=2, adv_real="dataset",
                   verify_dataset_md5=False)).run()
@@ -261,6 +265,6 @@ def test_a_diverged_run_stops_with_one_sentence_and_keeps_its_last_checkpoint(ca
         tmp_path / "run" / checkpoint.LATEST).exists() else None
     if saved is not None:  # whatever was kept holds finite weights only
         assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
-    weights = tmp_path / "run" / "student" / students.WEIGHTS_FILE
+    weights = tmp_path / "run" / "student" / student_d.WEIGHTS_FILE
     if weights.exists():
-        assert all(torch.isfinite(v).all() for v in students.read_safetensors(weights)[0].values())
+        assert all(torch.isfinite(v).all() for v in student_d.read_safetensors(weights)[0].values())

@@ -5,14 +5,14 @@ import time
 
 import pytest
 
-from pipeline import atomic
-from pipeline.errors import UserError
+from pipeline.core import atomic
+from pipeline.core.errors import UserError
 
 from conftest import ROOT
 
 HOLDER = """
 import sys, time
-from pipeline import atomic
+from pipeline.core import atomic
 with atomic.folder_lock(sys.argv[1], "test run"):
     print("locked", flush=True)
     time.sleep(60)

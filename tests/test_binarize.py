@@ -7,8 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, generate, packed, runtime, student_b, train_d
-from pipeline.binarize import BTrainer
+from pipeline.core import checkpoint, runtime
+from pipeline.data import generate
+from pipeline.students import packed, student_b
+from pipeline.train import train_d
+from pipeline.train.binarize import BTrainer
 
 from conftest import assert_one_sentence_error, cli_args, run_distill_in_process, tiny_config, tiny_items
 
@@ -101,7 +104,7 @@ def test_d_outputs_kept_in_memory_give_b_the_loss_d_run_in_the_step_would(small_
 
 
 def test_d_outputs_over_the_budget_are_computed_in_every_step(small_teacher, with_d, tmp_path, monkeypatch, capsys):
-    from pipeline import d_outputs
+    from pipeline.train import d_outputs
     monkeypatch.setattr(d_outputs, "MB", 1)  # the budget in bytes: smaller than any store
     cfg = _cfg(small_teacher, with_d, b_run_dir=tmp_path / "b", b_train_steps=2, b_checkpoint_every=2,
                data_workers=0, b_cache_d_mb=1000)
@@ -145,7 +148,7 @@ def test_bad_inputs_are_one_sentence(capsys, small_teacher, with_d, tmp_path):
 
 
 def _rehashed(run: dict) -> str:
-    from pipeline import run_record
+    from pipeline.core import run_record
     body = {k: v for k, v in run.items() if k != "sha256"}
     return json.dumps(dict(body, sha256=run_record._digest(body)))
 
@@ -160,8 +163,10 @@ def test_a_damaged_or_edited_run_json_beside_d_is_one_sentence(small_teacher, wi
     """Issue 31: a truncated run.json was a JSONDecodeError; edited holdout_indices made eval_d score training
     records as held out."""
     import shutil
-    from pipeline import binarize, evaluate, store
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
+    from pipeline.data import store
+    from pipeline.evaluation import evaluate
+    from pipeline.train import binarize
     folder = shutil.copytree(with_d / "d" / "student", tmp_path / "student")
     cfg = _cfg(small_teacher, with_d, d_weights=folder)
     manifest = store.load_manifest(cfg)

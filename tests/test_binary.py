@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import binary
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.students import binary
 
 from conftest import small_student
 
@@ -122,7 +122,8 @@ def test_first_scales_are_mean_absolute_values():
 
 
 def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its_scales():
-    from pipeline import config, student_b
+    from pipeline.core import config
+    from pipeline.students import student_b
     cfg = config.resolve("tiny")
     model = small_student()
     table = student_b.to_binary(model, student_b.Binarization.from_config(cfg))
@@ -145,7 +146,8 @@ def test_to_binary_keeps_the_configured_layers_in_full_precision_and_reloads_its
 
 
 def test_progressive_binarization_goes_from_the_middle_outwards():
-    from pipeline import config, student_b
+    from pipeline.core import config
+    from pipeline.students import student_b
     model = small_student()
     student_b.to_binary(model, student_b.Binarization.from_config(config.resolve("tiny")))
     order = []

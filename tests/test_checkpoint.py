@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.config import DEFAULTS
-from pipeline.errors import UserError
+from pipeline.core import checkpoint
+from pipeline.core.config import DEFAULTS
+from pipeline.core.errors import UserError
 
 
 def test_a_key_added_after_the_run_started_counts_as_its_default():

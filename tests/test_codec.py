@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import code_layout, codec as codecs, generate, quant, spaces, store
-from pipeline.errors import UserError
-from pipeline.trajectory import draw_x_T
+from pipeline.core.errors import UserError
+from pipeline.data import code_layout, codec as codecs, generate, quant, store
+from pipeline.teacher import spaces
+from pipeline.teacher.trajectory import draw_x_T
 
 from conftest import assert_one_sentence_error, read_folder, read_records, run_cli
 
@@ -160,7 +161,7 @@ def test_the_tally_reports_the_errors_it_measures():
 @pytest.fixture(scope="module")
 def ef_data(tmp_path_factory, small_teacher):
     """A folder of the default codec, made once; tests copy it before changing it."""
-    from pipeline import config
+    from pipeline.core import config
     root = tmp_path_factory.mktemp("ef")
     cfg = config.resolve("tiny", [f"teacher_path={small_teacher}", f"data_dir={root / 'data'}"])
     generate.generate(cfg)
@@ -285,6 +286,6 @@ def test_a_manifest_whose_record_lacks_the_chunks_is_refused(ef_data, tmp_path):
 
 
 def test_the_codec_key_offers_exactly_the_registered_codecs():
-    from pipeline.config_keys import KEYS
+    from pipeline.core.config_keys import KEYS
     assert KEYS["codec"].choices == tuple(codecs.CODECS)
     assert all(f"{name} " in KEYS["codec"].help for name in codecs.CODECS)  # and its help names each of them

@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from pipeline import config, config_keys
-from pipeline.errors import UserError
+from pipeline.core import config, config_keys
+from pipeline.core.errors import UserError
 
 from conftest import ROOT, assert_one_sentence_error, run_cli
 
@@ -55,7 +55,7 @@ def test_a_folder_key_naming_a_file_is_refused(key, tmp_path):
 
 def test_docs_config_md_is_the_table():
     assert (ROOT / "docs" / "config.md").read_text() == config_keys.markdown(), \
-        "regenerate it: python -m pipeline.config_keys > docs/config.md"
+        "regenerate it: python -m pipeline.core.config_keys > docs/config.md"
 
 
 def test_overrides_are_typed():
@@ -79,7 +79,7 @@ def test_unknown_key_in_a_config_file(tmp_path):
 
 
 def test_a_saved_config_json_runs_again(tiny_cfg, tmp_path):
-    from pipeline import generate
+    from pipeline.data import generate
     folder, _ = generate.generate(tiny_cfg(samples_total=2))
     again = config.resolve(str(folder / "config.json"))
     assert again == json.loads((folder / "config.json").read_text())
@@ -123,7 +123,7 @@ def test_unknown_preset_is_one_sentence():
 
 
 def test_dry_run_of_a_training_stage_checks_its_data_and_split(tiny_cfg, tmp_path, small_teacher):
-    from pipeline import generate
+    from pipeline.data import generate
     args = ["--config", "tiny", f"teacher_path={small_teacher}", f"data_dir={tmp_path / 'data'}",
             f"d_run_dir={tmp_path / 'run'}"]
     assert_one_sentence_error(run_cli("Main_Distill.py", "--mode", "train_d", "--dry-run", *args), "no manifest.json")
@@ -160,7 +160,7 @@ def test_late_keys_of_all_are_refused_before_generate_starts(tmp_path, small_tea
 
 
 def test_patterns_that_leave_a_binary_layer_pass_the_early_check(tiny_cfg):
-    from pipeline import binarize
+    from pipeline.train import binarize
     binarize.check_before_training(tiny_cfg(b_full_precision="unet.*"))  # the heads stay binary
 
 

@@ -4,8 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import datasets
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.data import datasets
 
 from conftest import assert_one_sentence_error, run_cli
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline import config, distributed, generate, launch
-from pipeline.errors import UserError
+from pipeline.core import config, distributed, launch
+from pipeline.core.errors import UserError
+from pipeline.data import generate
 
 from conftest import ROOT
 
@@ -146,7 +147,7 @@ def test_train_d_on_two_ranks_follows_one_and_resumes_on_one_and_binarize_runs(o
     def args(run, steps=10):
         return ["--mode", "train_d", "--config", "tiny", f"teacher_path={teacher}", f"data_dir={data}",
                 f"d_run_dir={tmp_path / run}", f"d_train_steps={steps}", "d_batch_size=4"]
-    from pipeline import train_d
+    from pipeline.train import train_d
     train_d.train_d(config.resolve("tiny", args("one")[4:]))  # one process, in this one (no interpreter to start)
     two = _torchrun(*args("two"))
     assert two.returncode == 0, two.stderr
@@ -169,7 +170,7 @@ def test_train_d_on_two_ranks_follows_one_and_resumes_on_one_and_binarize_runs(o
 
 def _assert_eval_d_on_two_ranks_reports_what_one_does(teacher, data, tmp_path):
     """The ranks share the Inception features (each a half, gathered); rank 0 alone reports."""
-    from pipeline import evaluate
+    from pipeline.evaluation import evaluate
     items = {"teacher_path": teacher, "data_dir": data, "d_run_dir": tmp_path / "one", "b_run_dir": tmp_path / "b",
              "fid_cache_dir": tmp_path / "fid", "walk_frames": 0}
     args = [f"{k}={v}" for k, v in items.items()]
@@ -201,8 +202,8 @@ def _gap_over_move(one: dict, two: dict, start: dict) -> float:
 def test_pretrain_and_rectify_on_two_ranks_train_what_one_process_trains(small_teacher, tmp_path):
     """Every rank draws the global batch alike and trains on its half: two processes end where one does (ranks
     drawing their own samples would end as far apart as the weights moved)."""
-    from pipeline.pretrain import PretrainTrainer
-    from pipeline.rectify import RectifyTrainer
+    from pipeline.train.pretrain import PretrainTrainer
+    from pipeline.train.rectify import RectifyTrainer
     runs = {"pretrain": ({"train_steps": 3, "batch_size": 8, "lr_warmup_steps": 1, "precision": "fp32"},
                          lambda side: {"run_dir": tmp_path / side / "run", "teacher_path": tmp_path / side / "teacher"},
                          PretrainTrainer, Path("teacher") / "unet" / "diffusion_pytorch_model.safetensors", "batch 4"),
@@ -225,7 +226,8 @@ def test_pretrain_and_rectify_on_two_ranks_train_what_one_process_trains(small_t
 
 def _signal_rank_one_midway(rank, port, out):
     """Twenty steps of one all-reduce each; rank 1 alone gets SIGTERM (as cli handles it) inside step 5."""
-    from pipeline import cli, stop_request
+    from pipeline import cli
+    from pipeline.core import stop_request
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     signal.signal(signal.SIGTERM, cli._sigterm_as_interrupt)

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, distribution_matching as dm, generate, students
-from pipeline.train_d import DTrainer
+from pipeline.core import checkpoint
+from pipeline.data import generate
+from pipeline.students import student_d
+from pipeline.train import distribution_matching as dm
+from pipeline.train.train_d import DTrainer
 
 from conftest import assert_one_sentence_error, cli_args, run_distill_in_process, tiny_config
 from test_adversarial import straight_and_resumed
@@ -68,8 +71,8 @@ def test_training_updates_the_fake_denoiser_and_keeps_it_out_of_the_student(smal
     assert all(torch.equal(real_before[k], v) for k, v in trainer.matching.real.state_dict().items())  # frozen
     state = torch.load(tmp_path / "run" / checkpoint.LATEST, weights_only=True)
     assert state["fake_denoiser"] and state["fake_denoiser_optimizer"]
-    exported = students.load_student(tmp_path / "run" / "student")
-    assert students.parameter_count(exported) == students.parameter_count(trainer.model)  # no denoiser inside
+    exported = student_d.load_student(tmp_path / "run" / "student")
+    assert student_d.parameter_count(exported) == student_d.parameter_count(trainer.model)  # no denoiser inside
 
 
 def test_a_share_of_the_batch_is_all_the_term_reads(small_teacher, tiny_data, tmp_path):

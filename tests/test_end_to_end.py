@@ -12,7 +12,7 @@ def test_tiny_preset_with_the_shipped_teacher(tmp_path):
     result = run_cli("Main_Distill.py", "--config", "tiny", *outputs)  # the default mode: the whole pipeline
     assert result.returncode == 0, result.stderr
     assert "12 samples in 3 shard(s)" in result.stdout and "codec ef-int8+zstd: z_final RMSE" in result.stdout
-    assert "read its records with pipeline.store.Manifest.load(folder).read_shard(entry)" in result.stdout
+    assert "read its records with pipeline.data.store.Manifest.load(folder).read_shard(entry)" in result.stdout
     assert f"report: {tmp_path / 'out' / 'report.md'}" in result.stdout
     assert f"sample grids: {tmp_path / 'out' / 'grid.png'}, {tmp_path / 'out' / 'b_grid.png'}" in result.stdout
     assert "packed B:" in result.stdout and (tmp_path / "b" / "packed" / "packed.safetensors").is_file()

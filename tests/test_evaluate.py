@@ -8,7 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import binarize, config, evaluate, fid, generate, metrics, packed, report, train_d
+from pipeline.core import config
+from pipeline.data import generate
+from pipeline.evaluation import evaluate, fid, metrics, report
+from pipeline.students import packed
+from pipeline.train import binarize, train_d
 
 
 from conftest import assert_one_sentence_error, run_cli, run_distill_in_process

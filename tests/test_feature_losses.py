@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from pipeline import feature_losses
+from pipeline.train import feature_losses
 from conftest import small_student
 
 

@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from pipeline import datasets, fid
+from pipeline.data import datasets
+from pipeline.evaluation import fid
 
 
 def test_inception_features_and_fid_of_a_set_against_itself(tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from pipeline import codec as codecs, generate, quant, store
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.data import codec as codecs, generate, quant, store
 
 from conftest import ROOT, assert_one_sentence_error, read_folder, run_cli
 
@@ -156,7 +156,8 @@ def test_channels_last_teacher_gives_the_same_records(tiny_cfg):
 def test_a_teacher_with_nan_weights_is_not_told_to_use_fp32(tmp_path, capsys):
     """Issue 31: the advice was "use gen_precision=fp32" with fp32 already set."""
     import torch
-    from pipeline import config, teachers
+    from pipeline.core import config
+    from pipeline.teacher import teachers
     from conftest import run_distill_in_process
     cfg = config.resolve("tiny")
     torch.manual_seed(0)
@@ -177,7 +178,8 @@ def test_a_teacher_whose_weights_changed_is_refused_by_run_and_plan(samples_tota
     the --dry-run plan of each) refuses a teacher edited in place since, with one sentence and the folder kept."""
     import torch
     from conftest import run_distill_in_process
-    from pipeline import config, teachers
+    from pipeline.core import config
+    from pipeline.teacher import teachers
     cfg = config.resolve("tiny")
     torch.manual_seed(0)
     unet, teacher = teachers.new_unet(cfg, channels=1), tmp_path / "teacher"

@@ -8,8 +8,11 @@ import pytest
 import torch
 import zstandard
 
-from pipeline import config, ring, rnet_files, store, students, teacher_data, teachers
-from pipeline.rectify import RectifyTrainer
+from pipeline.core import config
+from pipeline.data import store, teacher_data
+from pipeline.students import student_d
+from pipeline.teacher import ring, rnet_files, teachers
+from pipeline.train.rectify import RectifyTrainer
 
 from conftest import assert_one_sentence_error, read_records, run_cli
 
@@ -105,7 +108,7 @@ def test_d_and_b_train_and_evaluate_on_latent_data(small_teacher, rnet_folder, t
     for mode in ("generate", "train_d", "binarize", "eval_d"):  # the command line's front end, in this process
         result = run_distill_in_process(capsys, "--mode", mode, *cli_args(items))
         assert result.returncode == 0, (mode, result.stderr[-2000:])
-    d = students.load_student(tmp_path / "d" / "student")
+    d = student_d.load_student(tmp_path / "d" / "student")
     assert d.config["space"] == "latent" and d.config["x0out"]["width"] == LATENT
     # D's read-out is the RNet's x0 head, unchanged by training
     unet, _, _ = teachers.load_teacher(config.resolve("tiny", [f"teacher_path={small_teacher}"]))

@@ -1,4 +1,4 @@
-"""A plain launch runs stages as worker processes (key procs, pipeline/launch.py): how many, the same bytes as
+"""A plain launch runs stages as worker processes (key procs, pipeline/core/launch.py): how many, the same bytes as
 one process, one sentence for a worker's error, and no worker outliving a killed launcher."""
 import json
 import os
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import cli, config, cpu, launch
-from pipeline.errors import AlreadySaid, UserError
+from pipeline import cli
+from pipeline.core import config, cpu, launch
+from pipeline.core.errors import AlreadySaid, UserError
 
 from conftest import ROOT, assert_one_sentence_error, run_cli, run_distill_in_process
 
@@ -231,7 +232,7 @@ def test_sigterm_and_sigkill_of_the_launcher_stop_every_worker_and_a_rerun_resum
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_of_two_training_workers_saves_one_step_of_both_and_a_rerun_resumes(one_process, tmp_path):
-    """The workers stop at the same step boundary (pipeline/stop_request.py), so rank 0 saves whatever the other
+    """The workers stop at the same step boundary (pipeline/core/stop_request.py), so rank 0 saves whatever the other
     rank was doing; no periodic checkpoint is due, so the checkpoint can only come from the interrupt."""
     teacher, data = one_process
     run = tmp_path / "d"

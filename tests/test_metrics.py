@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import metrics
+from pipeline.evaluation import metrics
 
 
 def test_precision_recall_follow_the_k_nn_balls():
@@ -39,7 +39,7 @@ def test_psnr_against_the_teacher():
 
 
 def test_slerp_keeps_the_ends_and_the_norm():
-    from pipeline import latent_walk
+    from pipeline.evaluation import latent_walk
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1, 32, 32, generator=g), torch.randn(1, 32, 32, generator=g)
     path = latent_walk.slerp(a, b, 120)

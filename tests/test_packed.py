@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import config, packed, student_b
-from pipeline.errors import UserError
+from pipeline.core import config
+from pipeline.core.errors import UserError
+from pipeline.students import packed, student_b
 from conftest import small_student
 
 

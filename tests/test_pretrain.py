@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import config, teachers
-from pipeline.pretrain import PretrainTrainer, learning_rate
+from pipeline.core import config
+from pipeline.teacher import teachers
+from pipeline.train.pretrain import PretrainTrainer, learning_rate
 
 from conftest import assert_one_sentence_error, run_cli
 

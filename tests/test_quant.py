@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import quant
+from pipeline.data import quant
 
 
 def test_golden_numbers():

@@ -2,7 +2,7 @@ import re
 import subprocess
 import sys
 
-from pipeline import generate
+from pipeline.data import generate
 
 from conftest import ROOT, reader_snippet
 

@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
-from pipeline import config, ring, rnet_files, teacher_eval, teachers
-from pipeline.errors import UserError
-from pipeline.rectify import RectifyTrainer
+from pipeline.core import config
+from pipeline.core.errors import UserError
+from pipeline.evaluation import teacher_eval
+from pipeline.teacher import ring, rnet_files, teachers
+from pipeline.train.rectify import RectifyTrainer
 
 from conftest import assert_one_sentence_error, run_cli
 
@@ -210,7 +212,8 @@ def test_rect_steps_beyond_the_teachers_own_T_is_one_sentence(tmp_path):
 
 def test_the_dry_run_counts_on_the_meta_device_and_refuses_a_rank_beyond_full(small_teacher, tmp_path, monkeypatch):
     """Issue 31: --dry-run built the whole RNet, so rect_lora_rank=200000 took 22.9 GB to print a plan."""
-    from pipeline import rectify, rnet
+    from pipeline.teacher import rnet
+    from pipeline.train import rectify
     built = []
     counts = rnet.parameter_counts
     monkeypatch.setattr(rnet, "parameter_counts", lambda net: built.append(net) or counts(net))

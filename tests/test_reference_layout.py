@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import zstandard
 
-from pipeline import atomic, config, generate, reference_layout, store, verify
-from pipeline.errors import UserError
+from pipeline.core import atomic, config
+from pipeline.core.errors import UserError
+from pipeline.data import generate, reference_layout, store, verify
 
 from conftest import (assert_one_sentence_error, npz_with_absurd_header, read_folder, read_records, run_cli,
                       run_distill_in_process)
@@ -392,7 +393,7 @@ def test_a_fifo_among_the_sample_files_is_one_sentence_from_the_command_line(tmp
 def test_the_export_message_states_the_sums_that_hold(exported, tmp_path, capsys):
     """Issue 31: the message claimed the codec's accuracy for rin0 + sum(r_chunks), which in pixel space misses
     the teacher's image by rin0's percentile clipping. Measured here on the files, read as the reference reads them."""
-    from pipeline import quant
+    from pipeline.data import quant
     cfg, _, _ = exported
     capsys.readouterr()
     reference_layout.export_command(dict(cfg, reference_dir=str(tmp_path / "out")))

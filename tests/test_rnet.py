@@ -6,8 +6,9 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from pipeline import config, lora, ring, rnet, rnet_files, teachers
-from pipeline.film import FiLMResBlock, time_features
+from pipeline.core import config
+from pipeline.teacher import lora, ring, rnet, rnet_files, teachers
+from pipeline.teacher.film import FiLMResBlock, time_features
 
 # google/ddpm-cifar10-32's UNet2DModel config (the reference teacher), random weights.
 DDPM_CIFAR10 = dict(

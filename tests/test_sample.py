@@ -8,8 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import api, config, datasets, generate, packed, sample, student_b, students, teachers, trajectory
-from pipeline.errors import UserError
+from pipeline.core import config
+from pipeline.core.errors import UserError
+from pipeline.data import datasets, generate
+from pipeline.evaluation import api, sample
+from pipeline.students import packed, student_b, student_d
+from pipeline.teacher import teachers, trajectory
 
 from conftest import assert_one_sentence_error, read_records, reader_snippet, run_cli
 
@@ -33,11 +37,11 @@ def made(tmp_path_factory, small_teacher):
     generate.generate(cfg)
     generator = json.loads((root / "data" / "manifest.json").read_text())["generator"]
     torch.manual_seed(0)
-    d = students.new_student(BACKBONE, generator, head_channels=8)
+    d = student_d.new_student(BACKBONE, generator, head_channels=8)
     for p in d.parameters():  # the heads start at zero: give every layer something to say
         p.data.normal_(0, 0.05)
-    students.save_student(d, root / "d")
-    b = students.StudentD.from_config(d.config)
+    student_d.save_student(d, root / "d")
+    b = student_d.StudentD.from_config(d.config)
     b.load_state_dict(d.state_dict())
     student_b.to_binary(b, student_b.Binarization.from_config(cfg))
     student_b.start_scales(b)
@@ -60,7 +64,7 @@ def test_image_k_is_the_students_output_on_record_ks_x_T(made, tmp_path, student
     x_T = torch.from_numpy(np.stack([records[i] for i in index]))
     model = sample.LOADERS[student](root / student)
     with torch.no_grad():
-        expected = datasets.to_uint8(students.one_step(model, x_T))
+        expected = datasets.to_uint8(student_d.one_step(model, x_T))
     with np.load(out / "samples.npz") as npz:
         assert npz["index"].tolist() == index and npz["images"].dtype == np.uint8
         assert np.array_equal(npz["images"], expected)
@@ -110,7 +114,7 @@ def test_missing_and_damaged_students_are_refused_in_one_sentence(made, tmp_path
     damaged.mkdir()
     for f in (root / student).iterdir():
         (damaged / f.name).write_bytes(f.read_bytes())
-    _flip_middle_byte(damaged / (students.WEIGHTS_FILE if student == "d" else packed.PACKED_FILE))
+    _flip_middle_byte(damaged / (student_d.WEIGHTS_FILE if student == "d" else packed.PACKED_FILE))
     with pytest.raises(UserError, match="checksum mismatch") as broken:
         sample.sample_command(_cfg(root, student, tmp_path / "out", **{key: damaged}))
     for err in (missing, broken):

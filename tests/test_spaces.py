@@ -5,8 +5,9 @@ import re
 import pytest
 import torch
 
-from pipeline import config, spaces, teachers
-from pipeline.config_keys import KEYS
+from pipeline.core import config
+from pipeline.core.config_keys import KEYS
+from pipeline.teacher import spaces, teachers
 
 from conftest import ROOT
 
@@ -47,10 +48,10 @@ def test_the_pixel_space_samples_the_teachers_chain_and_its_end_is_the_image(sma
     assert pixel.readout(None, end) is end
 
 
-@pytest.mark.parametrize("path", sorted([*(ROOT / "pipeline").glob("*.py"), ROOT / "Main_Distill.py",
+@pytest.mark.parametrize("path", sorted([*(ROOT / "pipeline").rglob("*.py"), ROOT / "Main_Distill.py",
                                          ROOT / "Main_Diffusion.py"]), ids=lambda p: p.name)
 def test_no_module_but_the_spaces_and_the_config_check_tests_a_space_by_name(path):
     if path.name in ("spaces.py", "config.py"):  # the spaces themselves; the config's refusal before any work
         return
     found = [n for n, line in enumerate(path.read_text().splitlines(), 1) if NAME_TEST.search(line)]
-    assert not found, f"{path.name} lines {found} test a space by its name; ask pipeline.spaces instead"
+    assert not found, f"{path.name} lines {found} test a space by its name; ask pipeline.teacher.spaces instead"

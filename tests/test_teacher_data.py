@@ -4,8 +4,9 @@ import shutil
 
 import pytest
 
-from pipeline import config, generate, store, teacher_data
-from pipeline.errors import UserError
+from pipeline.core import config
+from pipeline.core.errors import UserError
+from pipeline.data import generate, store, teacher_data
 
 from conftest import flip_a_bit
 

@@ -5,8 +5,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from pipeline import config, generate, teachers
-from pipeline.errors import UserError
+from pipeline.core import config
+from pipeline.core.errors import UserError
+from pipeline.data import generate
+from pipeline.teacher import teachers
 
 from conftest import assert_one_sentence_error, run_cli
 
@@ -91,7 +93,8 @@ def _fake_cifar10(folder, per_batch=6):
 
 
 def test_cifar10_preset_end_to_end_with_the_google_config_teacher(google_config_teacher, tmp_path):
-    from pipeline import binarize, evaluate, train_d
+    from pipeline.evaluation import evaluate
+    from pipeline.train import binarize, train_d
     path, _ = google_config_teacher
     cfg = config.resolve("cifar10", [
         f"teacher_path={path}", f"data_dir={tmp_path / 'data'}", f"dataset_dir={_fake_cifar10(tmp_path / 'cifar')}",

@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from pipeline import checkpoint, generate, teacher_data
-from pipeline.train_d import DTrainer
+from pipeline.core import checkpoint
+from pipeline.data import generate, teacher_data
+from pipeline.train.train_d import DTrainer
 
 from conftest import ROOT, assert_one_sentence_error, cli_args, run_cli, run_distill_in_process, tiny_config
 
@@ -102,7 +103,7 @@ def test_bad_inputs_are_one_sentence(capsys, small_teacher, tiny_data, tmp_path)
     assert_one_sentence_error(result, "cannot be read")
 
     other = tmp_path / "other_teacher"
-    from pipeline import teachers
+    from pipeline.teacher import teachers
     torch.manual_seed(1)
     cfg = _cfg(small_teacher, tiny_data)
     teachers.save_teacher(teachers.new_unet(cfg, channels=1), teachers.new_scheduler(cfg), other)

@@ -2,12 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import codec as codecs, spaces, teachers
-from pipeline.trajectory import ddim_sample, draw_x_T, pixel_residual_record
+from pipeline.data import codec as codecs
+from pipeline.teacher import spaces, teachers
+from pipeline.teacher.trajectory import ddim_sample, draw_x_T, pixel_residual_record
 
 
 def _teacher(small_teacher):
-    from pipeline import config
+    from pipeline.core import config
     unet, ddpm, _ = teachers.load_teacher(config.resolve("tiny", [f"teacher_path={small_teacher}"]))
     return unet, teachers.ddim_scheduler(ddpm)
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from pipeline import generate, store, verify
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.data import generate, store, verify
 
 from conftest import (assert_one_sentence_error, flip_a_bit, npz_with_absurd_header, read_folder, run_cli,
                       run_distill_in_process)
