@@ -11,6 +11,7 @@ import torch
 
 from pipeline.core import checkpoint
 from pipeline.data import generate, teacher_data
+from pipeline.students import student_d
 from pipeline.train.train_d import DTrainer
 
 from conftest import ROOT, assert_one_sentence_error, cli_args, run_cli, run_distill_in_process, tiny_config
@@ -62,6 +63,26 @@ def test_loss_goes_down_on_a_tiny_dataset(small_teacher, tiny_data, tmp_path):
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["holdout_indices"] == [0, 4] and run["train_indices"] == [4, 12]
+
+
+def test_a_run_can_start_from_a_trained_d_and_a_d_of_another_layout_is_refused(capsys, small_teacher, tiny_data,
+                                                                               tmp_path):
+    first = tmp_path / "first"
+    DTrainer(_cfg(small_teacher, tiny_data, d_run_dir=first, d_train_steps=20, d_lr=0.003, d_checkpoint_every=20,
+                  data_workers=0)).run()
+    trained = student_d.load_student(first / "student")
+    cfg = _cfg(small_teacher, tiny_data, d_run_dir=tmp_path / "second", d_init_from=str(first / "student"),
+               d_train_steps=1, d_checkpoint_every=1, data_workers=0)
+    started = DTrainer(cfg).model
+    assert all(torch.equal(a, b) for a, b in zip(started.state_dict().values(), trained.state_dict().values()))
+    teacher_started = DTrainer(_cfg(small_teacher, tiny_data, d_run_dir=tmp_path / "third", data_workers=0)).model
+    assert not torch.equal(teacher_started.heads[0].rin_skip.weight, trained.heads[0].rin_skip.weight)
+    result = run_distill_in_process(capsys, "--mode", "train_d", *_args(
+        small_teacher, tiny_data, tmp_path / "fourth", d_init_from=first / "student", d_head_channels=8))
+    assert_one_sentence_error(result, "has another layout", "head_channels")
+    result = run_distill_in_process(capsys, "--mode", "train_d", *_args(
+        small_teacher, tiny_data, tmp_path / "fifth", d_init_from=tmp_path / "none"))
+    assert_one_sentence_error(result, "holds no student")
 
 
 def test_resume_after_sigkill_continues_from_the_saved_step(small_teacher, tiny_data, tmp_path):

@@ -228,6 +228,9 @@ def _student_d(table):
               folder="Checkpoints/distill")
     table.add("d_init", "teacher", d, "teacher (backbone copied from the teacher UNet) | random",
               choices=("teacher", "random"))
+    table.add("d_init_from", "", d, "a trained D's folder (<run>/student) whose weights start the run instead of "
+              "d_init, e.g. to add a distribution-level term to a D trained by regression (its teacher data must "
+              "have the same layout; optimizer, schedule and EMA start afresh; \"\" = per d_init)", folder=".")
     table.add("d_head_channels", 16, d + ("binarize",), "width of the readout heads", range=POSITIVE)
     _recipe(table, "d", lr=0.0005, weight_decay=(0.0001, "AdamW weight decay"), snapshot="the EMA student")
     table.add("lambda_rin", 1.0, TRAINING, "weight of the rin0 loss (latent space only)", range=NON_NEGATIVE)
