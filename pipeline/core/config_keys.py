@@ -1,9 +1,7 @@
 """The one table of configuration keys (docs/design.md §9).
 
-Every key has its default (whose Python type is the key's type), the stages that read it, the values
-it accepts and one line of help. Validation (``config.validate``), ``--help`` and ``docs/config.md``
-are all made from this table; nothing else lists keys.
-"""
+Every key has its default (whose Python type is the key's type), the stages that read it, the values it accepts and
+one line of help. Validation (``config.validate``), ``--help`` and ``docs/config.md`` are made from it alone."""
 import dataclasses
 import math
 from typing import Any, Callable, Optional
@@ -228,9 +226,8 @@ def _student_d(table):
               folder="Checkpoints/distill")
     table.add("d_init", "teacher", d, "teacher (backbone copied from the teacher UNet) | random",
               choices=("teacher", "random"))
-    table.add("d_init_from", "", d, "a trained D's folder (<run>/student) whose weights start the run instead of "
-              "d_init, e.g. to add a distribution-level term to a D trained by regression (its teacher data must "
-              "have the same layout; optimizer, schedule and EMA start afresh; \"\" = per d_init)", folder=".")
+    table.add("d_init_from", "", d, "a trained D (<run>/student) whose weights start the run instead of d_init (its "
+              "data of the same layout; optimizer, schedule and EMA start afresh; \"\" = per d_init)", folder=".")
     table.add("d_head_channels", 16, d + ("binarize",), "width of the readout heads", range=POSITIVE)
     _recipe(table, "d", lr=0.0005, weight_decay=(0.0001, "AdamW weight decay"), snapshot="the EMA student")
     table.add("lambda_rin", 1.0, TRAINING, "weight of the rin0 loss (latent space only)", range=NON_NEGATIVE)
