@@ -90,6 +90,15 @@ def test_the_folder_rule_catches_a_module_filed_in_another_parts_folder(monkeypa
     assert parts.misplaced() == ["errors: in pipeline/core, listed in teacher"]
 
 
+def test_a_module_name_used_in_two_parts_is_refused(tmp_path, monkeypatch):
+    for part in ("core", "train"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "losses.py").write_text('"""A module."""\n')
+    monkeypatch.setattr(parts, "PACKAGE", tmp_path)
+    with pytest.raises(ValueError, match=r"repeat across the parts: \['losses'\]"):
+        parts.files()
+
+
 def test_docs_modules_md_is_made_from_the_docstrings():
     assert (ROOT / "docs" / "modules.md").read_text() == parts.markdown(), \
         "regenerate it: python -m pipeline.core.parts > docs/modules.md"

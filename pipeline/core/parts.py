@@ -46,8 +46,14 @@ def folder_of(part: str) -> Path:
 
 def files() -> dict:
     """{module name: its file} for every module of the package, package ``__init__`` files left out (their names
-    repeat; they hold a docstring only). Module names are unique across the parts."""
-    return {path.stem: path for path in sorted(PACKAGE.rglob("*.py")) if path.stem != "__init__"}
+    repeat; they hold a docstring only). Module names are unique across the parts, so the map and the docs can name a
+    module by its file name alone."""
+    paths = [path for path in sorted(PACKAGE.rglob("*.py")) if path.stem != "__init__"]
+    found = {path.stem: path for path in paths}
+    if len(found) != len(paths):
+        repeated = sorted({p.stem for p in paths if sum(q.stem == p.stem for q in paths) > 1})
+        raise ValueError(f"module names repeat across the parts: {repeated}; rename one of each")
+    return found
 
 
 def modules() -> list:
