@@ -6,8 +6,9 @@
 For N = ``fid_samples`` held-out records (the run's split, as eval_d reads them) and the first N training records,
 it prints D's FID and KID against the test split, the teacher's on the same records, and D's PSNR / MSE against
 the teacher's images of those x_T. A D that scores far better on its training records than on held-out ones has
-learned its pairs rather than the teacher's map: more teacher data, not another loss term, is the lever then. The
-teacher's row is the floor each set allows (its images of those x_T). Scoring only: no training, nothing written.
+learned its pairs rather than the teacher's map: more teacher data (or a term on x_T beyond the pairs), not another
+loss on the same pairs, is the lever then. The teacher's row shows what each set of x_T allows (its own images of
+them). Scoring only: no training, nothing written.
 """
 import argparse
 import os
