@@ -219,6 +219,7 @@ def test_resume_after_an_interrupt_is_bit_identical(small_teacher, tiny_data, tm
     ("dm_t_max", "nan", "'dm_t_max' must be within [0, 1]"),
     ("dm_fake_updates", "0", "'dm_fake_updates' must be positive"),
     ("dm_batch_size", "-4", "'dm_batch_size' must be zero or positive"),
+    ("dm_noise", "new", "'dm_noise'"),
 ])
 def test_each_new_key_is_refused_with_one_sentence(capsys, small_teacher, tiny_data, tmp_path, key, value, fragment):
     args = cli_args({"teacher_path": small_teacher, "data_dir": tiny_data, "d_run_dir": tmp_path / "run"})

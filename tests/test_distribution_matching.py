@@ -88,6 +88,28 @@ def test_a_share_of_the_batch_is_all_the_term_reads(small_teacher, tiny_data, tm
     assert "on 2 images of the batch" in trainer.matching.describe()
 
 
+def test_fresh_noise_is_all_the_term_reads_and_the_student_runs_on_it(small_teacher, tiny_data, tmp_path):
+    trainer = DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "run", dm_batch_size=2, dm_noise="fresh",
+                            d_train_steps=2, d_checkpoint_every=2))
+    x_T = torch.zeros(3, 1, 32, 32)
+    inputs = trainer.matching.fresh_noise(x_T, step=5)
+    assert inputs.shape == (5, 1, 32, 32) and torch.equal(inputs[:3], x_T) and inputs[3:].std() > 0.5
+    assert torch.equal(inputs, trainer.matching.fresh_noise(x_T, step=5))  # a function of (seed, rank, step)
+    assert not torch.equal(inputs[3:], trainer.matching.fresh_noise(x_T, step=6)[3:])
+    images = torch.rand(5, 1, 32, 32, requires_grad=True)
+    with torch.no_grad():
+        for p in trainer.matching.fake.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    trainer.matching.student_loss(images, 1.0, step=0)[0].backward()
+    assert images.grad[:3].abs().sum() == 0 and images.grad[3:].abs().sum() > 0
+    assert "on 2 images of fresh x_T" in trainer.matching.describe()
+    trainer.run()  # the student's batch grows by the fresh rows; the paired losses read the records' rows only
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert np.isfinite(stats[-1]["loss_dm"]) and np.isfinite(stats[-1]["loss"])
+    batch_only = DTrainer(_cfg(small_teacher, tiny_data, tmp_path / "run2", dm_batch_size=2))
+    assert batch_only.matching.fresh_noise(x_T, step=5) is x_T
+
+
 def test_resume_after_an_interrupt_is_bit_identical(small_teacher, tiny_data, tmp_path, monkeypatch):
     a, b = straight_and_resumed(lambda run, **cfg: _cfg(small_teacher, tiny_data, run, **cfg), tmp_path, monkeypatch,
                                 d_train_steps=4, d_checkpoint_every=2, lambda_feat=0.5)
@@ -99,3 +121,9 @@ def test_a_reversed_noise_range_is_refused_with_one_sentence(capsys, small_teach
     args = cli_args({"teacher_path": small_teacher, "data_dir": tiny_data, "d_run_dir": tmp_path / "run"})
     result = run_distill_in_process(capsys, "--mode", "train_d", *args, "lambda_dm=1", "dm_t_min=0.9", "dm_t_max=0.5")
     assert_one_sentence_error(result, "dm_t_min=0.9 is above dm_t_max=0.5")
+
+
+def test_fresh_noise_without_a_count_is_refused_with_one_sentence(capsys, small_teacher, tiny_data, tmp_path):
+    args = cli_args({"teacher_path": small_teacher, "data_dir": tiny_data, "d_run_dir": tmp_path / "run"})
+    result = run_distill_in_process(capsys, "--mode", "train_d", *args, "lambda_dm=1", "dm_noise=fresh")
+    assert_one_sentence_error(result, "dm_noise=fresh draws dm_batch_size new x_T", "dm_batch_size=16")

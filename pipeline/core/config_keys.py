@@ -264,9 +264,8 @@ def _distribution_term(table):
     table.add("adv_ramp_steps", 0, d, "lambda_adv, lambda_feat and lambda_dm grow linearly from 0 over the first N steps, so the "
               "term reads student images the regression has brought near the teacher's (0 = full weight from step 1)",
               range=NON_NEGATIVE)
-    table.add("lambda_dm", 0.0, d, "weight of distribution matching (DMD): each student image moves along the "
-              "difference of a fake denoiser's (trained on the student's images) and the teacher's x0 estimates of "
-              "it, noised (0 = off)", range=NON_NEGATIVE)
+    table.add("lambda_dm", 0.0, d, "weight of distribution matching (DMD): student images move along a fake denoiser's "
+              "(trained on them) minus the teacher's x0 estimate of them, noised (0 = off)", range=NON_NEGATIVE)
     table.add("dm_lr", 1e-4, d, "learning rate of the fake denoiser (AdamW, a copy of the teacher)", range=POSITIVE)
     table.add("dm_t_min", 0.02, d, "distribution matching noises the student's images at t >= dm_t_min*(T-1)",
               range=Range(0, 1))
@@ -274,9 +273,10 @@ def _distribution_term(table):
     table.add("dm_fake_updates", 1, d, "denoising steps of the fake denoiser per student step", range=POSITIVE)
     table.add("dm_batch_size", 0, d, "student images per step that distribution matching reads, the first of the "
               "batch (0 = all): its cost scales with it", range=NON_NEGATIVE)
+    table.add("dm_noise", "batch", d, "batch (DMD reads the batch's images) | fresh (dm_batch_size new x_T per step, "
+              "no teacher pair's: it shapes D beyond the records)", choices=("batch", "fresh"))
     table.add("adv_extra_noise", 0, d, "fresh x_T per step, beyond the batch's records, whose student images only the "
-              "adversarial loss sees: the term shapes the student on noise the teacher data does not cover",
-              range=NON_NEGATIVE)
+              "adversarial loss sees (noise the teacher data does not cover)", range=NON_NEGATIVE)
 
 
 def _student_b(table):

@@ -30,7 +30,7 @@ from ..core.errors import UserError
 from .adversarial import step_generator
 
 # The keys of the term: a run trained with other values is another experiment.
-RUN_KEYS = ("lambda_dm", "dm_lr", "dm_t_min", "dm_t_max", "dm_fake_updates", "dm_batch_size")
+RUN_KEYS = ("lambda_dm", "dm_lr", "dm_t_min", "dm_t_max", "dm_fake_updates", "dm_batch_size", "dm_noise")
 
 
 def x0_estimate(unet, x_t, t, abar, amp, device) -> torch.Tensor:
@@ -70,6 +70,9 @@ class DistributionMatchingTerm:
         if self.t_range[0] > self.t_range[1]:
             raise UserError(f"dm_t_min={cfg['dm_t_min']:g} is above dm_t_max={cfg['dm_t_max']:g}; "
                             f"set dm_t_min below dm_t_max")
+        if cfg["dm_noise"] == "fresh" and cfg["dm_batch_size"] == 0:
+            raise UserError("dm_noise=fresh draws dm_batch_size new x_T per step, and dm_batch_size is 0; set it "
+                            "(e.g. dm_batch_size=16)")
         self._pending = None
 
     @classmethod
@@ -88,6 +91,16 @@ class DistributionMatchingTerm:
         abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return abar.sqrt() * x + (1 - abar).sqrt() * eps, eps, abar
 
+    def fresh_noise(self, x_T, step: int) -> torch.Tensor:
+        """``x_T`` followed, with ``dm_noise=fresh``, by this process's share of ``dm_batch_size`` new x_T (rounded to
+        float16 as generate rounds the records'). The term then reads only the student's images of those: x_T that no
+        teacher pair covers, so it shapes D where regression cannot, beyond the records (docs/design.md §4)."""
+        if self.cfg["dm_noise"] != "fresh":
+            return x_T
+        count = self._rows(self.cfg["dm_batch_size"])
+        fresh = torch.randn((count, *x_T.shape[1:]), generator=self._generator(step, 0xF5E5)).half().float()
+        return torch.cat([x_T, fresh.to(x_T.device)])
+
     def _rows(self, available: int) -> int:
         """How many of this process's images the term reads: its share of ``dm_batch_size`` (0 = all). Both teacher
         calls and the fake denoiser's update scale with it, so a share of the batch buys most of the term's cost."""
@@ -98,7 +111,10 @@ class DistributionMatchingTerm:
         """(weighted loss, {name: scalar tensor}) for the student's images (with their graph); ``weight`` is
         ``lambda_dm`` times the shared ramp."""
         g = self._generator(step, 0xD3D)
-        x = images[:self._rows(len(images))].float()
+        if self.cfg["dm_noise"] == "fresh":  # the images of its own x_T, which come last (fresh_noise)
+            x = images[-self._rows(self.cfg["dm_batch_size"]):].float()
+        else:
+            x = images[:self._rows(len(images))].float()
         t = self._noise_levels(len(x), g)
         x_t, _, abar = self._noised(x.detach(), t, g)
         with torch.no_grad():
@@ -135,7 +151,8 @@ class DistributionMatchingTerm:
                 f"{sum(p.numel() for p in self.fake.parameters()):,} parameters, lr {cfg['dm_lr']:g}, "
                 f"{cfg['dm_fake_updates']} update(s) per step on "
                 + (f"{cfg['dm_batch_size']} images" if cfg["dm_batch_size"] else "every image")
-                + f" of the batch; t in {self.t_range[0]}..{self.t_range[1]})")
+                + (" of fresh x_T" if cfg["dm_noise"] == "fresh" else " of the batch")
+                + f"; t in {self.t_range[0]}..{self.t_range[1]})")
 
     def state_dict(self) -> dict:
         return {"fake_denoiser": self.fake.state_dict(), "fake_denoiser_optimizer": self.opt.state_dict()}

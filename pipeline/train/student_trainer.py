@@ -38,6 +38,7 @@ class StudentTrainer(Trainer):
     export_name = "student"  # the EMA student is written to <run>/<export_name> at every checkpoint
     adversary = None  # the teacher-feature / adversarial term (adversarial.AdversarialTerm), when the config asks for it
     matching = None  # the distribution-matching term (distribution_matching.DistributionMatchingTerm), likewise
+    adversary_rows = None  # the student's rows the adversarial term reads (student_inputs sets it; None = all)
 
     def __init__(self, cfg, prefix: str, stage: str):
         self.prefix = prefix
@@ -72,8 +73,11 @@ class StudentTrainer(Trainer):
                     print(f"[{self.recipe.stage}] distribution-level term: {term.describe()}")
 
     def student_inputs(self, batch):
-        """What the student runs on this step: the batch's x_T, then the term's extra noise (none without it)."""
-        return batch["x_T"] if self.adversary is None else self.adversary.extra_noise(batch["x_T"], self.step)
+        """What the student runs on this step: the batch's x_T, then the adversarial term's extra noise, then
+        distribution matching's fresh x_T (none without them)."""
+        x_T = batch["x_T"] if self.adversary is None else self.adversary.extra_noise(batch["x_T"], self.step)
+        self.adversary_rows = len(x_T)  # the rows the adversarial term reads
+        return x_T if self.matching is None else self.matching.fresh_noise(x_T, self.step)
 
     def with_adversary(self, loss, logged: dict, images, batch, pred=None):
         """The step's loss and log with the terms' parts added (unchanged without them). ``images`` are the student's
@@ -86,7 +90,7 @@ class StudentTrainer(Trainer):
             images = torch.cat([images, extra])
         parts, total = {}, loss
         if self.adversary is not None:
-            weighted, more = self.adversary.student_loss(images, batch["x0"], self.step, loss,
+            weighted, more = self.adversary.student_loss(images[:self.adversary_rows], batch["x0"], self.step, loss,
                                                          student_d.output_parameters(self.model))
             total, parts = total + weighted, {**parts, **more}
         if self.matching is not None:
