@@ -122,6 +122,12 @@ def step_generator(seed: int, step: int, stream: int = 0xAD7) -> torch.Generator
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0]))
 
 
+def with_fresh_x_T(x_T, count: int, g: torch.Generator) -> torch.Tensor:
+    """``x_T`` followed by ``count`` new x_T drawn from ``g``, rounded to float16 as generate rounds the records'."""
+    fresh = torch.randn((count, *x_T.shape[1:]), generator=g).half().float()
+    return torch.cat([x_T, fresh.to(x_T.device)])
+
+
 def ramp_share(ramp_steps: int, step: int) -> float:
     """The share of the distribution-level weights at this (0-based) step: a student started from the teacher's
     backbone makes images far from the teacher's for its first steps, and a feature loss at full weight then holds it
@@ -184,9 +190,8 @@ class AdversarialTerm:
         count = self.cfg["adv_extra_noise"] // distributed.world()
         if count == 0 or self.discriminator is None:  # the paired feature loss has no use for unpaired noise
             return x_T
-        g = step_generator(self.cfg["seed"] + 7919 * distributed.rank(), step, stream=0xF2E5)
-        fresh = torch.randn((count, *x_T.shape[1:]), generator=g).half().float()
-        return torch.cat([x_T, fresh.to(x_T.device)])
+        return with_fresh_x_T(x_T, count, step_generator(self.cfg["seed"] + 7919 * distributed.rank(), step,
+                                                         stream=0xF2E5))
 
     def _draws(self, images, step):
         g = step_generator(self.cfg["seed"] + 7919 * distributed.rank(), step)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..core import distributed, runtime
 from ..core.errors import UserError
-from .adversarial import step_generator
+from .adversarial import step_generator, with_fresh_x_T
 
 # The keys of the term: a run trained with other values is another experiment.
 RUN_KEYS = ("lambda_dm", "dm_lr", "dm_t_min", "dm_t_max", "dm_fake_updates", "dm_batch_size", "dm_noise")
@@ -97,9 +97,7 @@ class DistributionMatchingTerm:
         teacher pair covers, so it shapes D where regression cannot, beyond the records (docs/design.md §4)."""
         if self.cfg["dm_noise"] != "fresh":
             return x_T
-        count = self._rows(self.cfg["dm_batch_size"])
-        fresh = torch.randn((count, *x_T.shape[1:]), generator=self._generator(step, 0xF5E5)).half().float()
-        return torch.cat([x_T, fresh.to(x_T.device)])
+        return with_fresh_x_T(x_T, self._rows(self.cfg["dm_batch_size"]), self._generator(step, 0xF5E5))
 
     def _rows(self, available: int) -> int:
         """How many of this process's images the term reads: its share of ``dm_batch_size`` (0 = all). Both teacher
